@@ -1,0 +1,192 @@
+"""Validation at the public boundary: every message names the argument, the problem, the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from natgrad._tree import Tree, tree_leaves
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ``ValueError``."""
+    if value not in allowed:
+        options = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value
+
+
+def check_positive_float(name: str, value: Any, hint: str = "") -> float:
+    """Return ``value`` as a float if it is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a finite float > 0, got {value!r}{hint}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}{hint}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any, hint: str = "") -> int:
+    """Return ``value`` if it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= 1, got {value!r}{hint}")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")
+    return value
+
+
+def check_policy(policy: Any) -> nn.Module:
+    """Require an ``nn.Module`` whose per-sample gradients are well defined."""
+    if not isinstance(policy, nn.Module):
+        raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
+    for name, module in policy.named_modules():
+        where = f"policy.{name}" if name else "policy"
+        if not module.training:
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"{where} is a {type(module).__name__} in train mode: it normalizes with "
+                "batch statistics, which couples samples, so per-sample scores are "
+                "ill-defined; call policy.eval() (or that module's .eval()) before RAT and "
+                "switch back to .train() afterwards"
+            )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            raise ValueError(
+                f"{where} is an active {type(module).__name__}(p={module.p}): the "
+                "log-probabilities are random, so per-sample scores are ill-defined; call "
+                "policy.eval() before RAT (or use p=0)"
+            )
+        if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            raise ValueError(
+                f"{where} is a MultiheadAttention with active dropout={module.dropout}; "
+                "call policy.eval() before RAT (or use dropout=0)"
+            )
+        if isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1:
+            raise ValueError(
+                f"{where} is a {type(module).__name__} with active dropout={module.dropout}; "
+                "call policy.eval() before RAT (or use dropout=0)"
+            )
+    return policy
+
+
+def select_parameters(policy: nn.Module, params: Iterable[Tensor] | None) -> list[str]:
+    """Names of the parameters that form ``theta``.
+
+    ``None`` selects every parameter with ``requires_grad=True``; an iterable selects those
+    parameters of ``policy`` (by identity), in the policy's own order.
+    """
+    named = list(policy.named_parameters())
+    if params is None:
+        names = [n for n, p in named if p.requires_grad]
+        if not names:
+            raise ValueError(
+                "policy has no parameters with requires_grad=True, so there is no natural "
+                "gradient to compute; unfreeze some parameters or pass params=[...]"
+            )
+        return names
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params must be an iterable of parameters (e.g. policy.actor.parameters()), "
+            "got a single tensor; wrap it in a list"
+        )
+    by_id = {id(p): n for n, p in named}
+    chosen: set[str] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] must be a parameter tensor, got {type(p).__name__}")
+        if id(p) not in by_id:
+            raise ValueError(
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of policy; pass "
+                "parameters obtained from the policy itself, e.g. policy.actor.parameters()"
+            )
+        if not p.requires_grad:
+            raise ValueError(
+                f"params[{i}] ({by_id[id(p)]}) has requires_grad=False (frozen); drop it "
+                "from params or unfreeze it"
+            )
+        chosen.add(by_id[id(p)])
+    if not chosen:
+        raise ValueError("params is empty; pass at least one trainable parameter or None")
+    return [n for n, _ in named if n in chosen]
+
+
+def check_advantages(adv: Any, device: torch.device) -> Tensor:
+    """``adv`` must be a finite, non-empty, 1-D floating tensor on the policy's device."""
+    if not isinstance(adv, Tensor):
+        raise TypeError(f"adv must be a torch.Tensor of shape (N,), got {type(adv).__name__}")
+    if adv.dim() != 1:
+        hint = "; flatten it with adv.reshape(-1)" if adv.numel() == adv.shape[0] else ""
+        raise ValueError(f"adv must be 1-D of shape (N,), got shape {tuple(adv.shape)}{hint}")
+    if adv.shape[0] == 0:
+        raise ValueError("adv is empty (N = 0): RAT needs at least one sample")
+    if not adv.is_floating_point():
+        raise TypeError(f"adv must be a floating-point tensor, got dtype {adv.dtype}")
+    if adv.device != device:
+        raise ValueError(
+            f"adv is on {adv.device} but the policy parameters are on {device}; move it "
+            f"with adv.to({str(device)!r})"
+        )
+    if not bool(torch.isfinite(adv).all()):
+        bad = int((~torch.isfinite(adv)).sum())
+        raise ValueError(
+            f"adv contains {bad} non-finite value(s) (NaN or inf); fix the advantage "
+            "computation (e.g. returns, value targets, normalization by a zero std)"
+        )
+    return adv
+
+
+def check_batch(name: str, tree: Tree, num_samples: int, device: torch.device,
+                dtype: torch.dtype) -> None:
+    """Every leaf of ``obs``/``acts`` is a tensor with ``num_samples`` rows on ``device``."""
+    for path, leaf in tree_leaves(tree, name):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(
+                f"{path} must be a torch.Tensor (or a dict/list/tuple of tensors), "
+                f"got {type(leaf).__name__}"
+            )
+        if leaf.dim() == 0 or leaf.shape[0] != num_samples:
+            got = "a scalar" if leaf.dim() == 0 else f"{leaf.shape[0]} rows (shape {tuple(leaf.shape)})"
+            raise ValueError(
+                f"{path} has {got} but adv has N = {num_samples} samples; the first "
+                "dimension of obs, acts and adv must be the same sample dimension"
+            )
+        if leaf.device != device:
+            raise ValueError(
+                f"{path} is on {leaf.device} but the policy parameters are on {device}; "
+                f"move it with .to({str(device)!r})"
+            )
+        if leaf.is_floating_point() and leaf.dtype != dtype:
+            raise TypeError(
+                f"{path} has dtype {leaf.dtype} but the policy parameters are {dtype}; "
+                f"convert it with .to({dtype})"
+            )
+
+
+def check_log_probs(log_probs: Any, num_samples: int) -> Tensor:
+    """The output of ``log_prob_fn`` on the whole batch must be finite and shaped ``(N,)``."""
+    if not isinstance(log_probs, Tensor):
+        raise TypeError(
+            f"log_prob_fn must return a tensor of shape (N,), got {type(log_probs).__name__}"
+        )
+    if tuple(log_probs.shape) != (num_samples,):
+        hint = ""
+        if log_probs.dim() == 2 and log_probs.shape[0] == num_samples:
+            hint = (
+                "; it looks like one log-probability per action dimension: sum them with "
+                ".sum(-1) (or wrap the distribution in torch.distributions.Independent)"
+            )
+        raise ValueError(
+            f"log_prob_fn must return shape (N,) = ({num_samples},), got "
+            f"{tuple(log_probs.shape)}{hint}"
+        )
+    if not bool(torch.isfinite(log_probs).all()):
+        bad = int(torch.nonzero(~torch.isfinite(log_probs))[0, 0])
+        raise ValueError(
+            f"log_prob_fn returned a non-finite log-probability for sample {bad} "
+            f"({float(log_probs[bad])}); actions outside the support (e.g. |a| >= 1 for a "
+            "tanh-squashed policy, a in {0, 1} for a Beta) or NaN parameters cause this"
+        )
+    return log_probs

@@ -1,0 +1,343 @@
+"""The public object: Randomized Advantage Transformation (RAT)."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from natgrad._checks import (
+    check_advantages,
+    check_batch,
+    check_choice,
+    check_log_probs,
+    check_policy,
+    check_positive_float,
+    check_positive_int,
+    select_parameters,
+)
+from natgrad._tree import Tree
+from natgrad.results import Diagnostics, NaturalGradient
+from natgrad.scores import (
+    LogProbFn,
+    MaterializedScores,
+    PolicyScores,
+    ScoreOperator,
+    StreamingScores,
+    bytes_for_matrix,
+    default_log_prob,
+)
+from natgrad.solvers import SolveResult, cg_solve, cholesky_solve, kaczmarz_solve
+
+SolverName = Literal["kaczmarz", "cholesky", "cg"]
+BackendName = Literal["auto", "materialized", "streaming"]
+OnNonConvergence = Literal["fallback", "warn", "raise"]
+
+SOLVERS: tuple[str, ...] = ("kaczmarz", "cholesky", "cg")
+BACKENDS: tuple[str, ...] = ("auto", "materialized", "streaming")
+ON_NONCONVERGENCE: tuple[str, ...] = ("fallback", "warn", "raise")
+
+
+class NotConvergedWarning(RuntimeWarning):
+    """An iterative solver stopped before reaching ``tol`` and its iterate was returned."""
+
+
+class NotConvergedError(RuntimeError):
+    """An iterative solver stopped before reaching ``tol`` (``on_nonconvergence="raise"``)."""
+
+
+class RATNaturalGradient:
+    r"""Natural policy gradients by transforming advantages.
+
+    For a batch of ``N`` on-policy samples with scores ``psi_i = grad log pi(a_i|s_i)``
+    stacked in ``J`` (``N x P``), the Tikhonov-damped natural gradient has two forms:
+
+    * primal (parameter space): ``d = (F + lam I)^{-1} g`` with ``F = J^T J / N`` and
+      ``g = J^T A / N`` -- a ``P x P`` system, what TRPO solves by conjugate gradient;
+    * kernel (sample space, Woodbury): ``d = J^T A~ / N`` with
+      ``A~ = (J J^T / N + lam I)^{-1} A`` -- an ``N x N`` system.
+
+    They are equal. The kernel form is cheaper whenever ``N < P`` (the usual case for
+    neural policies) and turns the natural gradient into an ordinary one: the gradient of
+    ``mean(A~ * log pi)`` *is* ``d``. Calling this object returns ``A~``; use it in place
+    of the advantages in the usual loss.
+
+    Parameters
+    ----------
+    log_prob_fn
+        ``log_prob_fn(policy, obs, acts) -> Tensor[N]`` giving ``log pi(a_i | s_i)``. It may
+        call any method of ``policy``. ``None`` uses ``policy(obs).log_prob(acts)`` (summed
+        over trailing action dimensions).
+    damping
+        ``lam > 0``, in the units of ``F = J^T J / N`` (per-sample Fisher). Typical values
+        are ``1e-4`` to ``1e-1``; see the docs page on choosing it.
+    solver
+        ``"kaczmarz"`` (randomized block Kaczmarz, default), ``"cholesky"`` (exact: one
+        ``N x N`` factorization) or ``"cg"`` (conjugate gradient on the ``N x N`` system).
+    block_size
+        Kaczmarz block (minibatch) size ``b``; also the chunk size for computing scores.
+    max_epochs
+        Kaczmarz sweeps over all blocks before giving up.
+    tol
+        Stop iterative solvers once ``|A - (K/N + lam I) A~| / |A| <= tol``.
+    max_iters
+        CG iteration cap.
+    seed
+        Seed of the generator used for block sampling. Same seed and inputs, same result.
+        ``None`` seeds from the operating system.
+    backend
+        ``"materialized"`` holds ``J`` in memory; ``"streaming"`` recomputes block rows on
+        demand (extra memory ``O(block_size x P)``); ``"auto"`` materializes when ``J`` fits
+        in ``memory_budget`` bytes.
+    memory_budget
+        Bytes ``J`` may occupy under ``backend="auto"``.
+    on_nonconvergence
+        When an iterative solver stops above ``tol``: ``"fallback"`` solves exactly with
+        Cholesky (noted in ``diagnostics.fallbacks``), ``"warn"`` returns the iterate with a
+        :class:`NotConvergedWarning`, ``"raise"`` raises :class:`NotConvergedError`.
+    resample_blocks
+        Draw a new random paving of the samples every Kaczmarz epoch instead of reusing
+        the first one (reusing lets block factorizations be cached).
+
+    Attributes
+    ----------
+    diagnostics
+        :class:`~natgrad.Diagnostics` of the latest call, ``None`` before the first.
+    generator
+        The ``torch.Generator`` driving block sampling.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from natgrad import RATNaturalGradient
+    >>> class Policy(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.logits = nn.Linear(4, 2)
+    ...     def forward(self, obs):
+    ...         return torch.distributions.Categorical(logits=self.logits(obs))
+    >>> policy = Policy()
+    >>> obs, acts, adv = torch.randn(64, 4), torch.randint(0, 2, (64,)), torch.randn(64)
+    >>> rat = RATNaturalGradient(damping=1e-2, seed=0)
+    >>> adv_t = rat(policy, obs, acts, adv)
+    >>> loss = -(adv_t * policy(obs).log_prob(acts)).mean()
+    >>> loss.backward()  # .grad now holds minus the natural gradient
+    >>> rat.diagnostics.converged
+    True
+    """
+
+    def __init__(
+        self,
+        log_prob_fn: LogProbFn | None = None,
+        damping: float = 1e-3,
+        solver: SolverName = "kaczmarz",
+        block_size: int = 256,
+        max_epochs: int = 50,
+        tol: float = 1e-3,
+        max_iters: int = 200,
+        seed: int | None = None,
+        *,
+        backend: BackendName = "auto",
+        memory_budget: int = 2**30,
+        on_nonconvergence: OnNonConvergence = "fallback",
+        resample_blocks: bool = False,
+    ) -> None:
+        if log_prob_fn is not None and not callable(log_prob_fn):
+            raise TypeError(
+                "log_prob_fn must be callable(policy, obs, acts) -> Tensor[N] or None, "
+                f"got {type(log_prob_fn).__name__}"
+            )
+        self.log_prob_fn: LogProbFn = log_prob_fn or default_log_prob
+        self.damping = check_positive_float(
+            "damping", damping, "; typical values are 1e-4..1e-1 (units of F = J^T J / N)"
+        )
+        self.solver = check_choice("solver", solver, SOLVERS)
+        self.block_size = check_positive_int("block_size", block_size, "; try 256")
+        self.max_epochs = check_positive_int("max_epochs", max_epochs)
+        self.tol = check_positive_float("tol", tol, "; e.g. 1e-3 (relative residual)")
+        self.max_iters = check_positive_int("max_iters", max_iters)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.memory_budget = check_positive_int("memory_budget", memory_budget, " bytes")
+        self.on_nonconvergence = check_choice(
+            "on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE
+        )
+        self.resample_blocks = bool(resample_blocks)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(
+            seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        )
+        self.diagnostics: Diagnostics | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"RATNaturalGradient(damping={self.damping}, solver={self.solver!r}, "
+            f"block_size={self.block_size}, max_epochs={self.max_epochs}, tol={self.tol}, "
+            f"max_iters={self.max_iters}, seed={self.seed}, backend={self.backend!r})"
+        )
+
+    def __call__(
+        self,
+        policy: nn.Module,
+        obs: Tree,
+        acts: Tree,
+        adv: Tensor,
+        params: Iterable[Tensor] | None = None,
+    ) -> Tensor:
+        """Transform advantages: return ``A~ = (J J^T / N + lam I)^{-1} A``.
+
+        Parameters
+        ----------
+        policy
+            The policy; neither its parameters nor their ``.grad`` are touched.
+        obs, acts
+            Tensors (or dicts/lists/tuples of tensors) with the sample as first dimension.
+        adv
+            Advantages, shape ``(N,)``.
+        params
+            The parameters ``theta`` the Fisher is taken over; ``None`` means all
+            parameters with ``requires_grad=True``.
+
+        Returns
+        -------
+        Tensor
+            ``A~``, detached, with the shape, dtype and device of ``adv``. The gradient of
+            ``mean(A~ * log pi)`` over ``params`` is the natural gradient ``d``.
+        """
+        advantages, _, _, _ = self._run(policy, obs, acts, adv, params, want_direction=False)
+        return advantages
+
+    def natural_gradient(
+        self,
+        policy: nn.Module,
+        obs: Tree,
+        acts: Tree,
+        adv: Tensor,
+        params: Iterable[Tensor] | None = None,
+    ) -> NaturalGradient:
+        """Return the direction ``d`` itself with ``A~`` and the step-size by-products.
+
+        Same arguments as :meth:`__call__`. ``J d``, ``g^T d`` and ``d^T F d`` come from the
+        solve without extra passes (Cholesky: ``J d = A - lam A~``; iterative solvers: the
+        ``J v`` of the final residual check).
+        """
+        advantages, v, result, scores = self._run(
+            policy, obs, acts, adv, params, want_direction=True
+        )
+        n = scores.num_samples
+        rhs = adv.detach().to(torch.float64)
+        jd = result.jv
+        direction = scores.unflatten(v.to(scores.dtype))
+        assert self.diagnostics is not None
+        return NaturalGradient(
+            advantages=advantages,
+            direction=direction,
+            param_names=tuple(scores.param_names),
+            jd=jd.to(adv.dtype),
+            g_dot_d=float(rhs @ jd) / n,
+            d_fisher_d=float(jd @ jd) / n,
+            diagnostics=self.diagnostics,
+        )
+
+    # -- internals ----------------------------------------------------------------------
+    def _run(
+        self,
+        policy: nn.Module,
+        obs: Tree,
+        acts: Tree,
+        adv: Tensor,
+        params: Iterable[Tensor] | None,
+        want_direction: bool,
+    ) -> tuple[Tensor, Tensor | None, SolveResult, PolicyScores]:
+        start = time.perf_counter()
+        check_policy(policy)
+        names = select_parameters(policy, params)
+        first = dict(policy.named_parameters())[names[0]]
+        device, dtype = first.device, first.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"policy parameters must be floating point, got {dtype}")
+        check_advantages(adv, device)
+        n = adv.shape[0]
+        check_batch("obs", obs, n, device, dtype)
+        check_batch("acts", acts, n, device, dtype)
+        with torch.no_grad():
+            log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
+        scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
+        operator = self._operator(scores)
+        rhs = adv.detach().to(device=device, dtype=torch.float64)
+        result = self._solve(operator, rhs)
+        fallbacks: list[str] = []
+        solver_used = self.solver
+        if scores.fallback_reason is not None:
+            fallbacks.append(f"per-sample scores computed one sample at a time: "
+                             f"{scores.fallback_reason}")
+        if not result.converged:
+            message = (
+                f"solver={self.solver!r} stopped at relative residual {result.residual:.3g} > "
+                f"tol={self.tol:g} after {result.iterations} "
+                f"{'epochs' if self.solver == 'kaczmarz' else 'iterations'}"
+            )
+            if self.on_nonconvergence == "raise":
+                raise NotConvergedError(
+                    message + "; raise max_epochs/max_iters, raise damping, loosen tol, or "
+                    "use solver='cholesky'"
+                )
+            if self.on_nonconvergence == "warn":
+                warnings.warn(message, NotConvergedWarning, stacklevel=3)
+            else:
+                iterations = result.iterations
+                result = cholesky_solve(operator, rhs, self.damping)
+                result = SolveResult(result.x, None, result.jv, result.residual, iterations,
+                                     result.converged)
+                solver_used = "cholesky"
+                fallbacks.append(message + "; solved exactly with cholesky instead")
+        v = result.v
+        if want_direction and v is None:
+            v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / n
+        advantages = result.x.to(dtype=adv.dtype, device=adv.device).reshape(adv.shape)
+        self.diagnostics = Diagnostics(
+            solver=solver_used,
+            backend=operator.backend,
+            score_path=scores.path,
+            residual=result.residual,
+            iterations=result.iterations,
+            converged=result.residual <= self.tol,
+            seconds=time.perf_counter() - start,
+            fallbacks=tuple(fallbacks),
+            num_samples=n,
+            num_params=scores.num_params,
+        )
+        return advantages, v, result, scores
+
+    def _operator(self, scores: PolicyScores) -> ScoreOperator:
+        backend = self.backend
+        if backend == "auto":
+            needed = bytes_for_matrix(scores.num_samples, scores.num_params, scores.dtype)
+            backend = "materialized" if needed <= self.memory_budget else "streaming"
+        if backend == "materialized":
+            return MaterializedScores.from_policy(scores, self.block_size)
+        return StreamingScores(scores, self.block_size)
+
+    def _solve(self, operator: ScoreOperator, rhs: Tensor) -> SolveResult:
+        if self.solver == "cholesky":
+            return cholesky_solve(operator, rhs, self.damping)
+        if self.solver == "cg":
+            return cg_solve(operator, rhs, self.damping, self.tol, self.max_iters)
+        return kaczmarz_solve(
+            operator,
+            rhs,
+            self.damping,
+            self.block_size,
+            self.max_epochs,
+            self.tol,
+            self.generator,
+            self.resample_blocks,
+        )

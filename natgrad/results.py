@@ -1,0 +1,102 @@
+"""Values returned by :class:`natgrad.RATNaturalGradient`: diagnostics and the direction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """What happened in one call of :class:`~natgrad.RATNaturalGradient`.
+
+    Attributes
+    ----------
+    solver
+        The solver that produced the answer (``"kaczmarz"``, ``"cholesky"`` or ``"cg"``);
+        differs from the requested one after a fallback.
+    backend
+        ``"materialized"`` (``J`` held in memory) or ``"streaming"`` (rows recomputed
+        per block).
+    score_path
+        ``"vmap"`` (batched per-sample gradients) or ``"loop"`` (one sample at a time,
+        used when ``vmap`` cannot batch an operation of the policy).
+    residual
+        Relative residual ``|A - (K/N + lam I) A~| / |A|`` of the returned ``A~``.
+    iterations
+        Kaczmarz epochs, CG iterations, or 1 for Cholesky (of the requested solver; a
+        fallback adds nothing here).
+    converged
+        Whether ``residual <= tol``.
+    seconds
+        Wall time of the whole call.
+    fallbacks
+        Human-readable notes on every fallback taken (empty when none).
+    num_samples, num_params
+        ``N`` and ``P``.
+    """
+
+    solver: str
+    backend: str
+    score_path: str
+    residual: float
+    iterations: int
+    converged: bool
+    seconds: float
+    fallbacks: tuple[str, ...]
+    num_samples: int
+    num_params: int
+
+
+@dataclass(frozen=True)
+class NaturalGradient:
+    """The natural-gradient direction and its free by-products (DESIGN section 1).
+
+    Attributes
+    ----------
+    advantages
+        Transformed advantages ``A~``, detached, shaped like the input ``adv``.
+    direction
+        ``d = (F + lam I)^{-1} g``, one tensor per selected parameter (same shapes).
+        Ascent direction of the surrogate ``mean(A * log pi)``.
+    param_names
+        Names of the selected parameters, matching ``direction``.
+    jd
+        ``J d`` (shape ``(N,)``): the first-order change of each sample's log-probability
+        per unit step along ``d``.
+    g_dot_d
+        ``g^T d``: first-order improvement of the surrogate per unit step.
+    d_fisher_d
+        ``d^T F d``: curvature of the KL divergence along ``d`` (``KL ~ eta^2 dFd / 2``).
+    diagnostics
+        The :class:`Diagnostics` of the call.
+    """
+
+    advantages: Tensor
+    direction: tuple[Tensor, ...]
+    param_names: tuple[str, ...]
+    jd: Tensor
+    g_dot_d: float
+    d_fisher_d: float
+    diagnostics: Diagnostics
+
+    def step_size(self, max_kl: float) -> float:
+        """Step ``eta = sqrt(2 max_kl / d^T F d)`` whose quadratic KL model equals ``max_kl``.
+
+        Parameters
+        ----------
+        max_kl
+            Target KL divergence between the old and the updated policy.
+
+        Returns
+        -------
+        float
+            ``eta``; ``0.0`` if the direction is zero.
+        """
+        if not (math.isfinite(max_kl) and max_kl > 0):
+            raise ValueError(f"max_kl must be a finite float > 0, got {max_kl!r}")
+        if self.d_fisher_d <= 0.0:
+            return 0.0
+        return math.sqrt(2.0 * max_kl / self.d_fisher_d)

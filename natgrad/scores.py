@@ -1,0 +1,347 @@
+"""The per-sample score matrix ``J`` as a linear operator.
+
+Row ``i`` of ``J`` is the score ``psi_i = grad_theta log pi_theta(a_i | s_i)`` over the
+selected parameters, flattened in a fixed order. Solvers only ever see a
+:class:`ScoreOperator`: block rows ``J_S``, products ``J v`` and ``J^T x`` and the Gram
+matrix ``K = J J^T``. Two backends implement it:
+
+* :class:`MaterializedScores` holds ``J`` (``N x P``) in memory; every product is a matmul.
+* :class:`StreamingScores` recomputes the rows of a block on demand, so peak extra memory
+  is ``O(block_size x P)`` and never ``O(N x P)``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vjp, vmap
+
+from natgrad._tree import Tree, take, tree_map, unsqueeze
+
+LogProbFn = Callable[[nn.Module, Tree, Tree], Tensor]
+
+__all__ = [
+    "LogProbFn",
+    "MaterializedScores",
+    "PolicyScores",
+    "ScoreOperator",
+    "StreamingScores",
+    "default_log_prob",
+]
+
+
+def default_log_prob(policy: nn.Module, obs: Tree, acts: Tree) -> Tensor:
+    """Log-probability ``policy(obs).log_prob(acts)``, summed over action dimensions.
+
+    A factorized distribution (e.g. ``Normal`` with one scale per action dimension)
+    returns one log-probability per dimension; the joint log-probability is their sum,
+    exactly as ``torch.distributions.Independent`` would give.
+    """
+    dist = policy(obs)
+    if not hasattr(dist, "log_prob"):
+        raise TypeError(
+            "log_prob_fn=None expects policy(obs) to return a torch.distributions."
+            f"Distribution, but it returned {type(dist).__name__}; pass "
+            "log_prob_fn=lambda policy, obs, acts: ... returning log pi(acts | obs) of shape (N,)"
+        )
+    log_prob = dist.log_prob(acts)
+    if log_prob.dim() > 1:
+        log_prob = log_prob.reshape(log_prob.shape[0], -1).sum(-1)
+    return log_prob
+
+
+class _LogProbModule(nn.Module):
+    """Wraps ``log_prob_fn(policy, obs, acts)`` so ``functional_call`` can swap parameters.
+
+    Any method of the policy that ``log_prob_fn`` calls (not only ``forward``) then sees
+    the substituted parameters.
+    """
+
+    def __init__(self, policy: nn.Module, log_prob_fn: LogProbFn) -> None:
+        super().__init__()
+        self.policy = policy
+        self.__dict__["log_prob_fn"] = log_prob_fn  # not registered as a submodule
+
+    def forward(self, obs: Tree, acts: Tree) -> Tensor:
+        return self.__dict__["log_prob_fn"](self.policy, obs, acts)
+
+
+def _is_vmap_limitation(error: Exception) -> bool:
+    text = str(error).lower()
+    if "random" in text and "vmap" in text:
+        return False  # randomness in the policy is a user error, not a vmap gap
+    return isinstance(error, (RuntimeError, NotImplementedError, ValueError))
+
+
+class PolicyScores:
+    """Per-sample scores of one policy on one batch, computed with ``torch.func``.
+
+    Parameters
+    ----------
+    policy
+        The policy module. It is never modified.
+    log_prob_fn
+        ``log_prob_fn(policy, obs, acts) -> Tensor[N]``.
+    obs, acts
+        Tensors (or dicts/lists/tuples of tensors) whose first dimension is the sample.
+    param_names
+        Names (as in ``policy.named_parameters()``) of the parameters that form ``theta``;
+        every other parameter and buffer is held constant.
+    log_probs
+        The batched log-probabilities ``log pi(a_i | s_i)`` (shape ``(N,)``), used to check
+        that per-sample evaluation reproduces the batched one.
+
+    Notes
+    -----
+    Rows are computed by ``vmap(grad(...))`` over samples. When ``vmap`` cannot batch an
+    operation (some recurrent kernels, data-dependent control flow), the rows are computed
+    one sample at a time instead; :attr:`path` then reads ``"loop"`` and
+    :attr:`fallback_reason` says why.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        log_prob_fn: LogProbFn,
+        obs: Tree,
+        acts: Tree,
+        param_names: list[str],
+        log_probs: Tensor,
+    ) -> None:
+        self._module = _LogProbModule(policy, log_prob_fn)
+        selected = set(param_names)
+        named = dict(policy.named_parameters())
+        self.param_names = list(param_names)
+        self.shapes = [named[name].shape for name in param_names]
+        self.numels = [named[name].numel() for name in param_names]
+        self._params = {f"policy.{n}": named[n].detach() for n in param_names}
+        self._constants = {
+            f"policy.{n}": p.detach() for n, p in named.items() if n not in selected
+        }
+        self._constants.update({f"policy.{n}": b for n, b in policy.named_buffers()})
+        self._obs = obs
+        self._acts = acts
+        self._log_probs = log_probs
+        first = named[param_names[0]]
+        self.dtype = first.dtype
+        self.device = first.device
+        self.num_samples = int(log_probs.shape[0])
+        self.num_params = int(sum(self.numels))
+        self.path = "vmap"
+        self.fallback_reason: str | None = None
+        tolerance_scale = 1e-7 if self.dtype == torch.float64 else 2e-3
+        self._consistency_tol = tolerance_scale
+
+    # -- single-sample log-probability -------------------------------------------------
+    def _log_prob_single(self, params: dict[str, Tensor], obs_i: Tree, acts_i: Tree) -> Tensor:
+        out = functional_call(
+            self._module, {**params, **self._constants}, (unsqueeze(obs_i), unsqueeze(acts_i))
+        )
+        return out.reshape(())
+
+    def _flatten(self, grads: dict[str, Tensor], batch: int) -> Tensor:
+        return torch.cat([grads[k].reshape(batch, -1) for k in self._params], dim=1)
+
+    def _rows_vmap(self, obs_s: Tree, acts_s: Tree) -> tuple[Tensor, Tensor]:
+        grads, values = vmap(grad_and_value(self._log_prob_single), in_dims=(None, 0, 0))(
+            self._params, obs_s, acts_s
+        )
+        return self._flatten(grads, values.shape[0]), values
+
+    def _rows_loop(self, obs_s: Tree, acts_s: Tree, batch: int) -> tuple[Tensor, Tensor]:
+        rows, values = [], []
+        for i in range(batch):
+            grads, value = grad_and_value(self._log_prob_single)(
+                self._params, tree_map(lambda t: t[i], obs_s), tree_map(lambda t: t[i], acts_s)
+            )
+            rows.append(self._flatten({k: g.unsqueeze(0) for k, g in grads.items()}, 1))
+            values.append(value)
+        return torch.cat(rows), torch.stack(values)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Per-sample scores ``J[index]`` of shape ``(len(index), P)``."""
+        obs_s, acts_s = take(self._obs, index), take(self._acts, index)
+        if self.path == "vmap":
+            try:
+                rows, values = self._rows_vmap(obs_s, acts_s)
+            except Exception as error:  # noqa: BLE001 - classified just below
+                if not _is_vmap_limitation(error):
+                    raise ValueError(
+                        "the policy draws random numbers while computing log-probabilities "
+                        "(e.g. active dropout or sampling inside forward), so per-sample "
+                        "scores are ill-defined; make log_prob_fn deterministic "
+                        f"(policy.eval(), no sampling). Original error: {error}"
+                    ) from error
+                self.path = "loop"
+                self.fallback_reason = f"vmap failed ({type(error).__name__}: {error})"
+                rows, values = self._rows_loop(obs_s, acts_s, len(index))
+        else:
+            rows, values = self._rows_loop(obs_s, acts_s, len(index))
+        self._check(rows, values, index)
+        return rows
+
+    def _check(self, rows: Tensor, values: Tensor, index: Tensor) -> None:
+        expected = self._log_probs[index]
+        gap = (values.detach() - expected).abs()
+        allowed = self._consistency_tol * (1.0 + expected.abs())
+        if bool((gap > allowed).any()):
+            worst = int(torch.argmax(gap - allowed))
+            raise ValueError(
+                "per-sample log-probabilities differ from the batched ones (sample "
+                f"{int(index[worst])}: {float(values[worst]):.6g} alone vs "
+                f"{float(expected[worst]):.6g} in the batch), so the policy couples samples "
+                "within a batch (BatchNorm in train mode, normalization or attention across "
+                "the batch dimension, a recurrent state carried between samples); make each "
+                "sample's log-probability depend on that sample only, e.g. policy.eval()"
+            )
+        if not bool(torch.isfinite(rows).all()):
+            bad = int(torch.nonzero(~torch.isfinite(rows).all(dim=1))[0, 0])
+            raise ValueError(
+                f"the score (gradient of log pi) of sample {int(index[bad])} is not finite; "
+                "check the policy for saturating outputs (e.g. a std that reaches 0, "
+                "actions on the boundary of a Beta or tanh-squashed distribution)"
+            )
+
+    def vjp(self, index: Tensor, weights: Tensor) -> Tensor:
+        """``J[index]^T weights`` with one batched backward pass (shape ``(P,)``)."""
+        obs_s, acts_s = take(self._obs, index), take(self._acts, index)
+
+        def batched(params: dict[str, Tensor]) -> Tensor:
+            return functional_call(self._module, {**params, **self._constants}, (obs_s, acts_s))
+
+        _, pullback = vjp(batched, self._params)
+        (grads,) = pullback(weights.to(self.dtype))
+        return torch.cat([grads[k].reshape(-1) for k in self._params])
+
+    def unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """Split a flat ``(P,)`` vector into tensors shaped like the selected parameters."""
+        pieces = torch.split(flat, self.numels)
+        return tuple(p.reshape(s) for p, s in zip(pieces, self.shapes, strict=True))
+
+
+class ScoreOperator(ABC):
+    """The score matrix ``J`` (``N x P``) seen through the few products solvers need."""
+
+    num_samples: int
+    num_params: int
+    dtype: torch.dtype
+    device: torch.device
+    backend: str
+
+    @abstractmethod
+    def rows(self, index: Tensor) -> Tensor:
+        """Block of rows ``J_S`` (shape ``(len(index), P)``)."""
+
+    @abstractmethod
+    def matvec(self, v: Tensor) -> Tensor:
+        """``J v`` for ``v`` of shape ``(P,)``; returns shape ``(N,)``."""
+
+    @abstractmethod
+    def rmatvec(self, x: Tensor) -> Tensor:
+        """``J^T x`` for ``x`` of shape ``(N,)``; returns shape ``(P,)``."""
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """The kernel ``K = J J^T`` (shape ``(N, N)``)."""
+
+
+class MaterializedScores(ScoreOperator):
+    """``J`` held in memory as an ``(N, P)`` tensor.
+
+    Parameters
+    ----------
+    matrix
+        The score matrix, one row per sample.
+    """
+
+    backend = "materialized"
+
+    def __init__(self, matrix: Tensor) -> None:
+        if matrix.dim() != 2:
+            raise ValueError(f"matrix must be 2-D (N, P), got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.num_samples, self.num_params = matrix.shape
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    @classmethod
+    def from_policy(cls, scores: PolicyScores, chunk_size: int) -> MaterializedScores:
+        """Compute every row of ``scores`` in chunks of ``chunk_size`` samples."""
+        index = torch.arange(scores.num_samples, device=scores.device)
+        return cls(torch.cat([scores.rows(chunk) for chunk in index.split(chunk_size)]))
+
+    def rows(self, index: Tensor) -> Tensor:
+        return self.matrix[index]
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matrix @ v
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        return self.matrix.T @ x
+
+    def gram(self) -> Tensor:
+        return self.matrix @ self.matrix.T
+
+
+class StreamingScores(ScoreOperator):
+    """``J`` recomputed block by block; never holds more than ``chunk_size`` rows.
+
+    Parameters
+    ----------
+    scores
+        The per-sample score computation.
+    chunk_size
+        Rows computed at once for whole-matrix products (``J v``, ``K``).
+    """
+
+    backend = "streaming"
+
+    def __init__(self, scores: PolicyScores, chunk_size: int) -> None:
+        self.scores = scores
+        self.chunk_size = chunk_size
+        self.num_samples = scores.num_samples
+        self.num_params = scores.num_params
+        self.dtype = scores.dtype
+        self.device = scores.device
+
+    def _chunks(self) -> list[Tensor]:
+        return list(torch.arange(self.num_samples, device=self.device).split(self.chunk_size))
+
+    def rows(self, index: Tensor) -> Tensor:
+        return self.scores.rows(index)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return torch.cat([self.scores.rows(chunk) @ v for chunk in self._chunks()])
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        for chunk in self._chunks():
+            total += self.scores.vjp(chunk, x[chunk])
+        return total
+
+    def gram(self) -> Tensor:
+        chunks = self._chunks()
+        n = self.num_samples
+        kernel = torch.empty(n, n, dtype=self.dtype, device=self.device)
+        for i, rows_i in enumerate(chunks):
+            block_i = self.scores.rows(rows_i)
+            for rows_j in chunks[i:]:
+                block_j = block_i if rows_j is rows_i else self.scores.rows(rows_j)
+                product = block_i @ block_j.T
+                kernel[rows_i[:, None], rows_j[None, :]] = product
+                kernel[rows_j[:, None], rows_i[None, :]] = product.T
+        return kernel
+
+
+def bytes_for_matrix(num_samples: int, num_params: int, dtype: torch.dtype) -> int:
+    """Bytes needed to hold an ``N x P`` score matrix of ``dtype``."""
+    return num_samples * num_params * torch.finfo(dtype).bits // 8
+
+
+def chunk_count(num_samples: int, chunk_size: int) -> int:
+    """Number of chunks of ``chunk_size`` covering ``num_samples``."""
+    return math.ceil(num_samples / chunk_size)
