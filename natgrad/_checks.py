@@ -138,17 +138,22 @@ def check_advantages(adv: Any, device: torch.device) -> Tensor:
     return adv
 
 
-def check_batch(name: str, tree: Tree, num_samples: int, device: torch.device,
-                dtype: torch.dtype) -> None:
+def check_batch(
+    name: str, tree: Tree, num_samples: int, device: torch.device, dtype: torch.dtype
+) -> None:
     """Every leaf of ``obs``/``acts`` is a tensor with ``num_samples`` rows on ``device``."""
     for path, leaf in tree_leaves(tree, name):
         if not isinstance(leaf, Tensor):
             raise TypeError(
                 f"{path} must be a torch.Tensor (or a dict/list/tuple of tensors), "
-                f"got {type(leaf).__name__}"
+                f"got {type(leaf).__name__}; convert it with torch.as_tensor(...)"
             )
         if leaf.dim() == 0 or leaf.shape[0] != num_samples:
-            got = "a scalar" if leaf.dim() == 0 else f"{leaf.shape[0]} rows (shape {tuple(leaf.shape)})"
+            got = (
+                "a scalar"
+                if leaf.dim() == 0
+                else f"{leaf.shape[0]} rows (shape {tuple(leaf.shape)})"
+            )
             raise ValueError(
                 f"{path} has {got} but adv has N = {num_samples} samples; the first "
                 "dimension of obs, acts and adv must be the same sample dimension"

@@ -137,9 +137,9 @@ class RATNaturalGradient:
         log_prob_fn: LogProbFn | None = None,
         damping: float = 1e-3,
         solver: SolverName = "kaczmarz",
-        block_size: int = 256,
-        max_epochs: int = 50,
-        tol: float = 1e-3,
+        block_size: int = 512,
+        max_epochs: int = 10,
+        tol: float = 1e-2,
         max_iters: int = 200,
         seed: int | None = None,
         *,
@@ -158,9 +158,9 @@ class RATNaturalGradient:
             "damping", damping, "; typical values are 1e-4..1e-1 (units of F = J^T J / N)"
         )
         self.solver = check_choice("solver", solver, SOLVERS)
-        self.block_size = check_positive_int("block_size", block_size, "; try 256")
+        self.block_size = check_positive_int("block_size", block_size, "; try 512")
         self.max_epochs = check_positive_int("max_epochs", max_epochs)
-        self.tol = check_positive_float("tol", tol, "; e.g. 1e-3 (relative residual)")
+        self.tol = check_positive_float("tol", tol, "; e.g. 1e-2 (relative residual)")
         self.max_iters = check_positive_int("max_iters", max_iters)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
@@ -277,8 +277,9 @@ class RATNaturalGradient:
         fallbacks: list[str] = []
         solver_used = self.solver
         if scores.fallback_reason is not None:
-            fallbacks.append(f"per-sample scores computed one sample at a time: "
-                             f"{scores.fallback_reason}")
+            fallbacks.append(
+                f"per-sample scores computed one sample at a time: {scores.fallback_reason}"
+            )
         if not result.converged:
             message = (
                 f"solver={self.solver!r} stopped at relative residual {result.residual:.3g} > "
@@ -295,8 +296,9 @@ class RATNaturalGradient:
             else:
                 iterations = result.iterations
                 result = cholesky_solve(operator, rhs, self.damping)
-                result = SolveResult(result.x, None, result.jv, result.residual, iterations,
-                                     result.converged)
+                result = SolveResult(
+                    result.x, None, result.jv, result.residual, iterations, result.converged
+                )
                 solver_used = "cholesky"
                 fallbacks.append(message + "; solved exactly with cholesky instead")
         v = result.v

@@ -12,7 +12,7 @@ matrix ``K = J J^T``. Two backends implement it:
 
 from __future__ import annotations
 
-import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
-from natgrad._tree import Tree, take, tree_map, unsqueeze
+from natgrad._tree import Tree, take, unsqueeze
 
 LogProbFn = Callable[[nn.Module, Tree, Tree], Tensor]
 
@@ -119,9 +119,7 @@ class PolicyScores:
         self.shapes = [named[name].shape for name in param_names]
         self.numels = [named[name].numel() for name in param_names]
         self._params = {f"policy.{n}": named[n].detach() for n in param_names}
-        self._constants = {
-            f"policy.{n}": p.detach() for n, p in named.items() if n not in selected
-        }
+        self._constants = {f"policy.{n}": p.detach() for n, p in named.items() if n not in selected}
         self._constants.update({f"policy.{n}": b for n, b in policy.named_buffers()})
         self._obs = obs
         self._acts = acts
@@ -147,16 +145,20 @@ class PolicyScores:
         return torch.cat([grads[k].reshape(batch, -1) for k in self._params], dim=1)
 
     def _rows_vmap(self, obs_s: Tree, acts_s: Tree) -> tuple[Tensor, Tensor]:
-        grads, values = vmap(grad_and_value(self._log_prob_single), in_dims=(None, 0, 0))(
-            self._params, obs_s, acts_s
-        )
+        with warnings.catch_warnings():
+            # vmap's generic fallback for ops without a batching rule is slower but exact.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads, values = vmap(grad_and_value(self._log_prob_single), in_dims=(None, 0, 0))(
+                self._params, obs_s, acts_s
+            )
         return self._flatten(grads, values.shape[0]), values
 
     def _rows_loop(self, obs_s: Tree, acts_s: Tree, batch: int) -> tuple[Tensor, Tensor]:
         rows, values = [], []
         for i in range(batch):
+            index = torch.tensor(i)
             grads, value = grad_and_value(self._log_prob_single)(
-                self._params, tree_map(lambda t: t[i], obs_s), tree_map(lambda t: t[i], acts_s)
+                self._params, take(obs_s, index), take(acts_s, index)
             )
             rows.append(self._flatten({k: g.unsqueeze(0) for k, g in grads.items()}, 1))
             values.append(value)
@@ -340,8 +342,3 @@ class StreamingScores(ScoreOperator):
 def bytes_for_matrix(num_samples: int, num_params: int, dtype: torch.dtype) -> int:
     """Bytes needed to hold an ``N x P`` score matrix of ``dtype``."""
     return num_samples * num_params * torch.finfo(dtype).bits // 8
-
-
-def chunk_count(num_samples: int, chunk_size: int) -> int:
-    """Number of chunks of ``chunk_size`` covering ``num_samples``."""
-    return math.ceil(num_samples / chunk_size)

@@ -36,8 +36,14 @@ def cg_solve(
     direction = residual_vec.clone()
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     if rhs_norm == 0.0:
-        return SolveResult(x, torch.zeros(operator.num_params, dtype=torch.float64,
-                           device=rhs.device), torch.zeros_like(rhs), 0.0, 0, True)
+        return SolveResult(
+            x,
+            torch.zeros(operator.num_params, dtype=torch.float64, device=rhs.device),
+            torch.zeros_like(rhs),
+            0.0,
+            0,
+            True,
+        )
     rr = float(residual_vec @ residual_vec)
     iterations = 0
     while iterations < max_iters and rr**0.5 / rhs_norm > tol:

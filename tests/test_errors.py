@@ -1,0 +1,279 @@
+"""Bad input gets a clear error naming the argument, the problem and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from cases import BatchNormMLP, CategoricalCNN, GaussianMLP
+from torch import nn
+
+from natgrad import NotConvergedError, NotConvergedWarning, RATNaturalGradient
+
+
+def gaussian_batch(n=16, dtype=torch.float32):
+    torch.manual_seed(0)
+    policy = GaussianMLP().to(dtype)
+    return (
+        policy,
+        torch.randn(n, 5, dtype=dtype),
+        torch.randn(n, 3, dtype=dtype),
+        torch.randn(n, dtype=dtype),
+    )
+
+
+def snapshot(policy):
+    return [
+        (p.detach().clone(), None if p.grad is None else p.grad.clone())
+        for p in policy.parameters()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"damping": -0.1}, ValueError, r"damping must be a finite float > 0, got -0.1; typical"),
+        ({"damping": 0.0}, ValueError, r"damping must be a finite float > 0, got 0.0"),
+        ({"damping": math.nan}, ValueError, r"damping must be a finite float > 0, got nan"),
+        ({"damping": math.inf}, ValueError, r"damping must be a finite float > 0, got inf"),
+        ({"damping": "big"}, TypeError, r"damping must be a finite float > 0, got 'big'"),
+        ({"block_size": 0}, ValueError, r"block_size must be an integer >= 1, got 0"),
+        ({"block_size": 2.5}, TypeError, r"block_size must be an integer >= 1, got 2.5"),
+        ({"max_epochs": 0}, ValueError, r"max_epochs must be an integer >= 1, got 0"),
+        ({"max_iters": -3}, ValueError, r"max_iters must be an integer >= 1, got -3"),
+        ({"tol": 0}, ValueError, r"tol must be a finite float > 0, got 0"),
+        (
+            {"solver": "lbfgs"},
+            ValueError,
+            r"solver must be one of 'kaczmarz', 'cholesky', 'cg', got 'lbfgs'",
+        ),
+        (
+            {"backend": "gpu"},
+            ValueError,
+            r"backend must be one of 'auto', 'materialized', 'streaming'",
+        ),
+        ({"seed": 1.5}, TypeError, r"seed must be an int or None, got 1.5"),
+        ({"log_prob_fn": 3}, TypeError, r"log_prob_fn must be callable"),
+    ],
+)
+def test_constructor_rejects_bad_settings(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        RATNaturalGradient(**kwargs)
+
+
+def test_mismatched_sample_dimensions():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(ValueError, match=r"obs has 15 rows .* adv has N = 16 samples"):
+        RATNaturalGradient()(policy, obs[:15], acts, adv)
+    with pytest.raises(ValueError, match=r"acts has 12 rows .* adv has N = 16"):
+        RATNaturalGradient()(policy, obs, acts[:12], adv)
+
+
+def test_adv_must_be_one_dimensional():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(
+        ValueError, match=r"adv must be 1-D of shape \(N,\), got shape \(16, 1\); flatten"
+    ):
+        RATNaturalGradient()(policy, obs, acts, adv[:, None])
+
+
+def test_empty_batch():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(ValueError, match=r"adv is empty \(N = 0\)"):
+        RATNaturalGradient()(policy, obs[:0], acts[:0], adv[:0])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_advantages(bad):
+    policy, obs, acts, adv = gaussian_batch()
+    adv = adv.clone()
+    adv[3] = bad
+    with pytest.raises(ValueError, match=r"adv contains 1 non-finite value"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+
+
+def test_non_finite_log_probs():
+    def log_prob_fn(policy, obs, acts):  # -inf where an observation is all zeros
+        return policy(obs).log_prob(acts).sum(-1) + torch.log(obs.abs().sum(-1))
+
+    policy, obs, acts, adv = gaussian_batch()
+    obs = obs.clone()
+    obs[2] = 0.0
+    with pytest.raises(
+        ValueError, match=r"log_prob_fn returned a non-finite log-probability for sample 2 \(-inf\)"
+    ):
+        RATNaturalGradient(log_prob_fn)(policy, obs, acts, adv)
+
+
+def test_log_prob_with_action_dimension_is_rejected():
+    policy, obs, acts, adv = gaussian_batch()
+    per_dim = lambda p, o, a: p(o).log_prob(a)  # noqa: E731 - (N, 3), forgot to sum
+    with pytest.raises(
+        ValueError, match=r"must return shape \(N,\) = \(16,\), got \(16, 3\).*\.sum\(-1\)"
+    ):
+        RATNaturalGradient(per_dim)(policy, obs, acts, adv)
+
+
+def test_policy_that_is_not_a_distribution():
+    policy = nn.Linear(5, 3)
+    with pytest.raises(
+        TypeError, match=r"log_prob_fn=None expects policy\(obs\) to return a torch.distributions"
+    ):
+        RATNaturalGradient()(policy, torch.randn(4, 5), torch.randn(4, 3), torch.randn(4))
+
+
+def test_params_not_owned_by_policy():
+    policy, obs, acts, adv = gaussian_batch()
+    stranger = nn.Parameter(torch.zeros(2))
+    with pytest.raises(
+        ValueError, match=r"params\[1\] \(shape \(2,\)\) is not a parameter of policy"
+    ):
+        RATNaturalGradient()(policy, obs, acts, adv, params=[policy.log_std, stranger])
+
+
+def test_params_single_tensor_and_frozen_and_empty():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(TypeError, match=r"got a single tensor; wrap it in a list"):
+        RATNaturalGradient()(policy, obs, acts, adv, params=policy.log_std)
+    with pytest.raises(ValueError, match=r"params is empty"):
+        RATNaturalGradient()(policy, obs, acts, adv, params=[])
+    policy.log_std.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"params\[0\] \(log_std\) has requires_grad=False"):
+        RATNaturalGradient()(policy, obs, acts, adv, params=[policy.log_std])
+
+
+def test_no_trainable_parameters():
+    policy, obs, acts, adv = gaussian_batch()
+    policy.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"policy has no parameters with requires_grad=True"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+
+
+def test_batchnorm_in_train_mode():
+    policy = BatchNormMLP()
+    obs, acts, adv = torch.randn(8, 5), torch.randint(0, 4, (8,)), torch.randn(8)
+    with pytest.raises(
+        ValueError, match=r"policy.net.1 is a BatchNorm1d in train mode.*policy.eval\(\)"
+    ):
+        RATNaturalGradient()(policy, obs, acts, adv)
+
+
+def test_active_dropout():
+    class DropoutPolicy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.2), nn.Linear(8, 3))
+
+        def forward(self, obs):
+            return torch.distributions.Categorical(logits=self.net(obs))
+
+    policy = DropoutPolicy()
+    obs, acts, adv = torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.randn(8)
+    with pytest.raises(
+        ValueError, match=r"policy.net.1 is an active Dropout\(p=0.2\).*policy.eval\(\)"
+    ):
+        RATNaturalGradient()(policy, obs, acts, adv)
+    policy.eval()
+    RATNaturalGradient()(policy, obs, acts, adv)  # fine once dropout is off
+
+
+def test_dtype_mismatches():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(
+        TypeError, match=r"obs has dtype torch.float64 but the policy parameters are torch.float32"
+    ):
+        RATNaturalGradient()(policy, obs.double(), acts, adv)
+    with pytest.raises(
+        TypeError, match=r"adv must be a floating-point tensor, got dtype torch.int64"
+    ):
+        RATNaturalGradient()(policy, obs, acts, torch.ones(16, dtype=torch.long))
+
+
+def test_device_mismatch():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(ValueError, match=r"obs is on meta but the policy parameters are on cpu"):
+        RATNaturalGradient()(policy, obs.to("meta"), acts, adv)
+    with pytest.raises(ValueError, match=r"adv is on meta but the policy parameters are on cpu"):
+        RATNaturalGradient()(policy, obs, acts, adv.to("meta"))
+
+
+def test_obs_leaf_must_be_tensor():
+    policy = CategoricalCNN()
+    with pytest.raises(
+        TypeError,
+        match=r"obs\[.image.\] must be a torch.Tensor .*got ndarray; convert it with torch",
+    ):
+        RATNaturalGradient()(
+            policy,
+            {"image": np.zeros((2, 2, 6, 6), dtype=np.float32)},
+            torch.zeros(2, dtype=torch.long),
+            torch.randn(2),
+        )
+
+
+def test_policy_must_be_module():
+    with pytest.raises(TypeError, match=r"policy must be a torch.nn.Module, got function"):
+        RATNaturalGradient()(lambda o: o, torch.randn(2, 5), torch.randn(2, 3), torch.randn(2))
+
+
+def test_policy_coupling_samples_is_detected():
+    class BatchCoupled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(5, 3)
+
+        def forward(self, obs):
+            h = self.net(obs)
+            return torch.distributions.Categorical(logits=h - h.mean(0))  # batch statistic
+
+    policy = BatchCoupled()
+    obs, acts, adv = torch.randn(8, 5), torch.randint(0, 3, (8,)), torch.randn(8)
+    with pytest.raises(ValueError, match=r"policy couples samples within a batch"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+
+
+def test_random_log_prob_is_rejected():
+    def noisy(policy, obs, acts):
+        return policy(obs + 0.1 * torch.randn_like(obs)).log_prob(acts).sum(-1)
+
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(ValueError, match=r"draws random numbers"):
+        RATNaturalGradient(noisy)(policy, obs, acts, adv)
+
+
+def test_inputs_policy_and_gradients_are_untouched():
+    policy, obs, acts, adv = gaussian_batch(dtype=torch.float64)
+    policy(obs).log_prob(acts).sum().backward()  # pre-existing .grad must survive
+    before = snapshot(policy)
+    copies = obs.clone(), acts.clone(), adv.clone()
+    for solver in ("kaczmarz", "cholesky", "cg"):
+        RATNaturalGradient(solver=solver, block_size=4)(policy, obs, acts, adv)
+    for (p0, g0), p in zip(before, policy.parameters(), strict=True):
+        assert torch.equal(p0, p.detach()) and torch.equal(g0, p.grad)
+    assert all(torch.equal(a, b) for a, b in zip(copies, (obs, acts, adv), strict=True))
+
+
+def test_nonconvergence_policies():
+    policy, obs, acts, adv = gaussian_batch(n=32, dtype=torch.float64)
+    settings = {"damping": 1e-4, "block_size": 4, "max_epochs": 1, "tol": 1e-10, "seed": 0}
+    with pytest.raises(
+        NotConvergedError,
+        match=r"solver='kaczmarz' stopped at relative residual .* > tol=1e-10 after 1 epochs",
+    ):
+        RATNaturalGradient(**settings, on_nonconvergence="raise")(policy, obs, acts, adv)
+    with pytest.warns(NotConvergedWarning):
+        RATNaturalGradient(**settings, on_nonconvergence="warn")(policy, obs, acts, adv)
+    rat = RATNaturalGradient(**settings)
+    exact = RATNaturalGradient(damping=1e-4, solver="cholesky")(policy, obs, acts, adv)
+    assert torch.allclose(rat(policy, obs, acts, adv), exact, rtol=1e-8, atol=1e-10)
+    assert rat.diagnostics.solver == "cholesky" and rat.diagnostics.converged
+    assert "solved exactly with cholesky" in rat.diagnostics.fallbacks[0]
+
+
+def test_step_size_rejects_bad_kl():
+    policy, obs, acts, adv = gaussian_batch()
+    result = RATNaturalGradient(damping=1e-2).natural_gradient(policy, obs, acts, adv)
+    with pytest.raises(ValueError, match=r"max_kl must be a finite float > 0, got -1"):
+        result.step_size(-1)

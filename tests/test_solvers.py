@@ -1,0 +1,205 @@
+"""Solver invariants on random problems (hypothesis) and the shared solver contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natgrad.scores import MaterializedScores
+from natgrad.solvers import (
+    KaczmarzState,
+    block_factor,
+    cg_solve,
+    cholesky_solve,
+    kaczmarz_solve,
+    kaczmarz_step,
+)
+
+
+@st.composite
+def problems(draw, min_damping=1e-3, normalized=False):
+    """Random J (possibly rank-deficient, with duplicated rows), rhs, block size, damping.
+
+    ``normalized`` scales J so that the largest eigenvalue of K / N is one, which bounds
+    the condition number of K / N + lam I by 1 + 1 / lam (Kaczmarz needs O(cond) sweeps).
+    """
+    n = draw(st.integers(2, 24))
+    p = draw(st.integers(1, 30))
+    rank = draw(st.integers(1, min(n, p)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.randn(n, rank, generator=gen, dtype=torch.float64)
+    scores = left @ torch.randn(rank, p, generator=gen, dtype=torch.float64)
+    duplicates = draw(st.integers(0, n // 2))
+    if duplicates:
+        scores[:duplicates] = scores[n - duplicates :]
+    scores *= draw(st.floats(0.1, 10.0))
+    if normalized:
+        top = float(torch.linalg.matrix_norm(scores, ord=2)) / n**0.5
+        scores /= max(top, 1e-12)
+    rhs = torch.randn(n, generator=gen, dtype=torch.float64)
+    block = draw(st.integers(1, n))
+    damping = draw(st.floats(min_damping, 1.0))
+    return MaterializedScores(scores), rhs, block, damping, seed
+
+
+def system(op, damping):
+    matrix = op.gram() / op.num_samples
+    return matrix + damping * torch.eye(op.num_samples, dtype=torch.float64)
+
+
+def energy(matrix, error):
+    return float(error @ matrix @ error)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_energy_error_never_increases(problem):
+    op, rhs, block, damping, seed = problem
+    matrix = system(op, damping)
+    exact = torch.linalg.solve(matrix, rhs)
+    state = KaczmarzState.zeros(op, rhs.device)
+    gen = torch.Generator().manual_seed(seed)
+    previous = energy(matrix, state.x - exact)
+    for _ in range(3 * (op.num_samples // block + 1)):
+        index = torch.randperm(op.num_samples, generator=gen)[:block]
+        kaczmarz_step(state, op.rows(index), index, rhs, damping)
+        current = energy(matrix, state.x - exact)
+        assert current <= previous * (1 + 1e-9) + 1e-12
+        previous = current
+        # v = J^T x / N is maintained exactly along the way.
+        assert torch.allclose(state.v, op.rmatvec(state.x) / op.num_samples, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(min_damping=1e-2))
+def test_expected_contraction_respects_sketch_and_project_bound(problem):
+    """E ||e+||_M^2 <= (1 - lambda_min(E[Z])) ||e||_M^2 (Gower & Richtarik 2015, Thm 4.6).
+
+    Blocks are drawn uniformly from a fixed paving; E[Z] = mean_S M^{1/2} I_S M_SS^{-1}
+    I_S^T M^{1/2}. The expectation is computed exactly by enumerating the paving.
+    """
+    op, rhs, block, damping, seed = problem
+    n = op.num_samples
+    matrix = system(op, damping)
+    exact = torch.linalg.solve(matrix, rhs)
+    gen = torch.Generator().manual_seed(seed)
+    paving = list(torch.randperm(n, generator=gen).split(block))
+    evals, evecs = torch.linalg.eigh(matrix)
+    root = evecs @ torch.diag(evals.sqrt()) @ evecs.T
+    expected_z = torch.zeros(n, n, dtype=torch.float64)
+    for index in paving:
+        columns = root[:, index]
+        expected_z += columns @ torch.linalg.solve(matrix[index][:, index], columns.T)
+    expected_z /= len(paving)
+    rate = 1.0 - float(torch.linalg.eigvalsh(expected_z)[0])
+    assert 0.0 <= rate < 1.0
+
+    x0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    before = energy(matrix, x0 - exact)
+    after = 0.0
+    for index in paving:
+        state = KaczmarzState(x=x0.clone(), v=op.rmatvec(x0) / n)
+        kaczmarz_step(state, op.rows(index), index, rhs, damping)
+        after += energy(matrix, state.x - exact) / len(paving)
+    assert after <= rate * before * (1 + 1e-8) + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(min_damping=5e-2, normalized=True))
+def test_kaczmarz_converges_to_cholesky_solution(problem):
+    op, rhs, block, damping, seed = problem
+    exact = cholesky_solve(op, rhs, damping)
+    result = kaczmarz_solve(
+        op, rhs, damping, block, 5000, 1e-11, torch.Generator().manual_seed(seed)
+    )
+    assert result.converged and result.residual <= 1e-11
+    assert torch.allclose(result.x, exact.x, rtol=1e-8, atol=1e-9 * float(exact.x.abs().max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_design_identities_hold_for_exact_solution(problem):
+    op, rhs, _, damping, _ = problem
+    n = op.num_samples
+    result = cholesky_solve(op, rhs, damping)
+    scores = op.matrix
+    d = scores.T @ result.x / n
+    fisher = scores.T @ scores / n
+    g = scores.T @ rhs / n
+    jd = rhs - damping * result.x
+    assert torch.allclose(scores @ d, jd, atol=1e-9 * (1 + float(rhs.abs().max())))
+    assert torch.allclose(result.jv, jd, atol=1e-9 * (1 + float(rhs.abs().max())))
+    assert float(g @ d) == pytest.approx(float(rhs @ jd) / n, rel=1e-7, abs=1e-10)
+    assert float(d @ fisher @ d) == pytest.approx(float(jd @ jd) / n, rel=1e-7, abs=1e-10)
+    # and d solves the primal system
+    primal = fisher + damping * torch.eye(scores.shape[1], dtype=torch.float64)
+    assert torch.allclose(primal @ d, g, atol=1e-9 * (1 + float(g.abs().max())))
+
+
+SOLVERS = {
+    "cholesky": lambda op, rhs, lam, tol: cholesky_solve(op, rhs, lam),
+    "cg": lambda op, rhs, lam, tol: cg_solve(op, rhs, lam, tol, 500),
+    "kaczmarz": lambda op, rhs, lam, tol: kaczmarz_solve(
+        op, rhs, lam, 4, 5000, tol, torch.Generator().manual_seed(0)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@settings(max_examples=25, deadline=None)
+@given(problem=problems(min_damping=5e-2, normalized=True))
+def test_solver_contract(name, problem):
+    """Every solver returns x with M x = rhs to tol, v = J^T x / N (if formed), jv = J v."""
+    op, rhs, _, damping, _ = problem
+    result = SOLVERS[name](op, rhs, damping, 1e-10)
+    n = op.num_samples
+    matrix = system(op, damping)
+    assert result.converged
+    residual = float(
+        torch.linalg.vector_norm(rhs - matrix @ result.x) / torch.linalg.vector_norm(rhs)
+    )
+    assert residual <= 1e-9
+    assert result.residual == pytest.approx(residual, rel=1e-3, abs=1e-12)
+    v = op.rmatvec(result.x) / n
+    if result.v is not None:
+        assert torch.allclose(result.v, v, atol=1e-9)
+    assert torch.allclose(result.jv, op.matvec(v), atol=1e-8 * (1 + float(rhs.abs().max())))
+
+
+def test_zero_rhs_gives_zero_solution():
+    op = MaterializedScores(torch.randn(6, 4, dtype=torch.float64))
+    rhs = torch.zeros(6, dtype=torch.float64)
+    for solve in SOLVERS.values():
+        result = solve(op, rhs, 0.1, 1e-8)
+        assert torch.count_nonzero(result.x) == 0 and result.converged
+
+
+def test_block_larger_than_batch_is_one_exact_step():
+    gen = torch.Generator().manual_seed(1)
+    op = MaterializedScores(torch.randn(10, 7, generator=gen, dtype=torch.float64))
+    rhs = torch.randn(10, generator=gen, dtype=torch.float64)
+    result = kaczmarz_solve(op, rhs, 1e-3, 64, 1, 1e-10, gen)
+    assert result.iterations == 1 and result.converged
+
+
+def test_same_seed_same_numbers():
+    gen = torch.Generator().manual_seed(3)
+    op = MaterializedScores(torch.randn(40, 12, generator=gen, dtype=torch.float64))
+    rhs = torch.randn(40, generator=gen, dtype=torch.float64)
+    first = kaczmarz_solve(op, rhs, 1e-2, 8, 3, 1e-12, torch.Generator().manual_seed(7))
+    second = kaczmarz_solve(op, rhs, 1e-2, 8, 3, 1e-12, torch.Generator().manual_seed(7))
+    other = kaczmarz_solve(op, rhs, 1e-2, 8, 3, 1e-12, torch.Generator().manual_seed(8))
+    assert torch.equal(first.x, second.x)
+    assert not torch.equal(first.x, other.x)
+
+
+def test_block_factor_is_cholesky_of_diagonal_block():
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    factor = block_factor(rows, 20, 0.3)
+    assert torch.allclose(
+        factor @ factor.T, rows @ rows.T / 20 + 0.3 * torch.eye(5, dtype=torch.float64)
+    )
