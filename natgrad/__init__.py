@@ -5,9 +5,10 @@ it turns advantages ``A`` into ``A~ = (J J^T / N + lam I)^{-1} A`` so that the o
 policy-gradient backward pass yields the Tikhonov-damped natural gradient.
 """
 
-from natgrad.rat import NotConvergedError, NotConvergedWarning, RATNaturalGradient
+from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.scores import default_log_prob
+from natgrad.solvers import NotConvergedError, NotConvergedWarning
 
 __version__ = "0.1.0"
 

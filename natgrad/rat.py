@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -17,7 +15,6 @@ from natgrad._checks import (
     check_choice,
     check_log_probs,
     check_policy,
-    check_positive_float,
     check_positive_int,
     select_parameters,
 )
@@ -32,23 +29,17 @@ from natgrad.scores import (
     bytes_for_matrix,
     default_log_prob,
 )
-from natgrad.solvers import SolveResult, cg_solve, cholesky_solve, kaczmarz_solve
+from natgrad.solvers import (
+    OnNonConvergence,
+    SolveResult,
+    SolverName,
+    SolverSettings,
+    seeded_generator,
+    solve,
+)
 
-SolverName = Literal["kaczmarz", "cholesky", "cg"]
 BackendName = Literal["auto", "materialized", "streaming"]
-OnNonConvergence = Literal["fallback", "warn", "raise"]
-
-SOLVERS: tuple[str, ...] = ("kaczmarz", "cholesky", "cg")
 BACKENDS: tuple[str, ...] = ("auto", "materialized", "streaming")
-ON_NONCONVERGENCE: tuple[str, ...] = ("fallback", "warn", "raise")
-
-
-class NotConvergedWarning(RuntimeWarning):
-    """An iterative solver stopped before reaching ``tol`` and its iterate was returned."""
-
-
-class NotConvergedError(RuntimeError):
-    """An iterative solver stopped before reaching ``tol`` (``on_nonconvergence="raise"``)."""
 
 
 class RATNaturalGradient:
@@ -154,27 +145,28 @@ class RATNaturalGradient:
                 f"got {type(log_prob_fn).__name__}"
             )
         self.log_prob_fn: LogProbFn = log_prob_fn or default_log_prob
-        self.damping = check_positive_float(
-            "damping", damping, "; typical values are 1e-4..1e-1 (units of F = J^T J / N)"
+        self.settings = SolverSettings.validated(
+            solver=solver,
+            damping=damping,
+            block_size=block_size,
+            max_epochs=max_epochs,
+            tol=tol,
+            max_iters=max_iters,
+            on_nonconvergence=on_nonconvergence,
+            resample_blocks=resample_blocks,
         )
-        self.solver = check_choice("solver", solver, SOLVERS)
-        self.block_size = check_positive_int("block_size", block_size, "; try 512")
-        self.max_epochs = check_positive_int("max_epochs", max_epochs)
-        self.tol = check_positive_float("tol", tol, "; e.g. 1e-2 (relative residual)")
-        self.max_iters = check_positive_int("max_iters", max_iters)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.damping = self.settings.damping
+        self.solver = self.settings.solver
+        self.block_size = self.settings.block_size
+        self.max_epochs = self.settings.max_epochs
+        self.tol = self.settings.tol
+        self.max_iters = self.settings.max_iters
+        self.on_nonconvergence = self.settings.on_nonconvergence
+        self.resample_blocks = self.settings.resample_blocks
+        self.generator = seeded_generator(seed)
         self.seed = seed
         self.backend = check_choice("backend", backend, BACKENDS)
         self.memory_budget = check_positive_int("memory_budget", memory_budget, " bytes")
-        self.on_nonconvergence = check_choice(
-            "on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE
-        )
-        self.resample_blocks = bool(resample_blocks)
-        self.generator = torch.Generator()
-        self.generator.manual_seed(
-            seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        )
         self.diagnostics: Diagnostics | None = None
 
     def __repr__(self) -> str:
@@ -273,34 +265,13 @@ class RATNaturalGradient:
         scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
         operator = self._operator(scores)
         rhs = adv.detach().to(device=device, dtype=torch.float64)
-        result = self._solve(operator, rhs)
+        result, solver_used, notes = solve(operator, rhs, self.settings, self.generator)
         fallbacks: list[str] = []
-        solver_used = self.solver
         if scores.fallback_reason is not None:
             fallbacks.append(
                 f"per-sample scores computed one sample at a time: {scores.fallback_reason}"
             )
-        if not result.converged:
-            message = (
-                f"solver={self.solver!r} stopped at relative residual {result.residual:.3g} > "
-                f"tol={self.tol:g} after {result.iterations} "
-                f"{'epochs' if self.solver == 'kaczmarz' else 'iterations'}"
-            )
-            if self.on_nonconvergence == "raise":
-                raise NotConvergedError(
-                    message + "; raise max_epochs/max_iters, raise damping, loosen tol, or "
-                    "use solver='cholesky'"
-                )
-            if self.on_nonconvergence == "warn":
-                warnings.warn(message, NotConvergedWarning, stacklevel=3)
-            else:
-                iterations = result.iterations
-                result = cholesky_solve(operator, rhs, self.damping)
-                result = SolveResult(
-                    result.x, None, result.jv, result.residual, iterations, result.converged
-                )
-                solver_used = "cholesky"
-                fallbacks.append(message + "; solved exactly with cholesky instead")
+        fallbacks.extend(notes)
         v = result.v
         if want_direction and v is None:
             v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / n
@@ -327,19 +298,3 @@ class RATNaturalGradient:
         if backend == "materialized":
             return MaterializedScores.from_policy(scores, self.block_size)
         return StreamingScores(scores, self.block_size)
-
-    def _solve(self, operator: ScoreOperator, rhs: Tensor) -> SolveResult:
-        if self.solver == "cholesky":
-            return cholesky_solve(operator, rhs, self.damping)
-        if self.solver == "cg":
-            return cg_solve(operator, rhs, self.damping, self.tol, self.max_iters)
-        return kaczmarz_solve(
-            operator,
-            rhs,
-            self.damping,
-            self.block_size,
-            self.max_epochs,
-            self.tol,
-            self.generator,
-            self.resample_blocks,
-        )

@@ -70,7 +70,8 @@ class _LogProbModule(nn.Module):
         return self.__dict__["log_prob_fn"](self.policy, obs, acts)
 
 
-def _is_vmap_limitation(error: Exception) -> bool:
+def is_vmap_limitation(error: Exception) -> bool:
+    """Whether ``error`` from ``vmap`` is a gap in batching (worth a per-sample loop)."""
     text = str(error).lower()
     if "random" in text and "vmap" in text:
         return False  # randomness in the policy is a user error, not a vmap gap
@@ -171,7 +172,7 @@ class PolicyScores:
             try:
                 rows, values = self._rows_vmap(obs_s, acts_s)
             except Exception as error:  # noqa: BLE001 - classified just below
-                if not _is_vmap_limitation(error):
+                if not is_vmap_limitation(error):
                     raise ValueError(
                         "the policy draws random numbers while computing log-probabilities "
                         "(e.g. active dropout or sampling inside forward), so per-sample "

@@ -7,9 +7,29 @@ returns a :class:`SolveResult`.
 from natgrad.solvers._base import SolveResult, relative_residual
 from natgrad.solvers.cg import cg_solve
 from natgrad.solvers.cholesky import cholesky_solve
+from natgrad.solvers.dispatch import (
+    ON_NONCONVERGENCE,
+    SOLVERS,
+    NotConvergedError,
+    NotConvergedWarning,
+    OnNonConvergence,
+    SolverName,
+    SolverSettings,
+    seeded_generator,
+    solve,
+)
 from natgrad.solvers.kaczmarz import KaczmarzState, block_factor, kaczmarz_solve, kaczmarz_step
 
 __all__ = [
+    "ON_NONCONVERGENCE",
+    "SOLVERS",
+    "NotConvergedError",
+    "NotConvergedWarning",
+    "OnNonConvergence",
+    "SolverName",
+    "SolverSettings",
+    "seeded_generator",
+    "solve",
     "KaczmarzState",
     "SolveResult",
     "block_factor",

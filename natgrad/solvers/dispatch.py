@@ -1,0 +1,140 @@
+"""One entry point for every solver, with the shared non-convergence policy."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from natgrad._checks import check_choice, check_positive_float, check_positive_int
+from natgrad.scores import ScoreOperator
+from natgrad.solvers._base import SolveResult
+from natgrad.solvers.cg import cg_solve
+from natgrad.solvers.cholesky import cholesky_solve
+from natgrad.solvers.kaczmarz import kaczmarz_solve
+
+SolverName = Literal["kaczmarz", "cholesky", "cg"]
+OnNonConvergence = Literal["fallback", "warn", "raise"]
+SOLVERS: tuple[str, ...] = ("kaczmarz", "cholesky", "cg")
+ON_NONCONVERGENCE: tuple[str, ...] = ("fallback", "warn", "raise")
+
+
+class NotConvergedWarning(RuntimeWarning):
+    """An iterative solver stopped before reaching ``tol`` and its iterate was returned."""
+
+
+class NotConvergedError(RuntimeError):
+    """An iterative solver stopped before reaching ``tol`` (``on_nonconvergence="raise"``)."""
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """Validated solver options (see :class:`natgrad.RATNaturalGradient` for meanings)."""
+
+    solver: str
+    damping: float
+    block_size: int
+    max_epochs: int
+    tol: float
+    max_iters: int
+    on_nonconvergence: str = "fallback"
+    resample_blocks: bool = False
+
+    @classmethod
+    def validated(
+        cls,
+        *,
+        solver: str,
+        damping: float,
+        block_size: int,
+        max_epochs: int,
+        tol: float,
+        max_iters: int,
+        on_nonconvergence: str = "fallback",
+        resample_blocks: bool = False,
+    ) -> SolverSettings:
+        """Check user-given options once, with errors that name the option and the fix."""
+        return cls(
+            solver=check_choice("solver", solver, SOLVERS),
+            damping=check_positive_float(
+                "damping", damping, "; typical values are 1e-4..1e-1 (units of F = J^T J / N)"
+            ),
+            block_size=check_positive_int("block_size", block_size, "; try 512"),
+            max_epochs=check_positive_int("max_epochs", max_epochs),
+            tol=check_positive_float("tol", tol, "; e.g. 1e-2 (relative residual)"),
+            max_iters=check_positive_int("max_iters", max_iters),
+            on_nonconvergence=check_choice(
+                "on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE
+            ),
+            resample_blocks=bool(resample_blocks),
+        )
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, or from the operating system when ``None``."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    generator = torch.Generator()
+    generator.manual_seed(
+        seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    )
+    return generator
+
+
+def solve(
+    operator: ScoreOperator,
+    rhs: Tensor,
+    settings: SolverSettings,
+    generator: torch.Generator,
+) -> tuple[SolveResult, str, list[str]]:
+    """Solve ``(K / N + lam I) x = rhs`` with the configured solver.
+
+    Returns
+    -------
+    result, solver_used, notes
+        The solve; the solver that produced it (``"cholesky"`` after a fallback); and
+        human-readable notes on fallbacks or warnings.
+
+    Raises
+    ------
+    NotConvergedError
+        If an iterative solver stops above ``tol`` and ``on_nonconvergence="raise"``.
+    """
+    s = settings
+    if s.solver == "cholesky":
+        return cholesky_solve(operator, rhs, s.damping), "cholesky", []
+    if s.solver == "cg":
+        result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters)
+    else:
+        result = kaczmarz_solve(
+            operator,
+            rhs,
+            s.damping,
+            s.block_size,
+            s.max_epochs,
+            s.tol,
+            generator,
+            s.resample_blocks,
+        )
+    if result.converged:
+        return result, s.solver, []
+    unit = "epochs" if s.solver == "kaczmarz" else "iterations"
+    message = (
+        f"solver={s.solver!r} stopped at relative residual {result.residual:.3g} > "
+        f"tol={s.tol:g} after {result.iterations} {unit}"
+    )
+    if s.on_nonconvergence == "raise":
+        raise NotConvergedError(
+            message + "; raise max_epochs/max_iters, raise damping, loosen tol, or use "
+            "solver='cholesky'"
+        )
+    if s.on_nonconvergence == "warn":
+        warnings.warn(message, NotConvergedWarning, stacklevel=4)
+        return result, s.solver, [message]
+    exact = cholesky_solve(operator, rhs, s.damping)
+    exact = SolveResult(exact.x, None, exact.jv, exact.residual, result.iterations, True)
+    return exact, "cholesky", [message + "; solved exactly with cholesky instead"]

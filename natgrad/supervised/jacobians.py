@@ -1,0 +1,179 @@
+"""Per-sample output Jacobians ``J_i = d f(x_i) / d theta`` and Jacobian-vector products.
+
+The supervised Fisher (Gauss-Newton) matrices are built from the output Jacobian of each
+sample: ``k`` rows per sample for a model with ``k`` outputs, over the selected parameters
+flattened in the model's own order. They are computed with ``torch.func``:
+``vmap(jacrev(...))`` over :func:`~torch.func.functional_call`, so the model is never
+modified and no ``.grad`` is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, jvp, vmap
+
+from natgrad._tree import Tree, take, tree_map, unsqueeze
+from natgrad.scores import is_vmap_limitation
+
+__all__ = ["ModelJacobians", "output_jacobians", "output_jvp"]
+
+
+@dataclass(frozen=True)
+class ModelJacobians:
+    """Outputs and per-sample output Jacobians of a model on one batch.
+
+    Attributes
+    ----------
+    outputs
+        ``f(x_i)`` flattened per sample, shape ``(N, k)``, detached.
+    jacobians
+        ``J_i``, shape ``(N, k, P)`` in the parameters' dtype.
+    path
+        ``"vmap"`` (batched) or ``"loop"`` (one sample at a time, when ``vmap`` cannot batch
+        an operation of the model).
+    fallback_reason
+        Why the loop path ran, ``None`` otherwise.
+    """
+
+    outputs: Tensor
+    jacobians: Tensor
+    path: str
+    fallback_reason: str | None
+
+
+def _split_parameters(
+    model: nn.Module, param_names: list[str]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    named = dict(model.named_parameters())
+    selected = {n: named[n].detach() for n in param_names}
+    constants = {n: p.detach() for n, p in named.items() if n not in selected}
+    constants.update(dict(model.named_buffers()))
+    return selected, constants
+
+
+def output_jacobians(
+    model: nn.Module,
+    inputs: Tree,
+    param_names: list[str],
+    batched_outputs: Tensor,
+    chunk_size: int,
+) -> ModelJacobians:
+    """Per-sample outputs and output Jacobians over the parameters ``param_names``.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module`` mapping a batch of inputs to outputs of shape ``(N, ...)``.
+    inputs
+        A tensor (or dict/list/tuple of tensors) whose first dimension is the sample.
+    param_names
+        Names (as in ``model.named_parameters()``) of the parameters ``theta``; all other
+        parameters and buffers are held constant.
+    batched_outputs
+        ``model(inputs)`` reshaped to ``(N, k)``; per-sample outputs must reproduce it,
+        otherwise the model couples samples and per-sample Jacobians are meaningless.
+    chunk_size
+        Samples whose Jacobians are computed at once (peak memory ``chunk_size x k x P``).
+
+    Returns
+    -------
+    ModelJacobians
+        Outputs ``(N, k)`` and Jacobians ``(N, k, P)``.
+    """
+    params, constants = _split_parameters(model, param_names)
+    num_samples = batched_outputs.shape[0]
+
+    def single(p: dict[str, Tensor], x_i: Tree) -> tuple[Tensor, Tensor]:
+        out = functional_call(model, {**p, **constants}, (unsqueeze(x_i),)).reshape(-1)
+        return out, out
+
+    def flatten(jac: dict[str, Tensor], batch: int, k: int) -> Tensor:
+        return torch.cat([jac[n].reshape(batch, k, -1) for n in param_names], dim=2)
+
+    path, reason = "vmap", None
+    outs, jacs = [], []
+    for index in torch.arange(num_samples, device=batched_outputs.device).split(chunk_size):
+        x_s = take(inputs, index)
+        if path == "vmap":
+            try:
+                jac, out = vmap(jacrev(single, has_aux=True), in_dims=(None, 0))(params, x_s)
+            except Exception as error:  # noqa: BLE001 - classified just below
+                if not is_vmap_limitation(error):
+                    raise ValueError(
+                        "the model draws random numbers in forward (e.g. active dropout), so "
+                        "per-sample Jacobians are ill-defined; call model.eval() first. "
+                        f"Original error: {error}"
+                    ) from error
+                path, reason = "loop", f"vmap failed ({type(error).__name__}: {error})"
+        if path == "loop":
+            pieces = [
+                jacrev(single, has_aux=True)(params, tree_map(lambda t, i=i: t[i], x_s))
+                for i in range(len(index))
+            ]
+            jac = {n: torch.stack([p[0][n] for p in pieces]) for n in param_names}
+            out = torch.stack([p[1] for p in pieces])
+        outs.append(out.detach())
+        jacs.append(flatten(jac, len(index), out.shape[1]).detach())
+    outputs = torch.cat(outs)
+    _check_consistent(outputs, batched_outputs)
+    return ModelJacobians(outputs, torch.cat(jacs), path, reason)
+
+
+def _check_consistent(per_sample: Tensor, batched: Tensor) -> None:
+    scale = 1e-7 if batched.dtype == torch.float64 else 2e-3
+    gap = (per_sample - batched).abs()
+    allowed = scale * (1.0 + batched.abs())
+    if bool((gap > allowed).any()):
+        worst = int(torch.nonzero(gap > allowed)[0, 0])
+        raise ValueError(
+            f"the model's output for sample {worst} differs when computed alone and in the "
+            "batch, so the model couples samples (BatchNorm in train mode, normalization "
+            "across the batch dimension, state carried between calls); per-sample Jacobians "
+            "are then ill-defined: call model.eval() or make each output depend on its own "
+            "sample only"
+        )
+
+
+def output_jvp(
+    model: nn.Module,
+    inputs: Tree,
+    param_names: list[str],
+    tangents: list[Tensor],
+    primals: list[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Return the outputs and ``J t`` for all samples at once (one forward-mode pass).
+
+    Parameters
+    ----------
+    model
+        The model.
+    inputs
+        The batch.
+    param_names
+        Names of the parameters ``tangents`` refers to, in order.
+    tangents
+        One tensor per parameter of ``param_names`` (same shapes).
+    primals
+        Values of those parameters to linearize at; ``None``: their current values.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``f(x)`` and ``J t``, both of shape ``(N, k)`` and detached.
+    """
+    params, constants = _split_parameters(model, param_names)
+    if primals is not None:
+        params = {n: p.detach() for n, p in zip(param_names, primals, strict=True)}
+
+    def batched(p: dict[str, Tensor]) -> Tensor:
+        out = functional_call(model, {**p, **constants}, (inputs,))
+        return out.reshape(out.shape[0], -1)
+
+    tangent = {
+        n: t.detach().to(params[n].dtype) for n, t in zip(param_names, tangents, strict=True)
+    }
+    out, out_tangent = jvp(batched, (params,), (tangent,))
+    return out.detach(), out_tangent.detach()

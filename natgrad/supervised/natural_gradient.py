@@ -1,0 +1,490 @@
+"""Supervised natural gradient / damped Gauss-Newton direction through the RAT solvers."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from natgrad._checks import (
+    check_choice,
+    check_policy,
+    check_positive_int,
+    select_parameters,
+)
+from natgrad._tree import Tree, tree_leaves
+from natgrad.results import Diagnostics
+from natgrad.scores import MaterializedScores
+from natgrad.solvers import (
+    OnNonConvergence,
+    SolveResult,
+    SolverName,
+    SolverSettings,
+    seeded_generator,
+    solve,
+)
+from natgrad.supervised.fisher import (
+    FISHERS,
+    LOSSES,
+    FisherName,
+    FisherRows,
+    LossName,
+    fisher_rows,
+)
+from natgrad.supervised.jacobians import output_jacobians
+
+Form = Literal["kernel", "push_through"]
+
+__all__ = ["SupervisedNaturalGradient", "SupervisedResult", "natural_gradient"]
+
+
+@dataclass(frozen=True)
+class SupervisedResult:
+    """The natural-gradient direction of one batch and what came with it.
+
+    Attributes
+    ----------
+    direction
+        ``d = (F + lam I)^{-1} g``, one tensor per selected parameter (same shapes and
+        dtype). A *descent* direction: update with ``theta -= lr * d``.
+    gradient
+        ``g``, the gradient of the mean loss, shaped like ``direction``.
+    param_names
+        Names of the selected parameters, matching ``direction``.
+    loss
+        Mean loss on the batch at the current parameters.
+    g_dot_d
+        ``g^T d``: first-order decrease of the loss per unit step along ``-d``.
+    d_fisher_d
+        ``d^T F d`` with the Fisher used for the solve.
+    form
+        ``"kernel"`` (``g`` in the row space: ``d = W^T (W W^T/N + lam I)^{-1} u / N``) or
+        ``"push_through"`` (``d = (g - W^T (W W^T/N + lam I)^{-1} W g / N) / lam``).
+    num_rows
+        ``R``, rows of the score matrix (``N k`` for an exact Fisher, ``N`` sampled).
+    sampled_targets
+        The targets drawn from the model for ``fisher="sampled"``, else ``None``.
+    diagnostics
+        Solver, residual, iterations, wall time, fallbacks; ``num_samples`` is ``N``.
+    """
+
+    direction: tuple[Tensor, ...]
+    gradient: tuple[Tensor, ...]
+    param_names: tuple[str, ...]
+    loss: float
+    g_dot_d: float
+    d_fisher_d: float
+    form: Form
+    num_rows: int
+    sampled_targets: Tensor | None
+    diagnostics: Diagnostics
+
+
+class SupervisedNaturalGradient:
+    r"""Natural gradient (damped Gauss-Newton) of a supervised loss, via the RAT solvers.
+
+    For ``N`` samples with per-sample output Jacobians ``J_i`` (``k x P``) the direction is
+
+    * primal: ``d = (F + lam I)^{-1} g`` -- a ``P x P`` system;
+    * kernel (Woodbury): ``F = W^T W / N`` with ``R`` score rows ``W`` (``R = N k`` for the
+      exact Fisher), ``g = W^T u / N`` and ``d = W^T (W W^T / N + lam I)^{-1} u / N`` -- an
+      ``R x R`` system, cheaper whenever ``R < P``.
+
+    For ``loss="mse"`` (per-sample ``0.5 |f(x) - y|^2``) the exact Fisher is the Gauss-Newton
+    matrix ``mean_i J_i^T J_i`` and the residuals play the role of advantages. For
+    ``loss="cross_entropy"`` it is ``mean_i J_i^T (diag p_i - p_i p_i^T) J_i``. With
+    ``fisher="sampled"`` targets are drawn from the model (one per sample), ``F`` is the
+    Monte-Carlo Fisher of their scores and, since ``g`` is then outside the rows' span, the
+    push-through form ``d = (g - W^T (W W^T / N + lam I)^{-1} W g / N) / lam`` is used.
+
+    Parameters
+    ----------
+    loss
+        ``"mse"`` or ``"cross_entropy"`` (outputs are logits, targets class indices).
+    damping
+        ``lam > 0`` in the units of ``F`` (per-sample Fisher of the mean loss).
+    fisher
+        ``"exact"`` (output-space Fisher, ``k`` rows per sample) or ``"sampled"``.
+    solver
+        ``"kaczmarz"`` (randomized block Kaczmarz), ``"cholesky"`` (exact) or ``"cg"``.
+    block_size
+        Kaczmarz block size, in score rows (``k`` per sample for an exact Fisher).
+    max_epochs
+        Kaczmarz sweeps before giving up.
+    tol
+        Relative residual at which iterative solvers stop.
+    max_iters
+        CG iteration cap.
+    seed
+        Seeds the generator that draws sampled targets (first) and Kaczmarz blocks (then).
+        ``None`` seeds from the operating system.
+    on_nonconvergence
+        ``"fallback"`` (exact Cholesky solve, noted in the diagnostics), ``"warn"`` or
+        ``"raise"`` when an iterative solver stops above ``tol``.
+    resample_blocks
+        Draw a new Kaczmarz paving each epoch.
+    chunk_size
+        Samples whose Jacobians are computed in one ``vmap`` call.
+
+    Attributes
+    ----------
+    generator
+        The ``torch.Generator`` behind all randomness of this object.
+    diagnostics
+        :class:`~natgrad.Diagnostics` of the latest call, ``None`` before the first.
+
+    Notes
+    -----
+    ``W`` is held in memory (``R x P`` in the parameters' dtype) alongside the Jacobians
+    (``N x k x P``); use mini-batches so that fits.
+    """
+
+    def __init__(
+        self,
+        loss: LossName = "mse",
+        damping: float = 1e-3,
+        fisher: FisherName = "exact",
+        solver: SolverName = "kaczmarz",
+        block_size: int = 256,
+        max_epochs: int = 50,
+        tol: float = 1e-3,
+        max_iters: int = 200,
+        seed: int | None = None,
+        *,
+        on_nonconvergence: OnNonConvergence = "fallback",
+        resample_blocks: bool = False,
+        chunk_size: int = 256,
+    ) -> None:
+        self.loss = check_choice("loss", loss, LOSSES)
+        self.fisher = check_choice("fisher", fisher, FISHERS)
+        self.settings = SolverSettings.validated(
+            solver=solver,
+            damping=damping,
+            block_size=block_size,
+            max_epochs=max_epochs,
+            tol=tol,
+            max_iters=max_iters,
+            on_nonconvergence=on_nonconvergence,
+            resample_blocks=resample_blocks,
+        )
+        self.damping = self.settings.damping
+        self.solver = self.settings.solver
+        self.block_size = self.settings.block_size
+        self.max_epochs = self.settings.max_epochs
+        self.tol = self.settings.tol
+        self.max_iters = self.settings.max_iters
+        self.on_nonconvergence = self.settings.on_nonconvergence
+        self.resample_blocks = self.settings.resample_blocks
+        self.seed = seed
+        self.chunk_size = check_positive_int("chunk_size", chunk_size, "; try 256")
+        self.generator = seeded_generator(seed)
+        self.diagnostics: Diagnostics | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"SupervisedNaturalGradient(loss={self.loss!r}, damping={self.damping}, "
+            f"fisher={self.fisher!r}, solver={self.solver!r}, block_size={self.block_size}, "
+            f"max_epochs={self.max_epochs}, tol={self.tol}, max_iters={self.max_iters}, "
+            f"seed={self.seed})"
+        )
+
+    def __call__(
+        self,
+        model: nn.Module,
+        inputs: Tree,
+        targets: Tensor,
+        params: Iterable[Tensor] | None = None,
+    ) -> SupervisedResult:
+        """Compute ``d = (F + lam I)^{-1} g`` on one batch.
+
+        Parameters
+        ----------
+        model
+            Any ``nn.Module``; ``model(inputs)`` has shape ``(N, ...)`` (flattened to
+            ``(N, k)``; logits ``(N, C)`` for cross-entropy). Neither its parameters nor their
+            ``.grad`` are touched.
+        inputs
+            A tensor (or dict/list/tuple of tensors) whose first dimension is the sample.
+        targets
+            Regression targets shaped like the outputs (mse) or class indices ``(N,)``.
+        params
+            Parameters ``theta`` the Fisher is taken over; ``None``: all trainable ones.
+
+        Returns
+        -------
+        SupervisedResult
+            The direction, the gradient, the loss and diagnostics.
+        """
+        start = time.perf_counter()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_policy(model)
+        names = select_parameters(model, params)
+        first = dict(model.named_parameters())[names[0]]
+        device, dtype = first.device, first.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"model parameters must be floating point, got {dtype}")
+        n = _check_inputs(inputs, device, dtype)
+        with torch.no_grad():
+            raw = model(inputs)
+        outputs = _check_outputs(raw, n, self.loss)
+        _check_targets(targets, outputs, raw, self.loss)
+        jac = output_jacobians(model, inputs, names, outputs, self.chunk_size)
+        if self.loss == "mse":
+            targets = targets.reshape(outputs.shape)
+        built = fisher_rows(
+            jac.outputs, jac.jacobians, targets.detach(), self.loss, self.fisher, self.generator
+        )
+        direction, form, result, solver_used, fallbacks = self._direction(built)
+        if jac.fallback_reason is not None:
+            fallbacks.insert(0, f"per-sample Jacobians one sample at a time: {jac.fallback_reason}")
+        rows = built.rows
+        fisher_d = (rows @ direction.to(rows.dtype)).to(torch.float64)
+        numels = [p.numel() for p in _selected(model, names)]
+        shapes = [p.shape for p in _selected(model, names)]
+        self.diagnostics = Diagnostics(
+            solver=solver_used,
+            backend="materialized",
+            score_path=jac.path,
+            residual=result.residual,
+            iterations=result.iterations,
+            converged=result.residual <= self.tol,
+            seconds=time.perf_counter() - start,
+            fallbacks=tuple(fallbacks),
+            num_samples=n,
+            num_params=int(sum(numels)),
+        )
+        return SupervisedResult(
+            direction=_unflatten(direction.to(dtype), numels, shapes),
+            gradient=_unflatten(built.gradient.to(dtype), numels, shapes),
+            param_names=tuple(names),
+            loss=built.loss,
+            g_dot_d=float(built.gradient @ direction),
+            d_fisher_d=float(fisher_d @ fisher_d) / n,
+            form=form,
+            num_rows=int(rows.shape[0]),
+            sampled_targets=built.sampled_targets,
+            diagnostics=self.diagnostics,
+        )
+
+    # -- internals ----------------------------------------------------------------------
+    def _direction(self, built: FisherRows) -> tuple[Tensor, Form, SolveResult, str, list[str]]:
+        n = built.num_samples
+        num_rows = built.rows.shape[0]
+        # The solvers normalize by their row count R, the Fisher by N: rows scaled by
+        # sqrt(R / N) make the operator's J^T J / R equal F = W^T W / N.
+        scale = math.sqrt(num_rows / n)
+        operator = MaterializedScores(built.rows * scale)
+        if built.coefficients is not None:
+            form: Form = "kernel"
+            rhs = built.coefficients * scale
+        else:
+            form = "push_through"
+            rhs = built.rows.to(torch.float64) @ built.gradient
+        result, solver_used, fallbacks = solve(operator, rhs, self.settings, self.generator)
+        v = result.v
+        if v is None:
+            v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / num_rows
+        if form == "kernel":
+            return v, form, result, solver_used, fallbacks
+        return (built.gradient - scale * v) / self.damping, form, result, solver_used, fallbacks
+
+
+def natural_gradient(
+    model: nn.Module,
+    inputs: Tree,
+    targets: Tensor,
+    loss: LossName = "mse",
+    damping: float = 1e-3,
+    fisher: FisherName = "exact",
+    solver: SolverName = "kaczmarz",
+    params: Iterable[Tensor] | None = None,
+    seed: int | None = None,
+    *,
+    block_size: int = 256,
+    max_epochs: int = 50,
+    tol: float = 1e-3,
+    max_iters: int = 200,
+    on_nonconvergence: OnNonConvergence = "fallback",
+    resample_blocks: bool = False,
+    chunk_size: int = 256,
+) -> tuple[Tensor, ...]:
+    """Natural-gradient direction ``d = (F + lam I)^{-1} g`` of a supervised loss.
+
+    One-call form of :class:`SupervisedNaturalGradient`; see it for the mathematics and
+    every keyword. ``g`` is the gradient of the *mean* loss over the batch (per-sample
+    ``0.5 |f(x) - y|^2`` summed over outputs for ``"mse"``, ``-log softmax(f(x))_y`` for
+    ``"cross_entropy"``), and ``damping`` is in the units of ``F`` (mean over samples).
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; not modified, ``.grad`` untouched.
+    inputs
+        Tensor (or dict/list/tuple of tensors), first dimension the sample.
+    targets
+        Shaped like ``model(inputs)`` for ``"mse"``; class indices ``(N,)`` for
+        ``"cross_entropy"``.
+    loss
+        ``"mse"`` or ``"cross_entropy"``.
+    damping
+        ``lam > 0``.
+    fisher
+        ``"exact"`` or ``"sampled"`` (targets drawn from the model with ``seed``).
+    solver
+        ``"kaczmarz"``, ``"cholesky"`` or ``"cg"``.
+    params
+        Parameters the Fisher is taken over; ``None``: all with ``requires_grad=True``.
+    seed
+        Seed for sampled targets and Kaczmarz blocks; same seed, same result.
+    block_size, max_epochs, tol, max_iters, on_nonconvergence, resample_blocks, chunk_size
+        Solver keywords, as in :class:`SupervisedNaturalGradient`.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``d``, one tensor per selected parameter, shaped like it. Descend with
+        ``p -= lr * d``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from natgrad.supervised import natural_gradient
+    >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    >>> x, y = torch.randn(32, 3), torch.randn(32, 2)
+    >>> d = natural_gradient(model, x, y, loss="mse", damping=1e-2, seed=0)
+    >>> [t.shape for t in d] == [p.shape for p in model.parameters()]
+    True
+    """
+    transform = SupervisedNaturalGradient(
+        loss,
+        damping,
+        fisher,
+        solver,
+        block_size,
+        max_epochs,
+        tol,
+        max_iters,
+        seed,
+        on_nonconvergence=on_nonconvergence,
+        resample_blocks=resample_blocks,
+        chunk_size=chunk_size,
+    )
+    return transform(model, inputs, targets, params).direction
+
+
+# -- validation and small helpers --------------------------------------------------------
+def _selected(model: nn.Module, names: list[str]) -> list[Tensor]:
+    named = dict(model.named_parameters())
+    return [named[name] for name in names]
+
+
+def _unflatten(flat: Tensor, numels: list[int], shapes: list[torch.Size]) -> tuple[Tensor, ...]:
+    return tuple(p.reshape(s) for p, s in zip(torch.split(flat, numels), shapes, strict=True))
+
+
+def _check_inputs(inputs: Tree, device: torch.device, dtype: torch.dtype) -> int:
+    """Every leaf is a tensor with the same number of rows ``N >= 1``; returns ``N``."""
+    num_samples: int | None = None
+    for path, leaf in tree_leaves(inputs, "inputs"):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(
+                f"{path} must be a torch.Tensor (or a dict/list/tuple of tensors), "
+                f"got {type(leaf).__name__}"
+            )
+        if leaf.dim() == 0:
+            raise ValueError(f"{path} is a scalar; its first dimension must be the sample")
+        if num_samples is None:
+            num_samples = int(leaf.shape[0])
+        elif leaf.shape[0] != num_samples:
+            raise ValueError(
+                f"{path} has {leaf.shape[0]} rows but other inputs have {num_samples}; every "
+                "input's first dimension must be the same sample dimension"
+            )
+        if leaf.device != device:
+            raise ValueError(
+                f"{path} is on {leaf.device} but the model parameters are on {device}; move "
+                f"it with .to({str(device)!r})"
+            )
+        if leaf.is_floating_point() and leaf.dtype != dtype:
+            raise TypeError(
+                f"{path} has dtype {leaf.dtype} but the model parameters are {dtype}; "
+                f"convert it with .to({dtype})"
+            )
+    if num_samples is None:
+        raise ValueError("inputs holds no tensors; pass a tensor of shape (N, ...)")
+    if num_samples == 0:
+        raise ValueError("inputs is empty (N = 0): the natural gradient needs samples")
+    return num_samples
+
+
+def _check_outputs(raw: object, n: int, loss: str) -> Tensor:
+    if not isinstance(raw, Tensor):
+        raise TypeError(
+            f"model(inputs) must return a tensor of shape (N, ...), got {type(raw).__name__}; "
+            "wrap the model so forward returns the predictions (regression) or logits"
+        )
+    if raw.dim() == 0 or raw.shape[0] != n:
+        raise ValueError(
+            f"model(inputs) has shape {tuple(raw.shape)} but inputs have N = {n} samples; "
+            "the first output dimension must be the sample"
+        )
+    if loss == "cross_entropy" and (raw.dim() != 2 or raw.shape[1] < 2):
+        raise ValueError(
+            f"loss='cross_entropy' needs logits of shape (N, C) with C >= 2 classes, got "
+            f"model output shape {tuple(raw.shape)}; for a binary problem output 2 logits"
+        )
+    outputs = raw.reshape(n, -1)
+    if not bool(torch.isfinite(outputs).all()):
+        bad = int(torch.nonzero(~torch.isfinite(outputs))[0, 0])
+        raise ValueError(f"model(inputs) is not finite for sample {bad}; check the model/inputs")
+    return outputs
+
+
+def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> None:
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.device != outputs.device:
+        raise ValueError(
+            f"targets is on {targets.device} but the model outputs are on {outputs.device}; "
+            f"move it with targets.to({str(outputs.device)!r})"
+        )
+    n, k = outputs.shape
+    if loss == "mse":
+        if tuple(targets.shape) != tuple(raw.shape):
+            hint = ""
+            if targets.numel() == raw.numel():
+                hint = f"; reshape it with targets.reshape({', '.join(map(str, raw.shape))})"
+            raise ValueError(
+                f"loss='mse' needs targets shaped like model(inputs) {tuple(raw.shape)}, got "
+                f"{tuple(targets.shape)}{hint}"
+            )
+        if not targets.is_floating_point():
+            raise TypeError(
+                f"loss='mse' needs floating-point targets, got {targets.dtype}; for class "
+                "labels use loss='cross_entropy'"
+            )
+        if not bool(torch.isfinite(targets).all()):
+            raise ValueError("targets contains non-finite values (NaN or inf)")
+        return
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        hint = "; for one-hot targets pass targets.argmax(1)" if targets.dim() == 2 else ""
+        raise TypeError(
+            f"loss='cross_entropy' needs integer class indices, got dtype {targets.dtype}{hint}"
+        )
+    if tuple(targets.shape) != (n,):
+        raise ValueError(
+            f"loss='cross_entropy' needs class indices of shape (N,) = ({n},), got "
+            f"{tuple(targets.shape)}"
+        )
+    if bool(((targets < 0) | (targets >= k)).any()):
+        bad = targets[(targets < 0) | (targets >= k)][0]
+        raise ValueError(
+            f"targets contains class index {int(bad)} outside [0, {k}) for logits with {k} classes"
+        )

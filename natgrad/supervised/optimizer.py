@@ -1,0 +1,304 @@
+"""A training step that descends along the natural gradient, with damping schedules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from natgrad._checks import check_choice, check_positive_float, select_parameters
+from natgrad._tree import Tree
+from natgrad.results import Diagnostics
+from natgrad.solvers import OnNonConvergence, SolverName
+from natgrad.supervised.fisher import FisherName, LossName, exact_fisher_quadratic, mean_loss
+from natgrad.supervised.jacobians import output_jvp
+from natgrad.supervised.natural_gradient import SupervisedNaturalGradient
+
+DampingScheduleName = Literal["fixed", "levenberg_marquardt"]
+DAMPING_SCHEDULES: tuple[str, ...] = ("fixed", "levenberg_marquardt")
+
+__all__ = ["DAMPING_SCHEDULES", "DampingScheduleName", "NaturalGradientOptimizer", "StepInfo"]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one :meth:`NaturalGradientOptimizer.step` did.
+
+    Attributes
+    ----------
+    loss
+        Mean loss on the batch before the step.
+    damping
+        ``lam`` used for this step.
+    next_damping
+        ``lam`` the next step will use.
+    loss_after
+        Mean loss on the same batch after the step (Levenberg-Marquardt only, else ``None``).
+    predicted_change
+        Change of the loss predicted by the quadratic model
+        ``g^T delta + delta^T F delta / 2`` of the actual update ``delta`` (LM only).
+    reduction_ratio
+        ``rho = (loss_after - loss) / predicted_change`` (LM only; ``None`` when the update
+        was not a predicted decrease, e.g. momentum overshooting).
+    diagnostics
+        The solve's :class:`~natgrad.Diagnostics`.
+    """
+
+    loss: float
+    damping: float
+    next_damping: float
+    loss_after: float | None
+    predicted_change: float | None
+    reduction_ratio: float | None
+    diagnostics: Diagnostics
+
+
+class NaturalGradientOptimizer:
+    r"""Train any ``nn.Module`` with natural-gradient (damped Gauss-Newton) steps.
+
+    Each :meth:`step` computes ``d = (F + lam I)^{-1} g`` on the batch with
+    :class:`~natgrad.supervised.SupervisedNaturalGradient`, hands ``d`` to a base torch
+    optimizer as the gradient (plain SGD with ``lr``/``momentum`` by default, so
+    ``theta -= lr * d``), and updates ``lam`` according to ``damping_schedule``.
+
+    Parameters
+    ----------
+    model
+        The model to train.
+    loss
+        ``"mse"`` (per-sample ``0.5 |f(x) - y|^2``) or ``"cross_entropy"``.
+    lr
+        Step size of the default SGD base optimizer; ``1.0`` is the full Gauss-Newton step.
+    momentum
+        Momentum of the default SGD base optimizer.
+    damping
+        Initial ``lam > 0`` (units of the per-sample Fisher).
+    damping_schedule
+        ``"fixed"``; ``"levenberg_marquardt"``: after each step compare the actual change of
+        the batch loss with the change predicted by the quadratic model
+        ``g^T delta + delta^T F delta / 2`` (exact Fisher, actual update ``delta``) and
+        multiply ``lam`` by ``lm_factor`` when the ratio ``rho < 1/4``, divide when
+        ``rho > 3/4`` (Martens 2010); or a callable ``step -> lam`` (``step`` from 0).
+        LM costs one extra forward and one Jacobian-vector product per step.
+    fisher
+        ``"exact"`` or ``"sampled"``.
+    solver
+        ``"kaczmarz"``, ``"cholesky"`` or ``"cg"``.
+    params
+        Parameters to train; ``None``: every parameter with ``requires_grad=True``.
+    seed
+        Seed for sampled targets and Kaczmarz blocks.
+    base_optimizer
+        A ``torch.optim.Optimizer`` over (a subset of) the trained parameters to apply
+        ``d`` with, instead of the default SGD; ``lr`` and ``momentum`` are then unused.
+    lm_factor
+        Multiplicative damping change of the LM schedule (``> 1``).
+    min_damping, max_damping
+        Bounds of the LM schedule.
+    **solver_options
+        ``block_size``, ``max_epochs``, ``tol``, ``max_iters``, ``on_nonconvergence``,
+        ``resample_blocks``, ``chunk_size`` as in
+        :class:`~natgrad.supervised.SupervisedNaturalGradient`.
+
+    Attributes
+    ----------
+    damping
+        ``lam`` for the next step.
+    steps
+        Steps taken so far.
+    transform
+        The :class:`~natgrad.supervised.SupervisedNaturalGradient` computing ``d``.
+    base_optimizer
+        The optimizer that applies ``d``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from natgrad.supervised import NaturalGradientOptimizer
+    >>> model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> x = torch.randn(64, 2)
+    >>> y = x.prod(dim=1, keepdim=True)
+    >>> opt = NaturalGradientOptimizer(model, loss="mse", damping=1e-2, seed=0,
+    ...                                damping_schedule="levenberg_marquardt")
+    >>> first = opt.step(x, y).loss
+    >>> for _ in range(9):
+    ...     info = opt.step(x, y)
+    >>> info.loss < first
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossName = "mse",
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        damping: float = 1e-3,
+        damping_schedule: DampingScheduleName | Callable[[int], float] = "fixed",
+        fisher: FisherName = "exact",
+        solver: SolverName = "kaczmarz",
+        params: Iterable[Tensor] | None = None,
+        seed: int | None = None,
+        *,
+        base_optimizer: torch.optim.Optimizer | None = None,
+        lm_factor: float = 1.5,
+        min_damping: float = 1e-8,
+        max_damping: float = 1e4,
+        block_size: int = 256,
+        max_epochs: int = 50,
+        tol: float = 1e-3,
+        max_iters: int = 200,
+        on_nonconvergence: OnNonConvergence = "fallback",
+        resample_blocks: bool = False,
+        chunk_size: int = 256,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.transform = SupervisedNaturalGradient(
+            loss,
+            damping,
+            fisher,
+            solver,
+            block_size,
+            max_epochs,
+            tol,
+            max_iters,
+            seed,
+            on_nonconvergence=on_nonconvergence,
+            resample_blocks=resample_blocks,
+            chunk_size=chunk_size,
+        )
+        if callable(damping_schedule):
+            self._schedule: Callable[[int], float] | None = damping_schedule
+            self.damping_schedule = "callable"
+        else:
+            self._schedule = None
+            self.damping_schedule = check_choice(
+                "damping_schedule", damping_schedule, DAMPING_SCHEDULES
+            )
+        self.lm_factor = check_positive_float("lm_factor", lm_factor, "; e.g. 1.5")
+        if self.lm_factor <= 1.0:
+            raise ValueError(f"lm_factor must be > 1, got {lm_factor!r}; e.g. 1.5")
+        self.min_damping = check_positive_float("min_damping", min_damping)
+        self.max_damping = check_positive_float("max_damping", max_damping)
+        if self.min_damping > self.max_damping:
+            raise ValueError(
+                f"min_damping={min_damping!r} exceeds max_damping={max_damping!r}; swap them"
+            )
+        self.param_names = select_parameters(model, params)
+        named = dict(model.named_parameters())
+        self._params = [named[n] for n in self.param_names]
+        if base_optimizer is None:
+            lr = check_positive_float("lr", lr, "; 1.0 is the full Gauss-Newton step")
+            if (
+                isinstance(momentum, bool)
+                or not isinstance(momentum, (int, float))
+                or not (0.0 <= momentum < 1.0)
+            ):
+                raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
+            base_optimizer = torch.optim.SGD(self._params, lr=lr, momentum=float(momentum))
+        elif not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer (e.g. "
+                f"torch.optim.SGD(model.parameters(), lr=1.0)), got {type(base_optimizer).__name__}"
+            )
+        else:
+            trained = {id(p) for p in self._params}
+            for group in base_optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) not in trained:
+                        raise ValueError(
+                            f"base_optimizer holds a parameter (shape {tuple(p.shape)}) that "
+                            "is not among the trained params; build it over the same "
+                            "parameters as params (or model.parameters() when params=None)"
+                        )
+        self.base_optimizer = base_optimizer
+        self.steps = 0
+        self.damping = self.transform.damping
+
+    @property
+    def loss(self) -> str:
+        """The loss name (``"mse"`` or ``"cross_entropy"``)."""
+        return self.transform.loss
+
+    def step(self, inputs: Tree, targets: Tensor) -> StepInfo:
+        """Take one natural-gradient step on a batch.
+
+        Parameters
+        ----------
+        inputs
+            The batch inputs (first dimension the sample).
+        targets
+            Regression targets or class indices, as in
+            :func:`~natgrad.supervised.natural_gradient`.
+
+        Returns
+        -------
+        StepInfo
+            Loss before (and, for LM, after) the step, the damping and the solve diagnostics.
+        """
+        damping = self._current_damping()
+        self.transform.damping = damping
+        result = self.transform(self.model, inputs, targets, self._params)
+        before = [p.detach().clone() for p in self._params]
+        saved = [p.grad for p in self._params]
+        for p, d in zip(self._params, result.direction, strict=True):
+            p.grad = d.clone()
+        try:
+            self.base_optimizer.step()
+        finally:
+            for p, g in zip(self._params, saved, strict=True):
+                p.grad = g
+        self.steps += 1
+        loss_after = predicted = ratio = None
+        next_damping = damping
+        if self.damping_schedule == "levenberg_marquardt":
+            delta = [p.detach() - b for p, b in zip(self._params, before, strict=True)]
+            outputs, jt = output_jvp(self.model, inputs, self.param_names, delta, before)
+            grad_dot = sum(
+                float((g.to(torch.float64) * t.to(torch.float64)).sum())
+                for g, t in zip(result.gradient, delta, strict=True)
+            )
+            predicted = grad_dot + 0.5 * exact_fisher_quadratic(outputs, jt, self.loss)
+            with torch.no_grad():
+                new_outputs = self.model(inputs)
+                new_outputs = new_outputs.reshape(new_outputs.shape[0], -1)
+                loss_after = float(
+                    mean_loss(
+                        new_outputs, _loss_targets(targets, new_outputs, self.loss), self.loss
+                    )
+                )
+            if predicted < 0.0 and math.isfinite(loss_after):
+                ratio = (loss_after - result.loss) / predicted
+                if ratio < 0.25:
+                    next_damping = damping * self.lm_factor
+                elif ratio > 0.75:
+                    next_damping = damping / self.lm_factor
+            elif not math.isfinite(loss_after):
+                next_damping = damping * self.lm_factor
+            next_damping = min(max(next_damping, self.min_damping), self.max_damping)
+        self.damping = next_damping
+        if self._schedule is not None:
+            self.damping = self._current_damping()
+        return StepInfo(
+            result.loss, damping, self.damping, loss_after, predicted, ratio, result.diagnostics
+        )
+
+    def _current_damping(self) -> float:
+        if self._schedule is None:
+            return self.damping
+        return check_positive_float(
+            "damping_schedule(step)",
+            self._schedule(self.steps),
+            f" at step {self.steps}; the schedule must return a finite float > 0",
+        )
+
+
+def _loss_targets(targets: Tensor, outputs: Tensor, loss: str) -> Tensor:
+    return targets.reshape(outputs.shape).to(outputs.dtype) if loss == "mse" else targets

@@ -1,0 +1,158 @@
+"""NaturalGradientOptimizer: the step it takes, its damping schedules and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from natgrad.supervised import NaturalGradientOptimizer, SupervisedNaturalGradient
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+
+
+class Cubic(nn.Module):
+    """f(x) = (x w)^3: the Gauss-Newton model badly underestimates the curvature far out."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+
+    def forward(self, x):
+        return (x * self.w).pow(3)
+
+
+def linear_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 2, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([[1.5], [-2.0]], dtype=torch.float64) + 0.3
+    torch.manual_seed(0)
+    return nn.Linear(2, 1).double(), x, y
+
+
+def test_step_is_minus_lr_times_direction_and_grads_are_restored():
+    model, x, y = linear_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+    expected = SupervisedNaturalGradient("mse", 1e-2, solver="cholesky")(model, x, y).direction
+    model.weight.grad = torch.full_like(model.weight, 7.0)
+    opt = NaturalGradientOptimizer(model, lr=0.5, damping=1e-2, solver="cholesky")
+    info = opt.step(x, y)
+    for p, b, d in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(p.detach(), b - 0.5 * d, rtol=1e-12, atol=1e-12)
+    assert torch.equal(model.weight.grad, torch.full_like(model.weight, 7.0))
+    assert model.bias.grad is None
+    assert info.damping == info.next_damping == 1e-2
+    assert info.reduction_ratio is None and info.loss_after is None
+
+
+def test_full_gauss_newton_step_solves_linear_least_squares():
+    model, x, y = linear_problem()
+    opt = NaturalGradientOptimizer(model, lr=1.0, damping=1e-10, solver="cholesky")
+    first = opt.step(x, y)
+    second = opt.step(x, y)
+    assert first.loss > 1.0 and second.loss < 1e-12
+
+
+def test_levenberg_marquardt_decreases_damping_when_the_model_is_exact():
+    model, x, y = linear_problem()  # mse of a linear model: the quadratic model is exact
+    opt = NaturalGradientOptimizer(
+        model,
+        damping=1e-2,
+        damping_schedule="levenberg_marquardt",
+        solver="cholesky",
+        lm_factor=2.0,
+    )
+    info = opt.step(x, y)
+    assert info.reduction_ratio == pytest.approx(1.0, abs=1e-9)
+    assert info.next_damping == opt.damping == pytest.approx(5e-3)
+    assert info.loss_after < info.loss
+    assert info.loss_after - info.loss == pytest.approx(info.predicted_change, rel=1e-9)
+
+
+def test_levenberg_marquardt_increases_damping_when_the_ratio_is_poor():
+    model = Cubic()
+    x, y = torch.ones(4, 1, dtype=torch.float64), torch.full((4, 1), 8.0, dtype=torch.float64)
+    opt = NaturalGradientOptimizer(
+        model,
+        damping=1e-6,
+        damping_schedule="levenberg_marquardt",
+        solver="cholesky",
+        max_damping=1e-5,
+    )
+    first = opt.step(x, y)
+    assert first.reduction_ratio < 0.25  # the step overshoots: the loss grows
+    assert first.next_damping == pytest.approx(1.5e-6)
+    dampings = [opt.step(x, y).next_damping for _ in range(6)]
+    assert dampings[-1] <= 1e-5  # clamped at max_damping
+
+
+def test_callable_schedule_and_momentum_base_optimizer():
+    model, x, y = linear_problem()
+    used = []
+    opt = NaturalGradientOptimizer(
+        model,
+        damping=1.0,
+        damping_schedule=lambda step: 0.1 / (1 + step),
+        solver="cholesky",
+        lr=0.5,
+        momentum=0.9,
+    )
+    for _ in range(3):
+        used.append(opt.step(x, y).damping)
+    assert used == pytest.approx([0.1, 0.05, 0.1 / 3])
+    assert opt.base_optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_custom_base_optimizer_and_parameter_subset():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+    head = list(model[2].parameters())
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    base = torch.optim.Adam(head, lr=1e-2)
+    opt = NaturalGradientOptimizer(
+        model,
+        loss="cross_entropy",
+        params=head,
+        base_optimizer=base,
+        fisher="sampled",
+        seed=0,
+        damping=1e-2,
+    )
+    losses = [opt.step(x, y).loss for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, f) for p, f in zip(model[0].parameters(), frozen, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        (
+            {"damping_schedule": "cosine"},
+            ValueError,
+            "damping_schedule must be one of 'fixed', 'levenberg_marquardt'",
+        ),
+        ({"lr": 0.0}, ValueError, "lr must be a finite float > 0"),
+        ({"momentum": 1.0}, ValueError, r"momentum must be a float in \[0, 1\)"),
+        ({"lm_factor": 0.5}, ValueError, "lm_factor must be > 1"),
+        ({"min_damping": 1.0, "max_damping": 0.1}, ValueError, "exceeds max_damping"),
+        ({"base_optimizer": "sgd"}, TypeError, "base_optimizer must be a torch.optim.Optimizer"),
+        (
+            {"base_optimizer": torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)},
+            ValueError,
+            "not among the trained params",
+        ),
+        ({"loss": "hinge"}, ValueError, "loss must be one of"),
+    ],
+)
+def test_misuse(kwargs, error, pattern):
+    model, _, _ = linear_problem()
+    with pytest.raises(error, match=pattern):
+        NaturalGradientOptimizer(model, **kwargs)
+
+
+def test_bad_callable_schedule_value_is_reported_at_the_step():
+    model, x, y = linear_problem()
+    opt = NaturalGradientOptimizer(model, damping_schedule=lambda step: -1.0)
+    with pytest.raises(ValueError, match=r"damping_schedule\(step\) must be a finite float > 0"):
+        opt.step(x, y)
