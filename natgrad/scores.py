@@ -25,9 +25,11 @@ from natgrad._tree import Tree, take, unsqueeze
 LogProbFn = Callable[[nn.Module, Tree, Tree], Tensor]
 
 __all__ = [
+    "DenseBlock",
     "LogProbFn",
     "MaterializedScores",
     "PolicyScores",
+    "ScoreBlock",
     "ScoreOperator",
     "StreamingScores",
     "default_log_prob",
@@ -124,7 +126,7 @@ class PolicyScores:
         self._constants.update({f"policy.{n}": b for n, b in policy.named_buffers()})
         self._obs = obs
         self._acts = acts
-        self._log_probs = log_probs
+        self.log_probs = log_probs
         first = named[param_names[0]]
         self.dtype = first.dtype
         self.device = first.device
@@ -188,7 +190,7 @@ class PolicyScores:
         return rows
 
     def _check(self, rows: Tensor, values: Tensor, index: Tensor) -> None:
-        expected = self._log_probs[index]
+        expected = self.log_probs[index]
         gap = (values.detach() - expected).abs()
         allowed = self._consistency_tol * (1.0 + expected.abs())
         if bool((gap > allowed).any()):
@@ -226,6 +228,41 @@ class PolicyScores:
         return tuple(p.reshape(s) for p, s in zip(pieces, self.shapes, strict=True))
 
 
+class ScoreBlock(ABC):
+    """The rows ``J_S`` of one block of samples, seen through three products."""
+
+    dtype: torch.dtype
+
+    @abstractmethod
+    def gram(self) -> Tensor:
+        """``J_S J_S^T`` (shape ``(b, b)``)."""
+
+    @abstractmethod
+    def matvec(self, v: Tensor) -> Tensor:
+        """``J_S v`` for ``v`` of shape ``(P,)``; returns shape ``(b,)``."""
+
+    @abstractmethod
+    def rmatvec(self, x: Tensor) -> Tensor:
+        """``J_S^T x`` for ``x`` of shape ``(b,)``; returns shape ``(P,)``."""
+
+
+class DenseBlock(ScoreBlock):
+    """A block held as an explicit ``(b, P)`` matrix of rows."""
+
+    def __init__(self, rows: Tensor) -> None:
+        self.rows = rows
+        self.dtype = rows.dtype
+
+    def gram(self) -> Tensor:
+        return self.rows @ self.rows.T
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.rows @ v
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        return self.rows.T @ x
+
+
 class ScoreOperator(ABC):
     """The score matrix ``J`` (``N x P``) seen through the few products solvers need."""
 
@@ -236,8 +273,8 @@ class ScoreOperator(ABC):
     backend: str
 
     @abstractmethod
-    def rows(self, index: Tensor) -> Tensor:
-        """Block of rows ``J_S`` (shape ``(len(index), P)``)."""
+    def block(self, index: Tensor) -> ScoreBlock:
+        """The rows ``J_S`` of the samples in ``index``."""
 
     @abstractmethod
     def matvec(self, v: Tensor) -> Tensor:
@@ -278,7 +315,11 @@ class MaterializedScores(ScoreOperator):
         return cls(torch.cat([scores.rows(chunk) for chunk in index.split(chunk_size)]))
 
     def rows(self, index: Tensor) -> Tensor:
+        """Rows ``J[index]`` (shape ``(len(index), P)``)."""
         return self.matrix[index]
+
+    def block(self, index: Tensor) -> ScoreBlock:
+        return DenseBlock(self.matrix[index])
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.matrix @ v
@@ -314,8 +355,8 @@ class StreamingScores(ScoreOperator):
     def _chunks(self) -> list[Tensor]:
         return list(torch.arange(self.num_samples, device=self.device).split(self.chunk_size))
 
-    def rows(self, index: Tensor) -> Tensor:
-        return self.scores.rows(index)
+    def block(self, index: Tensor) -> ScoreBlock:
+        return DenseBlock(self.scores.rows(index))
 
     def matvec(self, v: Tensor) -> Tensor:
         return torch.cat([self.scores.rows(chunk) @ v for chunk in self._chunks()])

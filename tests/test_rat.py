@@ -15,7 +15,11 @@ SOLVERS = {
     "cg": {"max_iters": 400},
     "kaczmarz": {"block_size": 8, "max_epochs": 60},
 }
-BACKENDS = {"materialized": {}, "streaming": {"backend": "streaming"}}
+BACKENDS = {
+    "materialized": {"backend": "materialized"},
+    "streaming": {"backend": "streaming"},
+    "factored": {"backend": "factored"},
+}
 
 
 def flat(tensors) -> torch.Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from natgrad.scores import ScoreOperator
+from natgrad.scores import ScoreBlock, ScoreOperator
 from natgrad.solvers._base import SolveResult, relative_residual
 
 
@@ -41,16 +41,16 @@ class KaczmarzState:
         )
 
 
-def block_factor(rows: Tensor, num_samples: int, damping: float) -> Tensor:
+def block_factor(block: ScoreBlock, num_samples: int, damping: float) -> Tensor:
     """Cholesky factor of the diagonal block ``M_SS = J_S J_S^T / N + lam I`` (float64)."""
-    block = (rows @ rows.T).to(torch.float64) / num_samples
-    block.diagonal().add_(damping)
-    return torch.linalg.cholesky(block)
+    matrix = block.gram().to(torch.float64) / num_samples
+    matrix.diagonal().add_(damping)
+    return torch.linalg.cholesky(matrix)
 
 
 def kaczmarz_step(
     state: KaczmarzState,
-    rows: Tensor,
+    block: ScoreBlock,
     index: Tensor,
     rhs: Tensor,
     damping: float,
@@ -62,7 +62,7 @@ def kaczmarz_step(
     ----------
     state
         The iterate, updated in place.
-    rows
+    block
         ``J_S``, the scores of the samples in ``index``.
     index
         The block ``S`` (sample indices).
@@ -75,12 +75,12 @@ def kaczmarz_step(
     """
     num_samples = state.x.shape[0]
     if factor is None:
-        factor = block_factor(rows, num_samples, damping)
-    jv = (rows @ state.v.to(rows.dtype)).to(torch.float64)
+        factor = block_factor(block, num_samples, damping)
+    jv = block.matvec(state.v.to(block.dtype)).to(torch.float64)
     residual = rhs[index] - jv - damping * state.x[index]
     delta = torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1)
     state.x[index] += delta
-    state.v += (rows.T @ delta.to(rows.dtype)).to(torch.float64) / num_samples
+    state.v += block.rmatvec(delta.to(block.dtype)).to(torch.float64) / num_samples
     return residual
 
 
@@ -141,10 +141,10 @@ def kaczmarz_solve(
         order = torch.randperm(len(blocks), generator=generator, device="cpu").tolist()
         swept = 0.0
         for k in order:
-            rows = operator.rows(blocks[k])
+            block = operator.block(blocks[k])
             if factors[k] is None:
-                factors[k] = block_factor(rows, num_samples, damping)
-            r = kaczmarz_step(state, rows, blocks[k], rhs, damping, factors[k])
+                factors[k] = block_factor(block, num_samples, damping)
+            r = kaczmarz_step(state, block, blocks[k], rhs, damping, factors[k])
             swept += float(r @ r)
         if swept**0.5 / rhs_norm <= tol or epoch == max_epochs:
             jv = operator.matvec(state.v.to(operator.dtype)).to(torch.float64)

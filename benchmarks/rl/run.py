@@ -1,0 +1,265 @@
+"""Env x algo x seed benchmark of natgrad's RL agents beside sb3-contrib's TRPO.
+
+Each run is recorded as ``results/runs/<env>-<algo>-s<seed>/progress.csv`` (same columns
+for natgrad and the peer) plus a line in ``results/results.json``; finished runs are
+skipped, so the script can be interrupted and restarted. ``--report`` only rebuilds the
+table (``results/results.md``) and the curves (``results/<env>.png``).
+
+    python benchmarks/rl/run.py --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --steps 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+PEER = "sb3-trpo"
+NATGRAD_ALGOS = ("rat-npg", "rat-trpo", "cg-trpo", "kfac", "ppo", "a2c")
+# The same overrides for every natgrad algorithm on an env (peer: its zoo file below).
+ENV_OVERRIDES: dict[str, dict] = {"Pendulum-v1": {"gamma": 0.9}}
+# rl-baselines3-zoo hyperparams/trpo.yml (tuned entries), as published.
+ZOO_TRPO: dict[str, dict] = {
+    "CartPole-v1": dict(n_envs=2, n_steps=512, batch_size=512, cg_damping=1e-3,
+                        gae_lambda=0.98, gamma=0.99, learning_rate=1e-3, n_critic_updates=20),
+    "Pendulum-v1": dict(n_envs=2, n_steps=1024, gamma=0.9, n_critic_updates=15,
+                        use_sde=True, sde_sample_freq=4),
+    "Acrobot-v1": dict(normalize=True, n_envs=2, n_steps=1024),
+}  # fmt: skip
+# The zoo tunes MuJoCo on -v4; the same entries are used for -v5.
+_MUJOCO = dict(normalize=True, n_envs=2, batch_size=128, n_steps=1024, gamma=0.99,
+               gae_lambda=0.95, sub_sampling_factor=1, cg_max_steps=25, cg_damping=0.1,
+               n_critic_updates=20, learning_rate=1e-3)  # fmt: skip
+ZOO_TRPO.update({
+    "Hopper-v5": _MUJOCO,
+    "Walker2d-v5": _MUJOCO,
+    "HalfCheetah-v5": {**_MUJOCO, "target_kl": 0.04},
+})  # fmt: skip
+
+
+def run_natgrad(env: str, algo: str, seed: int, steps: int, out: Path) -> dict:
+    from natgrad.rl import TrainConfig, Trainer
+
+    config = TrainConfig(env=env, algo=algo, seed=seed, steps=steps, **ENV_OVERRIDES.get(env, {}))
+    trainer = Trainer(config, out, tensorboard=False)
+    try:
+        trainer.run(progress=False)
+    finally:
+        trainer.close()
+    return {"config": config.to_dict()}
+
+
+def run_peer(env: str, seed: int, steps: int, out: Path) -> dict:
+    from sb3_contrib import TRPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    hp = dict(ZOO_TRPO.get(env, {}))  # not in the zoo: sb3-contrib's defaults
+    n_envs, normalize = hp.pop("n_envs", 1), hp.pop("normalize", False)
+    venv = make_vec_env(env, n_envs=n_envs, seed=seed)
+    if normalize:
+        venv = VecNormalize(venv, gamma=hp.get("gamma", 0.99))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    class Log(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.recent: deque = deque(maxlen=20)
+            self.handle = open(out / "progress.csv", "w", newline="")  # noqa: SIM115
+            self.writer = csv.writer(self.handle)
+            self.writer.writerow(["step", "episodic_return_mean", "wall_time"])
+
+        def _on_step(self) -> bool:
+            for info in self.locals["infos"]:
+                if "episode" in info:
+                    self.recent.append(info["episode"]["r"])
+            return True
+
+        def _on_rollout_end(self) -> None:
+            mean = float(np.mean(self.recent)) if self.recent else ""
+            self.writer.writerow([self.num_timesteps, mean, time.perf_counter() - start])
+            self.handle.flush()
+
+        def _on_training_end(self) -> None:
+            self.handle.close()
+
+    model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **hp)
+    model.learn(total_timesteps=steps, callback=Log())
+    return {"config": {"algo": PEER, "env": env, "seed": seed, "steps": steps,
+                       "n_envs": n_envs, "normalize": normalize, **hp}}  # fmt: skip
+
+
+def run_name(env: str, algo: str, seed: int, steps: int) -> str:
+    """Directory name of a run; budgets other than the 100k default are part of it."""
+    budget = "" if steps == 100_000 else f"-{steps // 1000}k"
+    return f"{env.replace('/', '_')}-{algo}-s{seed}{budget}"
+
+
+def summarize(run_dir: Path, threshold: float | None) -> dict:
+    with open(run_dir / "progress.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["episodic_return_mean"] not in ("", None)]
+    steps = np.array([float(r["step"]) for r in rows])
+    values = np.array([float(r["episodic_return_mean"]) for r in rows])
+    tail = values[steps >= 0.9 * steps[-1]] if len(steps) else values
+    solved = None
+    if threshold is not None and (values >= threshold).any():
+        solved = float(steps[np.argmax(values >= threshold)])
+    return {
+        "final_return": float(tail.mean()) if len(tail) else math.nan,
+        "steps_to_threshold": solved,
+        "wall_time": float(rows[-1]["wall_time"]) if rows else math.nan,
+    }
+
+
+def machine() -> dict:
+    import gymnasium
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": 1,
+        "numpy": np.__version__,
+        "gymnasium": gymnasium.__version__,
+    }
+    try:
+        import sb3_contrib
+        import stable_baselines3
+
+        info["sb3_contrib"] = sb3_contrib.__version__
+        info["stable_baselines3"] = stable_baselines3.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def report(results_dir: Path) -> None:
+    data = json.loads((results_dir / "results.json").read_text())
+    runs = data["runs"]
+    groups: dict[tuple[str, int, str], list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["env"], run["steps"], run["algo"]), []).append(run)
+    lines = [
+        "| env | algo | seeds | budget (steps) | final return (mean ± s.e.) | "
+        "threshold: mean steps to reach it (solved/seeds) | wall time s (mean ± s.e.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def mse(xs: list[float]) -> str:
+        xs = [x for x in xs if x is not None and math.isfinite(x)]
+        if not xs:
+            return "n/a"
+        se = np.std(xs, ddof=1) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
+        return f"{np.mean(xs):.1f} ± {se:.1f}"
+
+    import gymnasium
+
+    for (env, _, algo), rs in sorted(groups.items()):
+        threshold = gymnasium.spec(env).reward_threshold
+        solved = [r["steps_to_threshold"] for r in rs if r["steps_to_threshold"] is not None]
+        count = f"({len(solved)}/{len(rs)})"
+        to_threshold = f"{np.mean(solved):.0f} {count}" if solved else f"— {count}"
+        if threshold is None:
+            to_threshold = "n/a (no threshold)"
+        else:
+            to_threshold = f"{threshold:g}: {to_threshold}"
+        lines.append(
+            f"| {env} | {algo} | {len(rs)} | {rs[0]['steps']} | "
+            f"{mse([r['final_return'] for r in rs])} | {to_threshold} | "
+            f"{mse([r['wall_time'] for r in rs])} |"
+        )
+    header = [
+        "# natgrad RL benchmark",
+        "",
+        "Commands (runs recorded so far; finished runs are skipped on re-runs):",
+        "",
+        *[f"    {c}" for c in data["commands"]],
+        "",
+        "Final return: mean over the last 10% of the budget of the training-time mean return "
+        "of the last 20 episodes, then mean ± standard error across seeds. Wall time: training "
+        f"time per run on the machine below ({data['machine']['cpu_count']} CPUs shared with "
+        "other jobs, one run at a time, torch threads = 1).",
+        "",
+        "```json",
+        json.dumps(data["machine"], indent=2),
+        "```",
+        "",
+    ]
+    (results_dir / "results.md").write_text("\n".join(header + lines) + "\n")
+    from natgrad.rl.plotting import plot_runs
+
+    for env, steps in sorted({(r["env"], r["steps"]) for r in runs}):
+        dirs = [results_dir / "runs" / r["name"] for r in runs
+                if r["env"] == env and r["steps"] == steps]  # fmt: skip
+        budget = "" if steps == 100_000 else f"-{steps // 1000}k"
+        title = f"{env}, {steps:,} steps"
+        plot_runs(dirs, results_dir / f"{env.replace('/', '_')}{budget}.png", title=title)
+    print((results_dir / "results.md").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "Pendulum-v1"])
+    parser.add_argument("--algos", nargs="+", default=[*NATGRAD_ALGOS, PEER])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--report", action="store_true", help="only rebuild table and plots")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results_dir: Path = args.results
+    (results_dir / "runs").mkdir(parents=True, exist_ok=True)
+    path = results_dir / "results.json"
+    data = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    data["machine"] = machine()
+    commands = data.setdefault("commands", [])
+    if "command" in data:  # files written before commands were a list
+        commands.insert(0, data.pop("command"))
+    if not args.report:
+        commands.append("python benchmarks/rl/run.py " + " ".join(sys.argv[1:]))
+    if not args.report:
+        import gymnasium
+
+        done = {r["name"] for r in data["runs"]}
+        for env in args.envs:
+            threshold = gymnasium.spec(env).reward_threshold
+            for algo in args.algos:
+                for seed in args.seeds:
+                    name = run_name(env, algo, seed, args.steps)
+                    if name in done:
+                        continue
+                    tmp = Path("/tmp/natgrad_bench") / name
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    if algo == PEER:
+                        extra = run_peer(env, seed, args.steps, tmp)
+                    else:
+                        extra = run_natgrad(env, algo, seed, args.steps, tmp)
+                    keep = results_dir / "runs" / name
+                    keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(tmp / "progress.csv", keep / "progress.csv")
+                    (keep / "config.json").write_text(json.dumps(extra["config"], indent=2))
+                    record = {"name": name, "env": env, "algo": algo, "seed": seed,
+                              "steps": args.steps, **summarize(keep, threshold)}  # fmt: skip
+                    data["runs"].append(record)
+                    path.write_text(json.dumps(data, indent=2))
+                    print(json.dumps(record), flush=True)
+    path.write_text(json.dumps(data, indent=2))
+    report(results_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Accuracy-versus-time of natural-gradient solvers on the reference problems (issue 5).
+
+Every method is timed end to end on the same batch in one process (medians of repeats):
+natgrad's RATNaturalGradient for each solver/backend/budget, TRPO-style conjugate gradient
+on autograd Fisher-vector products, a dense P x P Fisher solve where it fits, and one
+vanilla policy-gradient backward pass. Accuracy is the cosine with the exact direction
+(float64 Cholesky). Writes results/results.json, results/results.md and results/*.png.
+
+    python benchmarks/solvers/run.py               # all problems
+    python benchmarks/solvers/run.py --problems mlp cnn --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from problems import Problem, log_prob_fn, make_problem
+from torch import Tensor
+
+from natgrad import RATNaturalGradient
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TARGET = 0.99
+
+
+def flat(tensors) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def median_time(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def exact_direction(problem: Problem, damping: float) -> Tensor:
+    policy = copy.deepcopy(problem.policy).double()
+    obs, acts = problem.obs.double(), problem.acts
+    acts = acts.double() if acts.is_floating_point() else acts
+    rat = RATNaturalGradient(log_prob_fn, damping=damping, solver="cholesky")
+    return flat(rat.natural_gradient(policy, obs, acts, problem.adv.double()).direction)
+
+
+def vanilla_backward(problem: Problem) -> Tensor:
+    policy = problem.policy
+    policy.zero_grad(set_to_none=True)
+    loss = -(problem.adv * log_prob_fn(policy, problem.obs, problem.acts)).mean()
+    loss.backward()
+    return flat(p.grad for p in policy.parameters())
+
+
+def trpo_cg(problem: Problem, damping: float, iterations: int) -> Tensor:
+    """TRPO-style CG in parameter space on autograd Fisher-vector products.
+
+    The Fisher is the same sampled one RAT uses (F = J^T J / N), so both target the same
+    direction: F v = J^T (J v) / N with J v from the double-backward trick.
+    """
+    policy, n = problem.policy, problem.adv.shape[0]
+    params = list(policy.parameters())
+    log_prob = log_prob_fn(policy, problem.obs, problem.acts)
+    g = flat(torch.autograd.grad((problem.adv * log_prob).mean(), params, retain_graph=True))
+    dummy = torch.zeros(n, requires_grad=True)
+    jt_dummy = torch.autograd.grad(log_prob, params, grad_outputs=dummy, create_graph=True)
+    sizes = [p.numel() for p in params]
+
+    def fvp(v: Tensor) -> Tensor:
+        pieces = [c.reshape(p.shape) for c, p in zip(v.split(sizes), params, strict=True)]
+        jv = torch.autograd.grad(jt_dummy, dummy, grad_outputs=pieces, retain_graph=True)[0]
+        jtjv = torch.autograd.grad(log_prob, params, grad_outputs=jv / n, retain_graph=True)
+        return flat(jtjv) + damping * v
+
+    x = torch.zeros_like(g)
+    r = g.clone()
+    p = r.clone()
+    rr = float(r @ r)
+    for _ in range(iterations):
+        fp = fvp(p)
+        alpha = rr / float(p @ fp)
+        x += alpha * p
+        r -= alpha * fp
+        rr_new = float(r @ r)
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+def dense_fisher(problem: Problem, damping: float) -> Tensor:
+    rat = RATNaturalGradient(log_prob_fn, damping=damping, solver="cholesky",
+                             backend="materialized")
+    from natgrad.scores import MaterializedScores, PolicyScores
+
+    names = [n for n, _ in problem.policy.named_parameters()]
+    with torch.no_grad():
+        lp = log_prob_fn(problem.policy, problem.obs, problem.acts)
+    scores = PolicyScores(problem.policy, log_prob_fn, problem.obs, problem.acts, names, lp)
+    jac = MaterializedScores.from_policy(scores, rat.block_size * 8).matrix.double()
+    n, p = jac.shape
+    fisher = jac.T @ jac / n
+    fisher.diagonal().add_(damping)
+    return torch.linalg.solve(fisher, jac.T @ problem.adv.double() / n)
+
+
+def natgrad_direction(problem: Problem, damping: float, **settings) -> Tensor:
+    rat = RATNaturalGradient(log_prob_fn, damping=damping, seed=0, on_nonconvergence="warn",
+                             **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flat(rat.natural_gradient(problem.policy, problem.obs, problem.acts,
+                                         problem.adv).direction)
+
+
+def methods(problem: Problem, quick: bool) -> dict[str, tuple[str, list[int], object]]:
+    """Method name -> (budget label, budgets, fn(damping, budget) -> direction)."""
+    epochs = [1, 2, 4, 8] if quick else [1, 2, 3, 5, 8, 12, 20]
+    iters = [5, 10, 20, 40] if quick else [5, 10, 15, 20, 30, 45, 70, 100]
+    table: dict[str, tuple[str, list[int], object]] = {}
+    backends = ["factored", "materialized"] if problem.name != "large_mlp" else ["factored",
+                                                                                 "streaming"]
+    for backend in backends:
+        for block in (256, 1024):
+            table[f"rat-kaczmarz b={block} [{backend}]"] = (
+                "epochs", epochs,
+                lambda lam, k, b=block, be=backend: natgrad_direction(
+                    problem, lam, solver="kaczmarz", block_size=b, max_epochs=k, tol=1e-12,
+                    backend=be),
+            )
+        table[f"rat-cg [{backend}]"] = (
+            "iterations", iters,
+            lambda lam, k, be=backend: natgrad_direction(
+                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend=be),
+        )
+        if backend != "streaming":
+            table[f"rat-cholesky [{backend}]"] = (
+                "-", [1],
+                lambda lam, k, be=backend: natgrad_direction(problem, lam, solver="cholesky",
+                                                             backend=be),
+            )
+    table["trpo-cg (autograd FVP)"] = ("iterations", iters,
+                                       lambda lam, k: trpo_cg(problem, lam, k))
+    if problem.name == "mlp":
+        table["dense fisher (P x P)"] = ("-", [1], lambda lam, k: dense_fisher(problem, lam))
+    return table
+
+
+def run_problem(name: str, dampings: list[float], repeats: int, quick: bool) -> dict:
+    problem = make_problem(name)
+    num_params = sum(p.numel() for p in problem.policy.parameters())
+    vanilla, _ = median_time(lambda: vanilla_backward(problem), max(repeats, 5))
+    record = {"problem": name, "num_samples": int(problem.adv.shape[0]),
+              "num_params": num_params, "vanilla_backward_s": vanilla, "dampings": {}}
+    print(f"[{name}] N={problem.adv.shape[0]} P={num_params} vanilla={vanilla * 1e3:.1f} ms",
+          flush=True)
+    for damping in dampings:
+        exact = exact_direction(problem, damping)
+        curves = {}
+        for method, (unit, budgets, fn) in methods(problem, quick).items():
+            points = []
+            for budget in budgets:
+                seconds, direction = median_time(lambda f=fn, b=budget: f(damping, b), repeats)
+                points.append({"budget": budget, "seconds": seconds,
+                               "cosine": cosine(direction, exact)})
+                if points[-1]["cosine"] >= 0.9999:
+                    break
+            reached = [p["seconds"] for p in points if p["cosine"] >= TARGET]
+            curves[method] = {"unit": unit, "points": points,
+                              "time_to_target_s": min(reached) if reached else None}
+            best = max(p["cosine"] for p in points)
+            print(f"  lam={damping:g} {method:38s} t99="
+                  f"{'%.4f' % min(reached) if reached else '   -  '} best cos={best:.4f}",
+                  flush=True)
+        record["dampings"][str(damping)] = curves
+    return record
+
+
+def memory_probe(backend: str) -> None:
+    """Print the peak RSS increase (bytes) of one natural-gradient call on large_mlp."""
+    problem = make_problem("large_mlp")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    natgrad_direction(problem, 1e-2, solver="kaczmarz", block_size=256, max_epochs=1,
+                      tol=1e-12, backend=backend)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"backend": backend, "peak_extra_bytes": (after - before) * 1024}))
+
+
+def memory_table() -> dict:
+    out = {}
+    for backend in ("streaming", "factored", "materialized"):
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", backend],
+                              capture_output=True, text=True, check=True)
+        out[backend] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    problem = make_problem("large_mlp")
+    p = sum(q.numel() for q in problem.policy.parameters())
+    out["N x P x 4 bytes"] = problem.adv.shape[0] * p * 4
+    out["block (256) x P x 4 bytes"] = 256 * p * 4
+    return out
+
+
+def write_outputs(data: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(data, indent=1))
+    lines = [
+        "# Solver benchmark",
+        "",
+        f"Command: `{data['command']}`  ",
+        f"Machine: {data['machine']}; torch {data['torch']}; threads {data['threads']}.",
+        "",
+        "Time to reach cosine >= 0.99 with the exact float64 direction (median of "
+        f"{data['repeats']} repeats, whole call including per-sample scores), and the ratio "
+        "to TRPO-style CG and to one vanilla backward pass.",
+        "",
+        "| problem | N | P | damping | method | t(cos>=0.99) | / TRPO-CG | / vanilla |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in data["problems"]:
+        for damping, curves in rec["dampings"].items():
+            trpo = curves["trpo-cg (autograd FVP)"]["time_to_target_s"]
+            for method, curve in curves.items():
+                t = curve["time_to_target_s"]
+                ratio_trpo = f"{t / trpo:.2f}" if (t and trpo) else "-"
+                ratio_van = f"{t / rec['vanilla_backward_s']:.1f}" if t else "-"
+                lines.append(
+                    f"| {rec['problem']} | {rec['num_samples']} | {rec['num_params']} | "
+                    f"{damping} | {method} | {'%.4f s' % t if t else 'not reached'} | "
+                    f"{ratio_trpo} | {ratio_van} |"
+                )
+    if "memory" in data:
+        lines += ["", "## Peak extra memory, large MLP (one Kaczmarz epoch)", "",
+                  "| backend / reference | bytes |", "|---|---|"]
+        lines += [f"| {k} | {v / 2**20:.1f} MiB |" for k, v in data["memory"].items()]
+    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
+    plot(data)
+
+
+def plot(data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for rec in data["problems"]:
+        dampings = list(rec["dampings"])
+        fig, axes = plt.subplots(1, len(dampings), figsize=(6.5 * len(dampings), 4.5),
+                                 squeeze=False)
+        for ax, damping in zip(axes[0], dampings, strict=True):
+            for method, curve in rec["dampings"][damping].items():
+                xs = [p["seconds"] for p in curve["points"]]
+                ys = [max(p["cosine"], 0.0) for p in curve["points"]]
+                ax.plot(xs, ys, marker="o", ms=3, label=method)
+            ax.axvline(rec["vanilla_backward_s"], color="k", ls=":", lw=1,
+                       label="one vanilla backward")
+            ax.axhline(TARGET, color="gray", ls="--", lw=1)
+            ax.set_xscale("log")
+            ax.set_ylim(0.5, 1.005)
+            ax.set_xlabel("wall time (s)")
+            ax.set_ylabel("cosine with exact direction")
+            ax.set_title(f"{rec['problem']} N={rec['num_samples']} P={rec['num_params']} "
+                         f"lam={damping}")
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"{rec['problem']}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", default=["mlp", "cnn", "transformer",
+                                                          "large_mlp"])
+    parser.add_argument("--dampings", nargs="+", type=float, default=[1e-2, 1e-3])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="fewer budgets (smoke test)")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--replot", action="store_true", help="redraw from results.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
+    if args.replot:
+        write_outputs(json.loads((RESULTS / "results.json").read_text()))
+        return
+    data = {
+        "command": "python benchmarks/solvers/run.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+                   f"{platform.system()} {platform.release()}".strip(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "problems": [run_problem(p, args.dampings, args.repeats, args.quick)
+                     for p in args.problems],
+    }
+    if "large_mlp" in args.problems:
+        data["memory"] = memory_table()
+    write_outputs(data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The ``natgrad`` command: ``train``, ``plot`` and ``eval`` reinforcement-learning runs.
+
+Every hyperparameter of :class:`natgrad.rl.TrainConfig` is a ``train`` flag
+(``--max-kl 0.02``, ``--no-norm-reward``); ``natgrad train`` with no arguments trains
+CartPole-v1 with ``rat-npg``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+# Flags of `train` that are not TrainConfig fields.
+_RUN_FLAGS = ("out", "resume", "progress", "tensorboard", "solved_threshold")
+
+
+def _config_fields() -> list[dataclasses.Field]:
+    from natgrad.rl.config import TrainConfig
+
+    return list(dataclasses.fields(TrainConfig))
+
+
+def _field_help() -> dict[str, str]:
+    """Per-option help from the ``Attributes`` section of ``TrainConfig``'s docstring."""
+    from natgrad.rl.config import TrainConfig
+
+    doc = (TrainConfig.__doc__ or "").split("Attributes\n    ----------\n", 1)[-1]
+    helps: dict[str, str] = {}
+    names: list[str] = []
+    for line in doc.splitlines():
+        if line.startswith("    ") and not line.startswith("        "):
+            names = [n.strip() for n in line.split(",")]
+        elif line.strip() and names:
+            for name in names:
+                helps[name] = (helps.get(name, "") + " " + line.strip()).strip()
+    return helps
+
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from natgrad.rl.algorithms import ALGORITHMS
+    from natgrad.rl.config import TrainConfig
+
+    parser = sub.add_parser(
+        "train",
+        usage="natgrad train [--env ENV] [--algo ALGO] [--steps N] [--seed S] [--out DIR] "
+        "[--resume] [options]",
+        help="train an agent (default: CartPole-v1 with rat-npg)",
+        description="Train an on-policy agent on a Gymnasium environment. Every option "
+        "defaults to TrainConfig; the full configuration is printed and saved as "
+        "DIR/config.json.",
+    )
+    defaults = TrainConfig()
+    helps = _field_help()
+    for field in _config_fields():
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        text = f"{helps.get(field.name, '')} (default: {shown})".replace("%", "%%")
+        kwargs: dict[str, Any] = {"default": None, "help": text.strip()}
+        if field.name == "algo":
+            kwargs["help"] = f"one of {', '.join(ALGORITHMS)} (default: {default})"
+        if field.name == "solver":
+            kwargs["choices"] = ("kaczmarz", "cholesky", "cg")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs.update(type=int, nargs="+", metavar="WIDTH")
+        else:
+            kwargs["type"] = type(default)
+        parser.add_argument(flag, **kwargs)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory (default: runs/<env>-<algo>-s<seed>-<timestamp>)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (only --steps may change)",
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write TensorBoard events if tensorboard is installed",
+    )
+    parser.add_argument(
+        "--solved-threshold",
+        type=float,
+        default=None,
+        help="report the first step whose recent mean return reaches this value "
+        "(default: the env's reward_threshold)",
+    )
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``natgrad`` argument parser (sub-commands ``train``, ``plot``, ``eval``)."""
+    parser = argparse.ArgumentParser(
+        prog="natgrad", description="Train, plot and evaluate RL agents with RAT natural gradients."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,plot,eval}")
+    train = _add_train(sub)
+    train.set_defaults(subparser=train)
+    plot = sub.add_parser("plot", help="overlay learning curves (mean and 95%% band per group)")
+    plot.add_argument("runs", nargs="+", type=Path, help="run directories")
+    plot.add_argument("--out", type=Path, default=Path("learning_curves.png"), help="PNG path")
+    plot.add_argument("--y", default="episodic_return_mean", help="progress.csv column")
+    plot.add_argument("--title", default=None)
+    ev = sub.add_parser("eval", help="report returns of a saved policy")
+    ev.add_argument("run", type=Path, help="run directory with checkpoint.pt")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=10_000, help="seed of the first episode")
+    ev.add_argument("--stochastic", action="store_true", help="sample actions (default: mode)")
+    ev.add_argument("--gif", type=Path, default=None, help="write the first episode as a GIF")
+    plot.set_defaults(subparser=plot)
+    ev.set_defaults(subparser=ev)
+    return parser
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from natgrad.rl.config import TrainConfig
+    from natgrad.rl.envs import make_env
+    from natgrad.rl.train import Trainer, default_out_dir, summary_json
+
+    given = {
+        f.name: getattr(args, f.name) for f in _config_fields() if getattr(args, f.name) is not None
+    }
+    if "hidden" in given:
+        given["hidden"] = tuple(given["hidden"])
+    if args.resume:
+        if args.out is None:
+            parser.error("--resume needs --out DIR, the directory of the run to continue")
+        changed = sorted(set(given) - {"steps"})
+        if changed:
+            parser.error(
+                "--resume continues the saved configuration; only --steps may change, got "
+                + ", ".join("--" + c.replace("_", "-") for c in changed)
+            )
+        trainer = Trainer(None, args.out, resume=True, steps=given.get("steps"),
+                          tensorboard=args.tensorboard)  # fmt: skip
+    else:
+        config = TrainConfig(**given)
+        out = args.out if args.out is not None else default_out_dir(config)
+        if (out / "checkpoint.pt").exists():
+            parser.error(
+                f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
+                "choose another directory"
+            )
+        trainer = Trainer(config, out, tensorboard=args.tensorboard)
+    config = trainer.config
+    threshold = args.solved_threshold
+    if threshold is None:
+        spec = make_env(config.env).spec
+        threshold = getattr(spec, "reward_threshold", None)
+    print(f"natgrad train -> {trainer.out_dir}", file=sys.stderr)
+    print(config.to_json(), file=sys.stderr)
+    try:
+        result = trainer.run(progress=args.progress, solved_threshold=threshold)
+    finally:
+        trainer.close()
+    print(summary_json(result))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from natgrad.rl.plotting import plot_runs
+
+    out = plot_runs(args.runs, args.out, y=args.y, title=args.title)
+    print(out)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from natgrad.rl.evaluate import evaluate
+
+    result = evaluate(
+        args.run, episodes=args.episodes, seed=args.seed,
+        deterministic=not args.stochastic, gif=args.gif,
+    )  # fmt: skip
+    print(json.dumps({
+        "run": str(args.run), "step": result.step, "episodes": len(result.returns),
+        "return_mean": result.mean, "return_std": result.std,
+        "returns": list(result.returns), "lengths": list(result.lengths),
+    }, indent=2))  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``natgrad`` command; returns the exit status.
+
+    Usage errors (unknown env or algo, missing optional extras, unwritable output
+    directory) exit with status 2 and a one-line message, as argparse does.
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train", *argv]  # `natgrad [options]` is `natgrad train [options]`
+    args = parser.parse_args(argv)
+    sub: argparse.ArgumentParser = args.subparser  # errors are reported in its usage
+    from natgrad.rl._errors import ConfigError, MissingExtraError
+
+    try:
+        if args.command == "train":
+            return _train(args, sub)
+        if args.command == "plot":
+            return _plot(args)
+        return _eval(args)
+    except (ConfigError, MissingExtraError) as error:
+        sub.error(str(error))
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact, continue with --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

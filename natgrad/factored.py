@@ -1,0 +1,275 @@
+"""Fast exact scores for ``nn.Linear`` layers, without per-sample gradients.
+
+For a linear layer ``y = W a + b`` applied once to a ``(N, in)`` batch, sample ``i``'s score
+for ``W`` is the outer product ``g_i a_i^T`` with ``g_i = d log pi_i / d y_i`` -- and all
+``g_i`` come out of *one* ordinary backward pass of ``sum_i log pi_i``, because sample ``i``'s
+output affects only its own log-probability. So, with ``A`` the layer inputs and ``G`` the
+output gradients (a column of ones appended to ``A`` for the bias):
+
+* ``J_S J_T^T = (G_S G_T^T) * (A_S A_T^T)`` (elementwise), ``O(b^2 (in + out))``;
+* ``J_S v = rowsum((A_S V^T) * G_S)``, with ``V`` the layer's slice of ``v`` as a matrix;
+* ``J_S^T x = G_S^T diag(x) A_S``.
+
+No ``N x P`` (or ``b x P``) matrix is ever formed for these layers; the remaining selected
+parameters (convolutions, log-std vectors, embeddings, ...) keep generic per-sample scores.
+This is the per-example-gradient factorization of Goodfellow (2015, "Efficient per-example
+gradient computations") applied to the kernel ``K = J J^T``.
+
+The factorization is exact only when each such layer is called exactly once on a 2-D input
+and its weights are not used elsewhere; layers that break the first two conditions are
+detected and left to the generic path, and the third is verified by comparing a few
+samples' factored scores with generic ones (mismatch: the generic path is used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from natgrad._tree import Tree
+from natgrad.scores import LogProbFn, PolicyScores, ScoreBlock, ScoreOperator
+
+__all__ = ["FactoredScores", "LinearFactor", "capture_linear_factors"]
+
+
+@dataclass
+class LinearFactor:
+    """Inputs and output gradients of one linear layer over the batch.
+
+    Attributes
+    ----------
+    inputs
+        ``A``, shape ``(N, in)`` or ``(N, in + 1)`` with a trailing ones column for a bias.
+    output_grads
+        ``G``, shape ``(N, out)``.
+    positions
+        Indices into the flat parameter vector of the ``(out, in[+1])`` matrix ``[W | b]``,
+        row-major.
+    """
+
+    inputs: Tensor
+    output_grads: Tensor
+    positions: Tensor
+
+
+class _FactoredBlock(ScoreBlock):
+    def __init__(self, operator: FactoredScores, index: Tensor | None) -> None:
+        self.operator = operator
+        self.index = index
+        self.dtype = operator.dtype
+
+    def _take(self, tensor: Tensor) -> Tensor:
+        return tensor if self.index is None else tensor[self.index]
+
+    def gram(self) -> Tensor:
+        total = 0.0
+        for factor in self.operator.factors:
+            a, g = self._take(factor.inputs), self._take(factor.output_grads)
+            total = total + (a @ a.T) * (g @ g.T)
+        if self.operator.rest is not None:
+            rest = self._take(self.operator.rest)
+            total = total + rest @ rest.T
+        return total
+
+    def matvec(self, v: Tensor) -> Tensor:
+        out = 0.0
+        for factor in self.operator.factors:
+            a, g = self._take(factor.inputs), self._take(factor.output_grads)
+            matrix = v[factor.positions].reshape(g.shape[1], a.shape[1])
+            out = out + ((a @ matrix.T) * g).sum(dim=1)
+        if self.operator.rest is not None:
+            out = out + self._take(self.operator.rest) @ v[self.operator.rest_positions]
+        return out
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        result = torch.zeros(self.operator.num_params, dtype=self.dtype, device=x.device)
+        for factor in self.operator.factors:
+            a, g = self._take(factor.inputs), self._take(factor.output_grads)
+            result[factor.positions] = ((g * x[:, None]).T @ a).reshape(-1)
+        if self.operator.rest is not None:
+            result[self.operator.rest_positions] = self._take(self.operator.rest).T @ x
+        return result
+
+
+class FactoredScores(ScoreOperator):
+    """``J`` with linear layers held as ``(A, G)`` factors and the rest as dense rows.
+
+    Parameters
+    ----------
+    factors
+        One :class:`LinearFactor` per factored layer.
+    rest
+        Dense per-sample scores ``(N, P_rest)`` of the other selected parameters, or
+        ``None``.
+    rest_positions
+        Indices of those parameters in the flat parameter vector.
+    num_params
+        ``P``.
+    """
+
+    backend = "factored"
+
+    def __init__(
+        self,
+        factors: list[LinearFactor],
+        rest: Tensor | None,
+        rest_positions: Tensor | None,
+        num_params: int,
+    ) -> None:
+        if not factors:
+            raise ValueError("FactoredScores needs at least one linear factor")
+        self.factors = factors
+        self.rest = rest
+        self.rest_positions = rest_positions
+        self.num_samples = factors[0].inputs.shape[0]
+        self.num_params = num_params
+        self.dtype = factors[0].inputs.dtype
+        self.device = factors[0].inputs.device
+
+    def block(self, index: Tensor) -> ScoreBlock:
+        return _FactoredBlock(self, index)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return _FactoredBlock(self, None).matvec(v)
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        return _FactoredBlock(self, None).rmatvec(x)
+
+    def gram(self) -> Tensor:
+        return _FactoredBlock(self, None).gram()
+
+    def dense_rows(self, index: Tensor) -> Tensor:
+        """Materialize ``J[index]`` (for verification on a few samples)."""
+        rows = torch.zeros(len(index), self.num_params, dtype=self.dtype, device=self.device)
+        for factor in self.factors:
+            a, g = factor.inputs[index], factor.output_grads[index]
+            rows[:, factor.positions] = (g[:, :, None] * a[:, None, :]).reshape(len(index), -1)
+        if self.rest is not None:
+            rows[:, self.rest_positions] = self.rest[index]
+        return rows
+
+
+def _linear_layers(policy: nn.Module, selected: set[str]) -> dict[str, nn.Linear]:
+    """Plain ``nn.Linear`` modules whose weight (and bias, if any) are all selected."""
+    layers = {}
+    for name, module in policy.named_modules():
+        if type(module) is not nn.Linear:
+            continue  # subclasses may reimplement forward (e.g. quantized, attention out-proj)
+        prefix = f"{name}." if name else ""
+        wanted = [f"{prefix}weight"] + ([f"{prefix}bias"] if module.bias is not None else [])
+        if all(n in selected for n in wanted):
+            layers[name] = module
+    return layers
+
+
+def capture_linear_factors(
+    policy: nn.Module,
+    log_prob_fn: LogProbFn,
+    obs: Tree,
+    acts: Tree,
+    param_names: list[str],
+    num_samples: int,
+) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """Run one forward and one backward pass and collect ``(A, G)`` of factorable layers.
+
+    Returns
+    -------
+    factors, log_probs
+        Layer name -> (inputs ``A`` without the ones column, output gradients ``G``) for
+        every plain linear layer called exactly once on an ``(N, in)`` input; and the
+        batched log-probabilities.
+    """
+    layers = _linear_layers(policy, set(param_names))
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            calls[name].append((inputs[0], output))
+
+        return hook
+
+    handles = [m.register_forward_hook(recorder(n)) for n, m in layers.items()]
+    try:
+        with torch.enable_grad():
+            log_probs = log_prob_fn(policy, obs, acts)
+    finally:
+        for handle in handles:
+            handle.remove()
+    usable = {
+        name: record[0]
+        for name, record in calls.items()
+        if len(record) == 1
+        and record[0][0].dim() == 2
+        and record[0][0].shape[0] == num_samples
+        and record[0][1].requires_grad
+    }
+    if not usable:
+        return {}, log_probs.detach()
+    outputs = [output for _, output in usable.values()]
+    grads = torch.autograd.grad(log_probs.sum(), outputs, allow_unused=True)
+    factors = {}
+    for (name, (inputs, output)), grad in zip(usable.items(), grads, strict=True):
+        factors[name] = (inputs.detach(), torch.zeros_like(output) if grad is None else grad)
+    return factors, log_probs.detach()
+
+
+def build_factored_scores(
+    scores: PolicyScores,
+    policy: nn.Module,
+    log_prob_fn: LogProbFn,
+    obs: Tree,
+    acts: Tree,
+    chunk_size: int,
+    check_samples: int = 8,
+) -> tuple[FactoredScores | None, str]:
+    """Build a :class:`FactoredScores` for the parameters of ``scores``, if worthwhile.
+
+    Returns
+    -------
+    operator, reason
+        The operator, or ``None`` with the reason the generic path must be used.
+    """
+    names = scores.param_names
+    captured, _ = capture_linear_factors(policy, log_prob_fn, obs, acts, names, scores.num_samples)
+    if not captured:
+        return None, "no nn.Linear layer called once on a (N, features) input"
+    offsets, start = {}, 0
+    for name, numel in zip(names, scores.numels, strict=True):
+        offsets[name] = torch.arange(start, start + numel, device=scores.device)
+        start += numel
+    covered: set[str] = set()
+    factors = []
+    for layer, (inputs, grads) in captured.items():
+        prefix = f"{layer}." if layer else ""
+        out_features, in_features = grads.shape[1], inputs.shape[1]
+        weight = offsets[f"{prefix}weight"].reshape(out_features, in_features)
+        covered.add(f"{prefix}weight")
+        if f"{prefix}bias" in offsets and f"{prefix}bias" in names:
+            bias = offsets[f"{prefix}bias"].reshape(out_features, 1)
+            weight = torch.cat([weight, bias], dim=1)
+            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
+            covered.add(f"{prefix}bias")
+        factors.append(
+            LinearFactor(inputs.to(scores.dtype), grads.to(scores.dtype), weight.reshape(-1))
+        )
+    rest_names = [n for n in names if n not in covered]
+    rest = rest_positions = None
+    if rest_names:
+        rest_scores = PolicyScores(policy, log_prob_fn, obs, acts, rest_names, scores.log_probs)
+        index = torch.arange(scores.num_samples, device=scores.device)
+        rest = torch.cat([rest_scores.rows(chunk) for chunk in index.split(chunk_size)])
+        rest_positions = torch.cat([offsets[n] for n in rest_names])
+    operator = FactoredScores(factors, rest, rest_positions, scores.num_params)
+    probe = torch.arange(min(check_samples, scores.num_samples), device=scores.device)
+    generic = scores.rows(probe)
+    factored = operator.dense_rows(probe)
+    scale = torch.linalg.vector_norm(generic, dim=1, keepdim=True) + 1e-30
+    tolerance = 1e-9 if scores.dtype == torch.float64 else 1e-4
+    if bool(((factored - generic).abs() / scale > tolerance).any()):
+        return None, (
+            "factored linear-layer scores disagree with per-sample gradients on a probe "
+            "(a layer's weights are also used outside its forward, or samples interact)"
+        )
+    return operator, ""

@@ -1,0 +1,29 @@
+"""On-policy reinforcement learning with RAT natural gradients and fair baselines.
+
+Every algorithm shares the same rollouts (Gymnasium vector envs), GAE(lambda),
+observation/reward normalization and separately trained critic; they differ only in the
+policy update (see :data:`ALGORITHMS`). Requires the ``rl`` extra
+(``pip install "natgrad[rl]"``).
+"""
+
+from natgrad.rl._errors import ConfigError, MissingExtraError
+from natgrad.rl.algorithms import ALGORITHMS, PolicyUpdate
+from natgrad.rl.config import TrainConfig
+from natgrad.rl.evaluate import EvalResult, evaluate
+from natgrad.rl.plotting import plot_runs
+from natgrad.rl.train import Trainer, TrainResult, default_out_dir, train
+
+__all__ = [
+    "ALGORITHMS",
+    "ConfigError",
+    "EvalResult",
+    "MissingExtraError",
+    "PolicyUpdate",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "default_out_dir",
+    "evaluate",
+    "plot_runs",
+    "train",
+]

@@ -1,0 +1,91 @@
+"""Backtracking line search on KL and surrogate, shared by ``rat-trpo`` and ``cg-trpo``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.func import functional_call
+
+from natgrad.rl.algorithms.base import mean_kl, surrogate
+from natgrad.rl.policies import log_prob
+
+__all__ = ["LineSearchResult", "backtracking_line_search"]
+
+
+@dataclass(frozen=True)
+class LineSearchResult:
+    """Outcome of :func:`backtracking_line_search`.
+
+    Attributes
+    ----------
+    accepted
+        Whether a step was taken (``False``: parameters untouched).
+    fraction
+        Fraction of the full step taken (``0.0`` if rejected).
+    backtracks
+        Number of halvings tried before acceptance (``max_backtracks`` if rejected).
+    kl, improvement
+        KL and surrogate improvement of the accepted (or the last tried) candidate.
+    """
+
+    accepted: bool
+    fraction: float
+    backtracks: int
+    kl: float
+    improvement: float
+
+
+@torch.no_grad()
+def backtracking_line_search(
+    policy: nn.Module,
+    names: Sequence[str],
+    step: Sequence[Tensor],
+    obs: Tensor,
+    acts: Tensor,
+    old_log_probs: Tensor,
+    adv: Tensor,
+    old_dist: Distribution,
+    max_kl: float,
+    max_backtracks: int,
+    coeff: float,
+) -> LineSearchResult:
+    """Try ``theta + coeff**j * step`` for ``j = 0, 1, ...``; keep the first safe improvement.
+
+    A candidate is accepted when its mean KL from the old policy is at most ``max_kl`` and
+    the surrogate ``mean(pi/pi_old * A)`` strictly improves. Candidates are evaluated with
+    ``functional_call`` on copies, and the policy's parameters are written only on
+    acceptance, so a search that rejects every step leaves them bit-identical.
+
+    Parameters
+    ----------
+    policy
+        The policy (evaluated, written only on acceptance).
+    names, step
+        Parameter names (as in ``named_parameters``) and the full step for each.
+    obs, acts, old_log_probs, adv
+        The batch; ``adv`` normalized.
+    old_dist
+        ``policy(obs)`` before the update (detached).
+    max_kl
+        KL trust-region radius.
+    max_backtracks, coeff
+        Number of candidates tried and the shrink factor between them.
+    """
+    params = dict(policy.named_parameters())
+    base = surrogate(old_log_probs, old_log_probs, adv).item()
+    kl = improvement = float("nan")
+    for j in range(max_backtracks):
+        fraction = coeff**j
+        candidate = {n: params[n] + fraction * s for n, s in zip(names, step, strict=True)}
+        dist = functional_call(policy, candidate, (obs,))
+        kl = mean_kl(old_dist, dist).item()
+        improvement = surrogate(log_prob(dist, acts), old_log_probs, adv).item() - base
+        if kl <= max_kl and improvement > 0.0:
+            for n in names:
+                params[n].copy_(candidate[n])
+            return LineSearchResult(True, fraction, j, kl, improvement)
+    return LineSearchResult(False, 0.0, max_backtracks, kl, improvement)

@@ -1,0 +1,106 @@
+"""Learning curves: one run, or many runs grouped by (env, algo) with a confidence band."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from natgrad.rl._errors import ConfigError, MissingExtraError
+from natgrad.rl.logger import PROGRESS_NAME, read_progress
+
+__all__ = ["load_curve", "plot_runs"]
+
+
+def _figure() -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise MissingExtraError("plotting", "rl", "matplotlib") from error
+    # A bare Figure with the Agg canvas: no pyplot, no global backend switch, no display.
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def load_curve(run_dir: str | Path, y: str = "episodic_return_mean") -> tuple[np.ndarray, ...]:
+    """Return ``(steps, values)`` of a run's ``progress.csv``, NaN rows dropped."""
+    path = Path(run_dir) / PROGRESS_NAME
+    if not path.exists():
+        raise ConfigError(f"{run_dir} has no {PROGRESS_NAME}; is it a `natgrad train` output dir?")
+    rows = read_progress(path)
+    steps = np.array([r["step"] for r in rows])
+    values = np.array([r.get(y, math.nan) for r in rows])
+    keep = np.isfinite(values)
+    return steps[keep], values[keep]
+
+
+def _label(run_dir: Path) -> str:
+    config = run_dir / "config.json"
+    if config.exists():
+        data = json.loads(config.read_text())
+        return f"{data.get('env', '?')} / {data.get('algo', '?')}"
+    return run_dir.name
+
+
+def plot_runs(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    y: str = "episodic_return_mean",
+    title: str | None = None,
+) -> Path:
+    """Overlay runs; runs with the same env and algo are one curve with a 95% band.
+
+    Each group's curves are interpolated onto a common step grid (up to the shortest run
+    in the group); the band is ``mean +- 1.96 * standard error`` across seeds.
+
+    Parameters
+    ----------
+    run_dirs
+        Output directories of ``natgrad train``.
+    out
+        PNG path to write.
+    y
+        Column of ``progress.csv`` to plot.
+    title
+        Figure title (default: the column name).
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    if not run_dirs:
+        raise ConfigError("plot needs at least one run directory")
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
+    for run in map(Path, run_dirs):
+        steps, values = load_curve(run, y)
+        if len(steps):
+            groups[_label(run)].append((steps, values))
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, curves in sorted(groups.items()):
+        end = min(s[-1] for s, _ in curves)
+        start = max(s[0] for s, _ in curves)
+        grid = np.linspace(start, end, 200) if end > start else np.array([end])
+        ys = np.stack([np.interp(grid, s, v) for s, v in curves])
+        mean = ys.mean(0)
+        (line,) = ax.plot(grid, mean, label=f"{label} (n={len(curves)})")
+        if len(curves) > 1:
+            half = 1.96 * ys.std(0, ddof=1) / math.sqrt(len(curves))
+            ax.fill_between(grid, mean - half, mean + half, alpha=0.25, color=line.get_color())
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(y)
+    ax.set_title(title or y)
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend(loc="best", fontsize="small")
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    return out

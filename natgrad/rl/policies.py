@@ -1,0 +1,216 @@
+"""Policies (diagonal Gaussian, categorical) and critics with MLP or MinAtar-CNN torsos.
+
+Every module is initialized from an explicit ``torch.Generator`` (orthogonal init, as in
+PPO implementations), so the same seed gives the same network without the global RNG.
+Distributions are built with ``validate_args=False``: argument validation is
+data-dependent control flow, which ``torch.func.vmap`` (used by RAT) cannot trace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Categorical, Distribution, Normal
+
+from natgrad.rl._errors import ConfigError
+
+__all__ = [
+    "CategoricalPolicy",
+    "GaussianPolicy",
+    "MLPTorso",
+    "MinAtarTorso",
+    "ValueFunction",
+    "build_actor_critic",
+    "sample_action",
+]
+
+
+class MLPTorso(nn.Module):
+    """``Linear -> tanh`` stack on flattened observations.
+
+    Parameters
+    ----------
+    in_dim
+        Flattened observation size.
+    hidden
+        Width of each hidden layer.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.Tanh()]
+            in_dim = width
+        self.net = nn.Sequential(*layers)
+        self.out_dim = in_dim
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Map observations ``(N, *obs_shape)`` to features ``(N, out_dim)``."""
+        return self.net(obs.flatten(1))
+
+
+class MinAtarTorso(nn.Module):
+    """The MinAtar baseline network: ``Conv(C->16, 3x3) -> ReLU -> Linear(->hidden) -> ReLU``.
+
+    Parameters
+    ----------
+    obs_shape
+        ``(H, W, C)``, channels last as MinAtar returns them (e.g. ``(10, 10, 4)``).
+    hidden
+        Width of the fully connected layer.
+    channels
+        Number of convolution filters.
+    """
+
+    def __init__(self, obs_shape: tuple[int, int, int], hidden: int = 128, channels: int = 16):
+        super().__init__()
+        height, width, in_channels = obs_shape
+        self.conv = nn.Conv2d(in_channels, channels, kernel_size=3, stride=1)
+        self.fc = nn.Linear(channels * (height - 2) * (width - 2), hidden)
+        self.out_dim = hidden
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Map images ``(N, H, W, C)`` to features ``(N, hidden)``."""
+        x = torch.relu(self.conv(obs.permute(0, 3, 1, 2)))
+        return torch.relu(self.fc(x.flatten(1)))
+
+
+def _torso(obs_shape: tuple[int, ...], hidden: tuple[int, ...]) -> nn.Module:
+    if len(obs_shape) == 3:
+        return MinAtarTorso(obs_shape, hidden=hidden[-1] if hidden else 128)  # type: ignore[arg-type]
+    return MLPTorso(math.prod(obs_shape), hidden)
+
+
+class CategoricalPolicy(nn.Module):
+    """Policy over ``n`` discrete actions: ``Categorical(logits=head(torso(obs)))``."""
+
+    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, hidden: tuple[int, ...]):
+        super().__init__()
+        self.torso = _torso(obs_shape, hidden)
+        self.head = nn.Linear(self.torso.out_dim, num_actions)
+
+    def forward(self, obs: Tensor) -> Distribution:
+        """Return the action distribution for a batch of observations."""
+        return Categorical(logits=self.head(self.torso(obs)), validate_args=False)
+
+
+class GaussianPolicy(nn.Module):
+    """Diagonal Gaussian with a state-independent log standard deviation.
+
+    ``log_prob`` returns one value per action dimension; RAT's default ``log_prob_fn`` and
+    :func:`log_prob` sum them.
+    """
+
+    def __init__(
+        self,
+        obs_shape: tuple[int, ...],
+        action_dim: int,
+        hidden: tuple[int, ...],
+        log_std_init: float = 0.0,
+    ):
+        super().__init__()
+        self.torso = _torso(obs_shape, hidden)
+        self.head = nn.Linear(self.torso.out_dim, action_dim)
+        self.log_std = nn.Parameter(torch.full((action_dim,), float(log_std_init)))
+
+    def forward(self, obs: Tensor) -> Distribution:
+        """Return the action distribution for a batch of observations."""
+        mean = self.head(self.torso(obs))
+        return Normal(mean, self.log_std.exp().expand_as(mean), validate_args=False)
+
+
+class ValueFunction(nn.Module):
+    """State-value critic ``V(s)`` with its own torso (no sharing with the policy)."""
+
+    def __init__(self, obs_shape: tuple[int, ...], hidden: tuple[int, ...]):
+        super().__init__()
+        self.torso = _torso(obs_shape, hidden)
+        self.head = nn.Linear(self.torso.out_dim, 1)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Return values of shape ``(N,)``."""
+        return self.head(self.torso(obs)).squeeze(-1)
+
+
+def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
+    """Joint log-probability of each sample, shape ``(N,)``."""
+    out = dist.log_prob(acts)
+    return out.reshape(out.shape[0], -1).sum(-1) if out.dim() > 1 else out
+
+
+def entropy(dist: Distribution) -> Tensor:
+    """Joint entropy of each sample, shape ``(N,)``."""
+    out = dist.entropy()
+    return out.reshape(out.shape[0], -1).sum(-1) if out.dim() > 1 else out
+
+
+def sample_action(dist: Distribution, generator: torch.Generator) -> Tensor:
+    """Draw one action per sample from ``dist`` using ``generator`` (not the global RNG)."""
+    if isinstance(dist, Categorical):
+        return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
+    if isinstance(dist, Normal):
+        noise = torch.randn(dist.loc.shape, generator=generator, dtype=dist.loc.dtype)
+        return dist.loc + dist.scale * noise
+    raise TypeError(f"cannot sample from {type(dist).__name__} with an explicit generator")
+
+
+def _init(module: nn.Module, generator: torch.Generator, head_gain: float) -> None:
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for i, layer in enumerate(layers):
+        gain = head_gain if i == len(layers) - 1 else math.sqrt(2.0)
+        nn.init.orthogonal_(layer.weight, gain=gain, generator=generator)
+        nn.init.zeros_(layer.bias)
+
+
+def build_actor_critic(
+    observation_space: Any,
+    action_space: Any,
+    hidden: tuple[int, ...],
+    generator: torch.Generator,
+) -> tuple[nn.Module, ValueFunction]:
+    """Build a policy and a separate critic for Gymnasium spaces.
+
+    Parameters
+    ----------
+    observation_space
+        ``Box`` with shape ``(d,)`` (MLP) or ``(H, W, C)`` (MinAtar CNN).
+    action_space
+        ``Discrete`` (categorical policy) or ``Box`` of shape ``(k,)`` (diagonal Gaussian).
+    hidden
+        Hidden layer widths (the CNN uses the last one for its dense layer).
+    generator
+        Source of the initial weights.
+
+    Raises
+    ------
+    ConfigError
+        For unsupported spaces.
+    """
+    from gymnasium import spaces
+
+    if not isinstance(observation_space, spaces.Box) or len(observation_space.shape) not in (1, 3):
+        raise ConfigError(
+            f"observation space {observation_space} is not supported; natgrad.rl handles Box "
+            "observations of shape (d,) (MLP) or (H, W, C) images (CNN)"
+        )
+    obs_shape = tuple(observation_space.shape)
+    # Module constructors draw default inits from the global RNG; fork it so building a
+    # policy leaves no trace there. The weights themselves come from ``generator`` below.
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(action_space, spaces.Discrete):
+            policy: nn.Module = CategoricalPolicy(obs_shape, int(action_space.n), hidden)
+        elif isinstance(action_space, spaces.Box) and len(action_space.shape) == 1:
+            policy = GaussianPolicy(obs_shape, int(action_space.shape[0]), hidden)
+        else:
+            raise ConfigError(
+                f"action space {action_space} is not supported; natgrad.rl handles Discrete "
+                "(categorical policy) and 1-D Box (diagonal Gaussian policy) actions"
+            )
+        critic = ValueFunction(obs_shape, hidden)
+    _init(policy, generator, head_gain=0.01)
+    _init(critic, generator, head_gain=1.0)
+    return policy, critic

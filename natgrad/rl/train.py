@@ -1,0 +1,389 @@
+"""The training loop shared by every algorithm: rollout, GAE, policy update, critic fit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from natgrad.rl._errors import ConfigError
+from natgrad.rl.algorithms import make_algorithm, mean_kl
+from natgrad.rl.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
+from natgrad.rl.config import TrainConfig
+from natgrad.rl.critic import CriticTrainer
+from natgrad.rl.envs import env_state, make_vec_env, restore_env_state
+from natgrad.rl.logger import RunLogger
+from natgrad.rl.normalize import ObsNormalizer, RewardScaler
+from natgrad.rl.policies import build_actor_critic, entropy
+from natgrad.rl.rollout import Collector, RolloutBuffer
+
+__all__ = ["Trainer", "TrainResult", "default_out_dir", "train"]
+
+CURVE_NAME = "learning_curve.png"
+
+
+def default_out_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
+    """``runs/<env>-<algo>-s<seed>-<YYYYmmdd-HHMMSS>`` (``/`` in env ids becomes ``_``)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    env = config.env.replace("/", "_")
+    return Path(root) / f"{env}-{config.algo}-s{config.seed}-{stamp}"
+
+
+def _seeds(seed: int) -> dict[str, int]:
+    # Independent streams per consumer, so e.g. changing the critic's minibatch count does
+    # not change which actions are sampled.
+    names = ("init", "actions", "envs", "critic", "algo")
+    children = np.random.SeedSequence(seed).spawn(len(names))
+    return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children, strict=True)}
+
+
+def _check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot create output directory --out {str(out_dir)!r}: {error.strerror}; "
+            "choose a writable path"
+        ) from error
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output directory --out {str(out_dir)!r} is not writable; choose a writable path"
+        )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Summary of a finished :meth:`Trainer.run`.
+
+    Attributes
+    ----------
+    out_dir
+        Run directory.
+    steps
+        Environment steps taken in total (across resumes).
+    final_return
+        Mean return of the last finished episodes (window of 20), NaN if none.
+    best_return
+        Highest ``episodic_return_mean`` logged.
+    solved_step
+        First logged step at which ``episodic_return_mean >= solved_threshold``, if any.
+    wall_time
+        Seconds of training in total (across resumes).
+    """
+
+    out_dir: Path
+    steps: int
+    final_return: float
+    best_return: float
+    solved_step: int | None
+    wall_time: float
+
+
+class Trainer:
+    """Build everything a run needs from a :class:`TrainConfig` and run it.
+
+    Parameters
+    ----------
+    config
+        Hyperparameters. Ignored when resuming (the saved config is used; only ``steps``
+        may be raised through ``steps``).
+    out_dir
+        Run directory for ``config.json``, ``progress.csv``, ``checkpoint.pt``, TensorBoard
+        events and ``learning_curve.png``.
+    resume
+        Continue the run saved in ``out_dir`` exactly where its checkpoint left off.
+    steps
+        With ``resume``: new total step budget (default: the saved one).
+    tensorboard
+        Write TensorBoard events if ``tensorboard`` is installed.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig | None,
+        out_dir: str | Path,
+        resume: bool = False,
+        steps: int | None = None,
+        tensorboard: bool = True,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        checkpoint = None
+        if resume:
+            path = self.out_dir / CHECKPOINT_NAME
+            if not path.exists():
+                raise ConfigError(
+                    f"--resume: no {CHECKPOINT_NAME} in {str(self.out_dir)!r}; "
+                    "pass the --out directory of an earlier `natgrad train` run"
+                )
+            checkpoint = load_checkpoint(path)
+            config = TrainConfig.from_dict(checkpoint["config"])
+            if steps is not None:
+                config.steps = steps
+                config.validate()
+        if config is None:
+            raise ConfigError("a TrainConfig is required unless resuming")
+        self.config = config
+        seeds = _seeds(config.seed)
+        self.env = make_vec_env(config.env, config.num_envs)
+        try:  # after the env: a typo in --env must not leave an empty run directory behind
+            _check_writable(self.out_dir)
+        except ConfigError:
+            self.env.close()
+            raise
+        obs_space = self.env.single_observation_space
+        act_space = self.env.single_action_space
+        init = torch.Generator().manual_seed(seeds["init"])
+        self.policy, self.critic = build_actor_critic(obs_space, act_space, config.hidden, init)
+        obs_shape = tuple(obs_space.shape)
+        self.collector = Collector(
+            self.env,
+            ObsNormalizer(obs_shape, enabled=config.norm_obs and len(obs_shape) == 1),
+            RewardScaler(config.num_envs, config.gamma, enabled=config.norm_reward),
+            config.gamma,
+        )
+        discrete = not hasattr(act_space, "low")
+        self.buffer = RolloutBuffer(
+            config.num_steps,
+            config.num_envs,
+            obs_shape,
+            () if discrete else tuple(act_space.shape),
+            discrete,
+        )
+        self.algo = make_algorithm(config.algo, self.policy, config, seeds["algo"])
+        self.critic_trainer = CriticTrainer(
+            self.critic,
+            config.critic_lr,
+            config.critic_epochs,
+            config.critic_minibatch,
+            seeds["critic"],
+        )
+        self.action_generator = torch.Generator().manual_seed(seeds["actions"])
+        self.global_step = 0
+        self.iteration = 0
+        self.wall_time = 0.0
+        self.best_return = -math.inf
+        self.solved_step: int | None = None
+        if checkpoint is None:
+            self.collector.reset(seeds["envs"])
+        else:
+            self._load(checkpoint, seeds["envs"])
+        atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
+        self.logger = RunLogger(
+            self.out_dir,
+            resume_step=self.global_step if checkpoint is not None else None,
+            tensorboard=tensorboard,
+        )
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the run bit for bit."""
+        return {
+            "config": self.config.to_dict(),
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "wall_time": self.wall_time,
+            "best_return": self.best_return,
+            "solved_step": self.solved_step,
+            "policy": self.policy.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_trainer": self.critic_trainer.state_dict(),
+            "algo": self.algo.state_dict(),
+            "action_generator": self.action_generator.get_state(),
+            "collector": self.collector.state_dict(),
+            "envs": env_state(self.env),
+        }
+
+    def _load(self, state: dict[str, Any], env_seed: int) -> None:
+        self.global_step = int(state["global_step"])
+        self.iteration = int(state["iteration"])
+        self.wall_time = float(state["wall_time"])
+        self.best_return = float(state["best_return"])
+        self.solved_step = state["solved_step"]
+        self.policy.load_state_dict(state["policy"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_trainer.load_state_dict(state["critic_trainer"])
+        self.algo.load_state_dict(state["algo"])
+        self.action_generator.set_state(state["action_generator"])
+        self.collector.load_state_dict(state["collector"])
+        if state["envs"] is not None:
+            restore_env_state(self.env, state["envs"])
+        else:
+            warnings.warn(
+                f"the environments of {self.config.env} could not be saved in the checkpoint; "
+                "resuming with freshly reset episodes, so the run will not be bit-identical "
+                "to an uninterrupted one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.collector.reset(env_seed + self.iteration)
+
+    def save(self) -> None:
+        """Write ``checkpoint.pt`` atomically."""
+        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state_dict())
+
+    # -- the loop -----------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        """Collect one rollout and update policy and critic; return the logged row."""
+        cfg = self.config
+        start = time.perf_counter()
+        finished = self.collector.collect(
+            self.policy, self.critic, self.buffer, self.action_generator
+        )
+        self.global_step += cfg.batch_size
+        self.iteration += 1
+        batch = self.buffer.batch(cfg.gamma, cfg.gae_lambda)
+        adv = batch.advantages
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        with torch.no_grad():
+            old_dist = self.policy(batch.obs)
+            old_entropy = float(entropy(old_dist).mean())
+        stats = self.algo.update(batch.obs, batch.acts, batch.log_probs, adv)
+        with torch.no_grad():
+            kl = float(mean_kl(old_dist, self.policy(batch.obs)))
+        value_loss = self.critic_trainer.fit(batch.obs, batch.returns)
+        seconds = time.perf_counter() - start
+        self.wall_time += seconds
+        recent = self.collector.recent_return()
+        if math.isfinite(recent):
+            self.best_return = max(self.best_return, recent)
+        row: dict[str, float] = {
+            "step": self.global_step,
+            "iteration": self.iteration,
+            "episodic_return_mean": recent,
+            "episodic_length_mean": self.collector.recent_length(),
+            "episodes": self.collector.total_episodes,
+            "episodes_this_update": len(finished),
+            "kl": kl,
+            "kl_target": stats.pop("kl_target", math.nan),
+            "entropy": old_entropy,
+            "value_loss": value_loss,
+            "steps_per_sec": cfg.batch_size / seconds,
+            "wall_time": self.wall_time,
+            **stats,
+        }
+        if math.isfinite(row["kl_target"]):
+            row["kl_ratio"] = kl / row["kl_target"]
+        return row
+
+    def run(self, progress: bool = True, solved_threshold: float | None = None) -> TrainResult:
+        """Train until ``config.steps`` environment steps, checkpointing on the way.
+
+        Parameters
+        ----------
+        progress
+            Show a tqdm progress bar (steps, steps/s, recent return, KL).
+        solved_threshold
+            Record the first step whose recent mean return reaches this value
+            (training continues to the budget).
+        """
+        cfg = self.config
+        bar = None
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(
+                    total=cfg.steps, initial=min(self.global_step, cfg.steps), unit="step",
+                    dynamic_ncols=True, desc=f"{cfg.env} {cfg.algo}",
+                )  # fmt: skip
+            except ImportError:  # tqdm is in natgrad[rl]; training works without it
+                bar = None
+        threads = torch.get_num_threads()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)  # restored below: no lasting global change
+        try:
+            while self.global_step < cfg.steps:
+                row = self.step()
+                self.logger.write(row)
+                recent = row["episodic_return_mean"]
+                if (
+                    solved_threshold is not None
+                    and self.solved_step is None
+                    and math.isfinite(recent)
+                    and recent >= solved_threshold
+                ):
+                    self.solved_step = self.global_step
+                done = self.global_step >= cfg.steps
+                if done or self.iteration % cfg.checkpoint_every == 0:
+                    self.save()
+                if bar is not None:
+                    bar.update(min(cfg.batch_size, cfg.steps - bar.n))
+                    bar.set_postfix(
+                        {"steps/s": f"{row['steps_per_sec']:.0f}", "return": f"{recent:.1f}",
+                         "kl": f"{row['kl']:.4f}"}, refresh=False,
+                    )  # fmt: skip
+            if self.iteration == 0 or not (self.out_dir / CHECKPOINT_NAME).exists():
+                self.save()
+        finally:
+            torch.set_num_threads(threads)
+            if bar is not None:
+                bar.close()
+            self.logger.close()
+        self._plot()
+        return TrainResult(
+            out_dir=self.out_dir,
+            steps=self.global_step,
+            final_return=self.collector.recent_return(),
+            best_return=self.best_return,
+            solved_step=self.solved_step,
+            wall_time=self.wall_time,
+        )
+
+    def _plot(self) -> None:
+        try:
+            from natgrad.rl.plotting import plot_runs
+
+            plot_runs([self.out_dir], self.out_dir / CURVE_NAME, title=f"{self.config.env}")
+        except ImportError:  # matplotlib missing: the CSV is the record
+            pass
+
+    def close(self) -> None:
+        """Close the environments."""
+        self.env.close()
+
+
+def train(
+    config: TrainConfig | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+    tensorboard: bool = True,
+) -> TrainResult:
+    """Train one run and return its summary (the Python entry point of ``natgrad train``).
+
+    Parameters
+    ----------
+    config
+        Hyperparameters (default: :class:`TrainConfig` defaults, CartPole-v1 with rat-npg).
+    out_dir
+        Run directory (default: :func:`default_out_dir`).
+    progress
+        Show a progress bar.
+    tensorboard
+        Write TensorBoard events if tensorboard is installed.
+    """
+    config = config or TrainConfig()
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
+    trainer = Trainer(config, out_dir, tensorboard=tensorboard)
+    try:
+        return trainer.run(progress=progress)
+    finally:
+        trainer.close()
+
+
+def summary_json(result: TrainResult) -> str:
+    """JSON summary of a :class:`TrainResult` (printed by the CLI)."""
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(result).items()}
+    return json.dumps(data, indent=2)

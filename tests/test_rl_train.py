@@ -1,0 +1,104 @@
+"""The shared training loop: reproducibility, exact resume, and learning CartPole."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+
+from natgrad.rl import TrainConfig, Trainer, train  # noqa: E402
+from natgrad.rl.logger import read_progress  # noqa: E402
+
+SMALL = dict(num_envs=4, num_steps=64, hidden=(16, 16), critic_epochs=2, checkpoint_every=1)
+# Columns that measure the machine, not the algorithm.
+TIMING = {"wall_time", "steps_per_sec", "solver_seconds"}
+
+
+def _rows(run_dir):
+    return [
+        {k: v for k, v in row.items() if k not in TIMING}
+        for row in read_progress(run_dir / "progress.csv")
+    ]
+
+
+def _same(rows_a, rows_b):
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (math.isnan(a[key]) and math.isnan(b[key])) or a[key] == b[key], key
+
+
+def _run(out, **overrides):
+    trainer = Trainer(TrainConfig(**{**SMALL, **overrides}), out, tensorboard=False)
+    trainer.run(progress=False)
+    trainer.close()
+    return trainer
+
+
+@pytest.mark.parametrize(("env", "algo"), [("CartPole-v1", "rat-npg"), ("Pendulum-v1", "ppo")])
+def test_same_seed_same_numbers(tmp_path, env, algo):
+    a = _run(tmp_path / "a", env=env, algo=algo, steps=512, seed=3)
+    b = _run(tmp_path / "b", env=env, algo=algo, steps=512, seed=3)
+    _same(_rows(tmp_path / "a"), _rows(tmp_path / "b"))
+    for pa, pb in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    c = _run(tmp_path / "c", env=env, algo=algo, steps=512, seed=4)
+    pairs = zip(a.policy.parameters(), c.policy.parameters(), strict=True)
+    assert any(not torch.equal(pa, pc) for pa, pc in pairs)
+
+
+@pytest.mark.parametrize(
+    ("env", "algo"),
+    [("CartPole-v1", "rat-npg"), ("CartPole-v1", "ppo"), ("Pendulum-v1", "rat-trpo"),
+     ("Pendulum-v1", "kfac")],
+)  # fmt: skip
+def test_resume_equals_uninterrupted_run(tmp_path, env, algo):
+    _check_resume(tmp_path, env, algo)
+
+
+def _check_resume(tmp_path, env, algo):
+    whole = _run(tmp_path / "whole", env=env, algo=algo, steps=1024)
+    _run(tmp_path / "split", env=env, algo=algo, steps=512)
+    # Rows logged after the last checkpoint must be dropped on resume: fake one.
+    with open(tmp_path / "split" / "progress.csv", "a") as handle:
+        handle.write("99999" + "," * 5 + "\n")
+    resumed = Trainer(None, tmp_path / "split", resume=True, steps=1024, tensorboard=False)
+    resumed.run(progress=False)
+    resumed.close()
+    _same(_rows(tmp_path / "whole"), _rows(tmp_path / "split"))
+    for pw, pr in zip(whole.policy.parameters(), resumed.policy.parameters(), strict=True):
+        assert torch.equal(pw, pr)
+    for pw, pr in zip(whole.critic.parameters(), resumed.critic.parameters(), strict=True):
+        assert torch.equal(pw, pr)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from natgrad.rl import ConfigError
+
+    with pytest.raises(ConfigError, match="no checkpoint.pt"):
+        Trainer(None, tmp_path, resume=True)
+
+
+@pytest.mark.slow
+def test_rat_npg_learns_cartpole(tmp_path):
+    # Default hyperparameters (those of `natgrad train`), small budget.
+    result = train(TrainConfig(steps=30_720, seed=0), tmp_path / "run", tensorboard=False)
+    assert result.best_return >= 150.0, result
+
+
+def test_resume_mujoco_is_exact(tmp_path):
+    # MuJoCo envs unpickle as fresh simulators: the checkpoint carries MjData and the RNG.
+    pytest.importorskip("mujoco")
+    _check_resume(tmp_path, "Hopper-v5", "rat-npg")
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    trainer = Trainer(TrainConfig(**SMALL, steps=256), tmp_path / "run", tensorboard=True)
+    trainer.run(progress=False)
+    trainer.close()
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
