@@ -271,9 +271,11 @@ class RATNaturalGradient:
         with torch.no_grad():
             log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
         scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
-        operator, backend_note = self._operator(scores, policy, obs, acts)
+        with torch.enable_grad():  # the factored backend needs one backward pass
+            operator, backend_note = self._operator(scores, policy, obs, acts)
         rhs = adv.detach().to(device=device, dtype=torch.float64)
-        result, solver_used, notes = solve(operator, rhs, self.settings, self.generator)
+        with torch.no_grad():  # solvers only combine detached tensors
+            result, solver_used, notes = solve(operator, rhs, self.settings, self.generator)
         fallbacks: list[str] = []
         if scores.fallback_reason is not None:
             fallbacks.append(

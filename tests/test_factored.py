@@ -85,8 +85,12 @@ def test_unsafe_layers_fall_back_and_stay_exact(model):
         dense_scores(policy, reference_log_prob, obs, acts, params, N), adv, 1e-2
     )
     rat = RATNaturalGradient(damping=1e-2, solver="cholesky", backend="factored")
-    direction = torch.cat([d.reshape(-1) for d in rat.natural_gradient(policy, obs, acts, adv).direction])
-    assert torch.linalg.vector_norm(direction - expected) <= 1e-9 * torch.linalg.vector_norm(expected)
+    direction = torch.cat(
+        [d.reshape(-1) for d in rat.natural_gradient(policy, obs, acts, adv).direction]
+    )
+    assert torch.linalg.vector_norm(direction - expected) <= 1e-9 * torch.linalg.vector_norm(
+        expected
+    )
     if model is TiedHead:  # the probe catches the hidden reuse; generic scores are used
         assert rat.diagnostics.backend == "materialized"
         assert "disagree" in rat.diagnostics.fallbacks[0]
