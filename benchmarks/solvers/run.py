@@ -198,7 +198,9 @@ def run_problem(name: str, dampings: list[float], repeats: int, quick: bool) -> 
             points = []
             for budget in budgets:
                 try:
-                    seconds, direction = median_time(lambda f=fn, b=budget, d=damping: f(d, b), repeats)
+                    seconds, direction = median_time(
+                        lambda f=fn, b=budget, d=damping: f(d, b), repeats
+                    )
                 except RuntimeError as error:  # e.g. no double backward for an attention kernel
                     print(f"  {method}: unsupported ({str(error)[:80]})", flush=True)
                     break
