@@ -52,7 +52,7 @@ def snapshot(policy):
         (
             {"backend": "gpu"},
             ValueError,
-            r"backend must be one of 'auto', 'materialized', 'streaming'",
+            r"backend must be one of 'auto', 'factored', 'materialized', 'streaming'",
         ),
         ({"seed": 1.5}, TypeError, r"seed must be an int or None, got 1.5"),
         ({"log_prob_fn": 3}, TypeError, r"log_prob_fn must be callable"),
@@ -257,7 +257,8 @@ def test_inputs_policy_and_gradients_are_untouched():
 
 def test_nonconvergence_policies():
     policy, obs, acts, adv = gaussian_batch(n=32, dtype=torch.float64)
-    settings = {"damping": 1e-4, "block_size": 4, "max_epochs": 1, "tol": 1e-10, "seed": 0}
+    settings = {"damping": 1e-4, "solver": "kaczmarz", "block_size": 4, "max_epochs": 1}
+    settings |= {"tol": 1e-10, "seed": 0}
     with pytest.raises(
         NotConvergedError,
         match=r"solver='kaczmarz' stopped at relative residual .* > tol=1e-10 after 1 epochs",
