@@ -20,6 +20,13 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool (``True``/``False``), else raise a ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_positive_float(name: str, value: Any, hint: str = "") -> float:
     """Return ``value`` as a float if it is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

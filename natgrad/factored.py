@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from natgrad._tree import Tree
-from natgrad.scores import LogProbFn, PolicyScores, ScoreBlock, ScoreOperator
+from natgrad.scores import (
+    BlockFunctions,
+    LogProbFn,
+    PolicyScores,
+    ScoreBlock,
+    ScoreOperator,
+)
 
 __all__ = ["FactoredScores", "LinearFactor", "capture_linear_factors"]
 
@@ -54,6 +60,40 @@ class LinearFactor:
     positions: Tensor
 
 
+def _factored_gram(payload: tuple) -> Tensor:
+    pairs, rest, _, _ = payload
+    total = 0.0
+    for a, g, _ in pairs:
+        total = total + (a @ a.T) * (g @ g.T)
+    if rest is not None:
+        total = total + rest @ rest.T
+    return total
+
+
+def _factored_matvec(payload: tuple, v: Tensor) -> Tensor:
+    pairs, rest, rest_positions, _ = payload
+    out = 0.0
+    for a, g, positions in pairs:
+        matrix = v[positions].reshape(g.shape[1], a.shape[1])
+        out = out + ((a @ matrix.T) * g).sum(dim=1)
+    if rest is not None:
+        out = out + rest @ v[rest_positions]
+    return out
+
+
+def _factored_rmatvec(payload: tuple, x: Tensor) -> Tensor:
+    pairs, rest, rest_positions, num_params = payload
+    result = x.new_zeros(num_params)
+    for a, g, positions in pairs:
+        result.index_copy_(0, positions, ((g * x[:, None]).T @ a).reshape(-1))
+    if rest is not None:
+        result.index_copy_(0, rest_positions, rest.T @ x)
+    return result
+
+
+FACTORED_FUNCTIONS = BlockFunctions(_factored_gram, _factored_matvec, _factored_rmatvec)
+
+
 class _FactoredBlock(ScoreBlock):
     def __init__(self, operator: FactoredScores, index: Tensor | None) -> None:
         self.operator = operator
@@ -64,33 +104,22 @@ class _FactoredBlock(ScoreBlock):
         return tensor if self.index is None else tensor[self.index]
 
     def gram(self) -> Tensor:
-        total = 0.0
-        for factor in self.operator.factors:
-            a, g = self._take(factor.inputs), self._take(factor.output_grads)
-            total = total + (a @ a.T) * (g @ g.T)
-        if self.operator.rest is not None:
-            rest = self._take(self.operator.rest)
-            total = total + rest @ rest.T
-        return total
+        return _factored_gram(self.functional()[1])
 
     def matvec(self, v: Tensor) -> Tensor:
-        out = 0.0
-        for factor in self.operator.factors:
-            a, g = self._take(factor.inputs), self._take(factor.output_grads)
-            matrix = v[factor.positions].reshape(g.shape[1], a.shape[1])
-            out = out + ((a @ matrix.T) * g).sum(dim=1)
-        if self.operator.rest is not None:
-            out = out + self._take(self.operator.rest) @ v[self.operator.rest_positions]
-        return out
+        return _factored_matvec(self.functional()[1], v)
 
     def rmatvec(self, x: Tensor) -> Tensor:
-        result = torch.zeros(self.operator.num_params, dtype=self.dtype, device=x.device)
-        for factor in self.operator.factors:
-            a, g = self._take(factor.inputs), self._take(factor.output_grads)
-            result[factor.positions] = ((g * x[:, None]).T @ a).reshape(-1)
-        if self.operator.rest is not None:
-            result[self.operator.rest_positions] = self._take(self.operator.rest).T @ x
-        return result
+        return _factored_rmatvec(self.functional()[1], x)
+
+    def functional(self) -> tuple[BlockFunctions, tuple]:
+        """Payload ``(((A_S, G_S, positions), ...), rest_S, rest_positions, P)``."""
+        op = self.operator
+        pairs = tuple(
+            (self._take(f.inputs), self._take(f.output_grads), f.positions) for f in op.factors
+        )
+        rest = None if op.rest is None else self._take(op.rest)
+        return FACTORED_FUNCTIONS, (pairs, rest, op.rest_positions, op.num_params)
 
 
 class FactoredScores(ScoreOperator):
@@ -139,6 +168,9 @@ class FactoredScores(ScoreOperator):
 
     def gram(self) -> Tensor:
         return _FactoredBlock(self, None).gram()
+
+    def functional(self) -> tuple[BlockFunctions, tuple]:
+        return _FactoredBlock(self, None).functional()
 
     def dense_rows(self, index: Tensor) -> Tensor:
         """Materialize ``J[index]`` (for verification on a few samples)."""

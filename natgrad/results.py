@@ -36,6 +36,8 @@ class Diagnostics:
         Human-readable notes on every fallback taken (empty when none).
     num_samples, num_params
         ``N`` and ``P``.
+    compiled
+        Whether the iterative solver ran its ``torch.compile`` fused step.
     """
 
     solver: str
@@ -48,6 +50,7 @@ class Diagnostics:
     fallbacks: tuple[str, ...]
     num_samples: int
     num_params: int
+    compiled: bool = False
 
 
 @dataclass(frozen=True)

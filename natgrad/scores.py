@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from natgrad._tree import Tree, take, unsqueeze
 LogProbFn = Callable[[nn.Module, Tree, Tree], Tensor]
 
 __all__ = [
+    "BlockFunctions",
     "DenseBlock",
     "LogProbFn",
     "MaterializedScores",
@@ -245,6 +247,37 @@ class ScoreBlock(ABC):
     def rmatvec(self, x: Tensor) -> Tensor:
         """``J_S^T x`` for ``x`` of shape ``(b,)``; returns shape ``(P,)``."""
 
+    def functional(self) -> tuple[BlockFunctions, tuple] | None:
+        """Pure functions and their tensor payload for the compiled path, or ``None``."""
+        return None
+
+
+@dataclass(frozen=True)
+class BlockFunctions:
+    """Pure functions of a payload (tuple of tensors) giving ``J J^T``, ``J v``, ``J^T x``.
+
+    Rows exposed this way can run on the ``torch.compile`` path (``compile=True``).
+    """
+
+    gram: Callable[[tuple], Tensor]
+    matvec: Callable[[tuple, Tensor], Tensor]
+    rmatvec: Callable[[tuple, Tensor], Tensor]
+
+
+def _dense_gram(payload: tuple[Tensor]) -> Tensor:
+    return payload[0] @ payload[0].T
+
+
+def _dense_matvec(payload: tuple[Tensor], v: Tensor) -> Tensor:
+    return payload[0] @ v
+
+
+def _dense_rmatvec(payload: tuple[Tensor], x: Tensor) -> Tensor:
+    return payload[0].T @ x
+
+
+DENSE_FUNCTIONS = BlockFunctions(_dense_gram, _dense_matvec, _dense_rmatvec)
+
 
 class DenseBlock(ScoreBlock):
     """A block held as an explicit ``(b, P)`` matrix of rows."""
@@ -261,6 +294,9 @@ class DenseBlock(ScoreBlock):
 
     def rmatvec(self, x: Tensor) -> Tensor:
         return self.rows.T @ x
+
+    def functional(self) -> tuple[BlockFunctions, tuple]:
+        return DENSE_FUNCTIONS, (self.rows,)
 
 
 class ScoreOperator(ABC):
@@ -287,6 +323,10 @@ class ScoreOperator(ABC):
     @abstractmethod
     def gram(self) -> Tensor:
         """The kernel ``K = J J^T`` (shape ``(N, N)``)."""
+
+    def functional(self) -> tuple[BlockFunctions, tuple] | None:
+        """Pure functions and payload of the whole ``J`` for the compiled path, or ``None``."""
+        return None
 
 
 class MaterializedScores(ScoreOperator):
@@ -329,6 +369,9 @@ class MaterializedScores(ScoreOperator):
 
     def gram(self) -> Tensor:
         return self.matrix @ self.matrix.T
+
+    def functional(self) -> tuple[BlockFunctions, tuple]:
+        return DENSE_FUNCTIONS, (self.matrix,)
 
 
 class StreamingScores(ScoreOperator):

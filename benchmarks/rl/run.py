@@ -66,6 +66,9 @@ def run_peer(env: str, seed: int, steps: int, out: Path) -> dict:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
+    from natgrad.rl.envs import make_env
+
+    make_env(env).close()  # registers MinAtar ids in this process
     hp = dict(ZOO_TRPO.get(env, {}))  # not in the zoo: sb3-contrib's defaults
     n_envs, normalize = hp.pop("n_envs", 1), hp.pop("normalize", False)
     venv = make_vec_env(env, n_envs=n_envs, seed=seed)
@@ -95,10 +98,35 @@ def run_peer(env: str, seed: int, steps: int, out: Path) -> dict:
         def _on_training_end(self) -> None:
             self.handle.close()
 
+    if env.startswith("MinAtar/"):  # the same MinAtar torso as natgrad's CNN policy
+        hp["policy_kwargs"] = minatar_policy_kwargs()
     model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", verbose=0, **hp)
+    hp.pop("policy_kwargs", None)
     model.learn(total_timesteps=steps, callback=Log())
     return {"config": {"algo": PEER, "env": env, "seed": seed, "steps": steps,
                        "n_envs": n_envs, "normalize": normalize, **hp}}  # fmt: skip
+
+
+def minatar_policy_kwargs() -> dict:
+    """sb3 policy kwargs for MinAtar: Conv(C->16, 3x3) -> ReLU -> Linear(->128) -> ReLU.
+
+    sb3's NatureCNN needs images of at least 36x36; MinAtar frames are 10x10 with channels
+    last, so the peer gets the MinAtar baseline torso that natgrad's CNN policy uses.
+    """
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    class MinAtarExtractor(BaseFeaturesExtractor):
+        def __init__(self, observation_space, features_dim: int = 128) -> None:
+            super().__init__(observation_space, features_dim)
+            height, width, channels = observation_space.shape
+            self.conv = torch.nn.Conv2d(channels, 16, 3)
+            self.linear = torch.nn.Linear(16 * (height - 2) * (width - 2), features_dim)
+
+        def forward(self, obs: torch.Tensor) -> torch.Tensor:
+            hidden = torch.relu(self.conv(obs.float().permute(0, 3, 1, 2)))
+            return torch.relu(self.linear(hidden.flatten(1)))
+
+    return {"features_extractor_class": MinAtarExtractor, "net_arch": []}
 
 
 def run_name(env: str, algo: str, seed: int, steps: int) -> str:
@@ -147,6 +175,37 @@ def machine() -> dict:
     return info
 
 
+def reward_threshold(env: str) -> float | None:
+    """Gymnasium's solved threshold for an env id (registering MinAtar ids first)."""
+    import gymnasium
+
+    from natgrad.rl.envs import _ensure_registered
+
+    _ensure_registered(env)
+    return gymnasium.spec(env).reward_threshold
+
+
+def machine_label(info: dict) -> str:
+    """Short name of a machine for the table, e.g. ``2 CPU, torch 2.13.0+cpu``."""
+    return f"{info['cpu_count']} CPU, torch {info['torch']}"
+
+
+def merge_results(data: dict, results_dir: Path, other: Path) -> None:
+    """Add the runs recorded in another results folder (e.g. made on another machine)."""
+    theirs = json.loads((other / "results.json").read_text())
+    data.setdefault("machines", {}).update(theirs.get("machines", {}))
+    done = {r["name"] for r in data["runs"]}
+    for run in theirs["runs"]:
+        if run["name"] in done:
+            continue
+        shutil.copytree(other / "runs" / run["name"], results_dir / "runs" / run["name"],
+                        dirs_exist_ok=True)  # fmt: skip
+        data["runs"].append(run)
+    data.setdefault("commands", []).extend(
+        c for c in theirs.get("commands", []) if c not in data.get("commands", [])
+    )
+
+
 def report(results_dir: Path) -> None:
     data = json.loads((results_dir / "results.json").read_text())
     runs = data["runs"]
@@ -155,8 +214,8 @@ def report(results_dir: Path) -> None:
         groups.setdefault((run["env"], run["steps"], run["algo"]), []).append(run)
     lines = [
         "| env | algo | seeds | budget (steps) | final return (mean ± s.e.) | "
-        "threshold: mean steps to reach it (solved/seeds) | wall time s (mean ± s.e.) |",
-        "|---|---|---|---|---|---|---|",
+        "threshold: mean steps to reach it (solved/seeds) | wall time s (mean ± s.e.) | machine |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def mse(xs: list[float]) -> str:
@@ -166,10 +225,8 @@ def report(results_dir: Path) -> None:
         se = np.std(xs, ddof=1) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan")
         return f"{np.mean(xs):.1f} ± {se:.1f}"
 
-    import gymnasium
-
     for (env, _, algo), rs in sorted(groups.items()):
-        threshold = gymnasium.spec(env).reward_threshold
+        threshold = reward_threshold(env)
         solved = [r["steps_to_threshold"] for r in rs if r["steps_to_threshold"] is not None]
         count = f"({len(solved)}/{len(rs)})"
         to_threshold = f"{np.mean(solved):.0f} {count}" if solved else f"— {count}"
@@ -180,7 +237,8 @@ def report(results_dir: Path) -> None:
         lines.append(
             f"| {env} | {algo} | {len(rs)} | {rs[0]['steps']} | "
             f"{mse([r['final_return'] for r in rs])} | {to_threshold} | "
-            f"{mse([r['wall_time'] for r in rs])} |"
+            f"{mse([r['wall_time'] for r in rs])} | "
+            f"{', '.join(sorted({r['machine'] for r in rs}))} |"
         )
     header = [
         "# natgrad RL benchmark",
@@ -191,11 +249,14 @@ def report(results_dir: Path) -> None:
         "",
         "Final return: mean over the last 10% of the budget of the training-time mean return "
         "of the last 20 episodes, then mean ± standard error across seeds. Wall time: training "
-        f"time per run on the machine below ({data['machine']['cpu_count']} CPUs shared with "
-        "other jobs, one run at a time, torch threads = 1).",
+        "time per run (torch threads = 1) on the machine the row names; compare wall times only "
+        "between rows of the same machine. The 2-CPU machine ran one or two runs at a time "
+        "beside other jobs; the 16-CPU machine ran up to 16 at a time, one per core.",
+        "",
+        "Machines:",
         "",
         "```json",
-        json.dumps(data["machine"], indent=2),
+        json.dumps(data["machines"], indent=2),
         "```",
         "",
     ]
@@ -219,24 +280,32 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--report", action="store_true", help="only rebuild table and plots")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[],
+                        help="results folders of runs made elsewhere to add")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     results_dir: Path = args.results
     (results_dir / "runs").mkdir(parents=True, exist_ok=True)
     path = results_dir / "results.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    data["machine"] = machine()
+    label = machine_label(machine())
+    data.setdefault("machines", {})[label] = machine()
+    if "machine" in data:  # files written before runs named their machine
+        old = data.pop("machine")
+        data["machines"].setdefault(machine_label(old), old)
+        for run in data["runs"]:
+            run.setdefault("machine", machine_label(old))
+    for other in args.merge:
+        merge_results(data, results_dir, other)
     commands = data.setdefault("commands", [])
     if "command" in data:  # files written before commands were a list
         commands.insert(0, data.pop("command"))
     if not args.report:
         commands.append("python benchmarks/rl/run.py " + " ".join(sys.argv[1:]))
     if not args.report:
-        import gymnasium
-
         done = {r["name"] for r in data["runs"]}
         for env in args.envs:
-            threshold = gymnasium.spec(env).reward_threshold
+            threshold = reward_threshold(env)
             for algo in args.algos:
                 for seed in args.seeds:
                     name = run_name(env, algo, seed, args.steps)
@@ -253,7 +322,8 @@ def main() -> None:
                     shutil.copy(tmp / "progress.csv", keep / "progress.csv")
                     (keep / "config.json").write_text(json.dumps(extra["config"], indent=2))
                     record = {"name": name, "env": env, "algo": algo, "seed": seed,
-                              "steps": args.steps, **summarize(keep, threshold)}  # fmt: skip
+                              "steps": args.steps, "machine": label,
+                              **summarize(keep, threshold)}  # fmt: skip
                     data["runs"].append(record)
                     path.write_text(json.dumps(data, indent=2))
                     print(json.dumps(record), flush=True)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from natgrad.scores import ScoreOperator
+from natgrad.solvers.fused import fused_kernel, fused_matvec
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,25 @@ def relative_residual(rhs: Tensor, jv: Tensor, x: Tensor, damping: float) -> flo
     return float(torch.linalg.vector_norm(rhs - jv - damping * x) / norm)
 
 
-def apply_kernel(operator: ScoreOperator, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Return ``(v, J v)`` with ``v = J^T x / N``, both float64."""
+def apply_kernel(
+    operator: ScoreOperator, x: Tensor, compiled: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Return ``(v, J v)`` with ``v = J^T x / N``, both float64.
+
+    ``compiled=True`` fuses both products into one ``torch.compile`` graph when the
+    operator has a functional form.
+    """
     n = operator.num_samples
+    functional = operator.functional() if compiled else None
+    if functional is not None:
+        return fused_kernel(*functional, x, 1.0 / n)
     v = operator.rmatvec(x.to(operator.dtype)).to(torch.float64) / n
     return v, operator.matvec(v.to(operator.dtype)).to(torch.float64)
+
+
+def operator_matvec(operator: ScoreOperator, v: Tensor, compiled: bool = False) -> Tensor:
+    """``J v`` in float64 for a float64 ``v`` (compiled when asked and possible)."""
+    functional = operator.functional() if compiled else None
+    if functional is not None:
+        return fused_matvec(*functional, v)
+    return operator.matvec(v.to(operator.dtype)).to(torch.float64)

@@ -10,7 +10,12 @@ from natgrad.solvers._base import SolveResult, apply_kernel, relative_residual
 
 
 def cg_solve(
-    operator: ScoreOperator, rhs: Tensor, damping: float, tol: float, max_iters: int
+    operator: ScoreOperator,
+    rhs: Tensor,
+    damping: float,
+    tol: float,
+    max_iters: int,
+    compiled: bool = False,
 ) -> SolveResult:
     """Solve ``(K / N + lam I) x = rhs`` by conjugate gradient, matrix-free.
 
@@ -30,6 +35,8 @@ def cg_solve(
         Stop once ``|rhs - M x| / |rhs| <= tol``.
     max_iters
         Iteration cap.
+    compiled
+        Fuse the kernel product ``J (J^T x) / N`` with ``torch.compile`` when possible.
     """
     x = torch.zeros_like(rhs)
     residual_vec = rhs.clone()
@@ -47,7 +54,7 @@ def cg_solve(
     rr = float(residual_vec @ residual_vec)
     iterations = 0
     while iterations < max_iters and rr**0.5 / rhs_norm > tol:
-        _, jv_dir = apply_kernel(operator, direction)
+        _, jv_dir = apply_kernel(operator, direction, compiled)
         m_dir = jv_dir + damping * direction
         alpha = rr / float(direction @ m_dir)
         x += alpha * direction
@@ -56,6 +63,6 @@ def cg_solve(
         direction = residual_vec + (rr_new / rr) * direction
         rr = rr_new
         iterations += 1
-    v, jv = apply_kernel(operator, x)
+    v, jv = apply_kernel(operator, x, compiled)
     residual = relative_residual(rhs, jv, x, damping)
     return SolveResult(x, v, jv, residual, iterations, residual <= tol)

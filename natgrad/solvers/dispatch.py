@@ -10,7 +10,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from natgrad._checks import check_choice, check_positive_float, check_positive_int
+from natgrad._checks import (
+    check_bool,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
 from natgrad.scores import ScoreOperator
 from natgrad.solvers._base import SolveResult
 from natgrad.solvers.cg import cg_solve
@@ -43,6 +48,7 @@ class SolverSettings:
     max_iters: int
     on_nonconvergence: str = "fallback"
     resample_blocks: bool = False
+    compile: bool = False
 
     @classmethod
     def validated(
@@ -56,6 +62,7 @@ class SolverSettings:
         max_iters: int,
         on_nonconvergence: str = "fallback",
         resample_blocks: bool = False,
+        compile: bool = False,
     ) -> SolverSettings:
         """Check user-given options once, with errors that name the option and the fix."""
         return cls(
@@ -71,6 +78,7 @@ class SolverSettings:
                 "on_nonconvergence", on_nonconvergence, ON_NONCONVERGENCE
             ),
             resample_blocks=bool(resample_blocks),
+            compile=check_bool("compile", compile),
         )
 
 
@@ -108,7 +116,7 @@ def solve(
     if s.solver == "cholesky":
         return cholesky_solve(operator, rhs, s.damping), "cholesky", []
     if s.solver == "cg":
-        result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters)
+        result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters, s.compile)
     else:
         result = kaczmarz_solve(
             operator,
@@ -119,6 +127,7 @@ def solve(
             s.tol,
             generator,
             s.resample_blocks,
+            s.compile,
         )
     if result.converged:
         return result, s.solver, []

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from natgrad.scores import ScoreBlock, ScoreOperator
-from natgrad.solvers._base import SolveResult, relative_residual
+from natgrad.solvers._base import SolveResult, operator_matvec, relative_residual
+from natgrad.solvers.fused import fused_block_factor, fused_block_step
 
 
 @dataclass
@@ -41,8 +42,16 @@ class KaczmarzState:
         )
 
 
-def block_factor(block: ScoreBlock, num_samples: int, damping: float) -> Tensor:
-    """Cholesky factor of the diagonal block ``M_SS = J_S J_S^T / N + lam I`` (float64)."""
+def block_factor(
+    block: ScoreBlock, num_samples: int, damping: float, compiled: bool = False
+) -> Tensor:
+    """Cholesky factor of the diagonal block ``M_SS = J_S J_S^T / N + lam I`` (float64).
+
+    ``compiled=True`` runs it through ``torch.compile`` when the block has a functional form.
+    """
+    functional = block.functional() if compiled else None
+    if functional is not None:
+        return fused_block_factor(*functional, damping, 1.0 / num_samples)
     matrix = block.gram().to(torch.float64) / num_samples
     matrix.diagonal().add_(damping)
     return torch.linalg.cholesky(matrix)
@@ -55,6 +64,7 @@ def kaczmarz_step(
     rhs: Tensor,
     damping: float,
     factor: Tensor | None = None,
+    compiled: bool = False,
 ) -> Tensor:
     """One block projection, in place on ``state``; returns the block residual ``r_S``.
 
@@ -72,10 +82,21 @@ def kaczmarz_step(
         ``lam > 0``.
     factor
         Cholesky factor of ``M_SS`` if already known (see :func:`block_factor`).
+    compiled
+        Run the whole step as one ``torch.compile`` graph when the block has a functional
+        form (:meth:`~natgrad.scores.ScoreBlock.functional`); same result as eager.
     """
     num_samples = state.x.shape[0]
     if factor is None:
-        factor = block_factor(block, num_samples, damping)
+        factor = block_factor(block, num_samples, damping, compiled)
+    functional = block.functional() if compiled else None
+    if functional is not None:
+        fns, payload = functional
+        x_block, state.v, residual = fused_block_step(
+            fns, payload, state.x[index], state.v, rhs[index], factor, damping, 1.0 / num_samples
+        )
+        state.x[index] = x_block
+        return residual
     jv = block.matvec(state.v.to(block.dtype)).to(torch.float64)
     residual = rhs[index] - jv - damping * state.x[index]
     delta = torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1)
@@ -93,6 +114,7 @@ def kaczmarz_solve(
     tol: float,
     generator: torch.Generator,
     resample_blocks: bool = False,
+    compiled: bool = False,
 ) -> SolveResult:
     """Solve ``(K / N + lam I) x = rhs`` by randomized block Kaczmarz.
 
@@ -121,6 +143,8 @@ def kaczmarz_solve(
         Source of all randomness (block paving and order).
     resample_blocks
         Draw a new paving each epoch instead of reusing one.
+    compiled
+        Use the ``torch.compile`` fused block step (see :func:`kaczmarz_step`).
     """
     num_samples = operator.num_samples
     device = rhs.device
@@ -139,15 +163,15 @@ def kaczmarz_solve(
             blocks = list(perm.split(block_size))
             factors = [None] * len(blocks)
         order = torch.randperm(len(blocks), generator=generator, device="cpu").tolist()
-        swept = 0.0
+        swept = torch.zeros((), dtype=torch.float64, device=device)
         for k in order:
             block = operator.block(blocks[k])
             if factors[k] is None:
-                factors[k] = block_factor(block, num_samples, damping)
-            r = kaczmarz_step(state, block, blocks[k], rhs, damping, factors[k])
-            swept += float(r @ r)
-        if swept**0.5 / rhs_norm <= tol or epoch == max_epochs:
-            jv = operator.matvec(state.v.to(operator.dtype)).to(torch.float64)
+                factors[k] = block_factor(block, num_samples, damping, compiled)
+            r = kaczmarz_step(state, block, blocks[k], rhs, damping, factors[k], compiled)
+            swept += r @ r  # stays on the device: one synchronization per epoch
+        if float(swept) ** 0.5 / rhs_norm <= tol or epoch == max_epochs:
+            jv = operator_matvec(operator, state.v, compiled)
             residual = relative_residual(rhs, jv, state.x, damping)
             if residual <= tol:
                 break

@@ -1,0 +1,77 @@
+"""The ``compile=True`` fused path: same answers as eager, on CPU, for every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES, build
+from reference import dense_natural_gradient, dense_scores, reference_log_prob
+
+from natgrad import RATNaturalGradient
+
+N = 24
+CASE_NAMES = ("gaussian_mlp", "categorical_cnn", "dict_obs")
+SOLVERS = {"cg": {"max_iters": 400}, "kaczmarz": {"block_size": 12, "max_epochs": 400}}
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def case_named(name: str):
+    return next(c for c in CASES if c.name == name)
+
+
+@pytest.mark.parametrize("backend", ["factored", "materialized", "streaming"])
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_compiled_equals_eager_and_reference(name, solver, backend):
+    case = case_named(name)
+    policy, obs, acts, adv = build(case, N)
+    damping = 0.5  # Kaczmarz reaches 1e-12 within the epoch cap on every case
+    chosen = [p for p in policy.parameters() if p.requires_grad]
+    scores = dense_scores(policy, case.log_prob_fn or reference_log_prob, obs, acts, chosen, N)
+    expected = dense_natural_gradient(scores, adv, damping)
+    directions = {}
+    for compiled in (False, True):
+        rat = RATNaturalGradient(
+            case.log_prob_fn,
+            damping=damping,
+            solver=solver,
+            tol=1e-12,
+            seed=0,
+            backend=backend,
+            compile=compiled,
+            on_nonconvergence="raise",
+            **SOLVERS[solver],
+        )
+        result = rat.natural_gradient(policy, obs, acts, adv)
+        directions[compiled] = flat(result.direction)
+        assert rat.diagnostics.backend == backend
+        fused_expected = compiled and not (solver == "cg" and backend == "streaming")
+        assert rat.diagnostics.compiled is fused_expected
+        if compiled and not fused_expected:
+            assert any("compile=True" in note for note in rat.diagnostics.fallbacks)
+    scale = torch.linalg.vector_norm(expected)
+    assert torch.linalg.vector_norm(directions[True] - expected) <= 1e-8 * scale
+    assert torch.linalg.vector_norm(directions[True] - directions[False]) <= 1e-8 * scale
+
+
+def test_compiled_float32_close_to_eager():
+    """In float32 the fused graph may reorder sums: equal within float32 rounding."""
+    case = case_named("gaussian_mlp")
+    policy, obs, acts, adv = build(case, 256)
+    policy, obs, acts, adv = policy.float(), obs.float(), acts.float(), adv.float()
+    outputs = []
+    for compiled in (False, True):
+        rat = RATNaturalGradient(
+            damping=1e-2, solver="kaczmarz", block_size=64, seed=3, compile=compiled
+        )
+        outputs.append(rat(policy, obs, acts, adv))
+        assert outputs[-1].dtype == torch.float32
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4 * outputs[0].abs().max())
+
+
+def test_compile_must_be_bool():
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        RATNaturalGradient(compile="yes")
