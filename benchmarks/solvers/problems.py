@@ -60,7 +60,7 @@ class Problem:
     adv: Tensor
 
 
-def make_problem(name: str, seed: int = 0) -> Problem:
+def make_problem(name: str, seed: int = 0, device: str = "cpu") -> Problem:
     """Build a policy, an on-policy batch (actions sampled from it) and normalized advantages.
 
     The advantages are a noisy linear function of the scores' leading direction plus noise,
@@ -88,7 +88,8 @@ def make_problem(name: str, seed: int = 0) -> Problem:
         log_prob = dist.log_prob(acts)
     returns = log_prob + torch.randn(n, generator=gen) * log_prob.std()
     adv = (returns - returns.mean()) / returns.std()
-    return Problem(name, policy, obs, acts, adv)
+    policy = policy.to(device)
+    return Problem(name, policy, obs.to(device), acts.to(device), adv.to(device))
 
 
 def log_prob_fn(policy: nn.Module, obs: Tensor, acts: Tensor) -> Tensor:

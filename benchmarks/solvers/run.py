@@ -44,11 +44,18 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         out = fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -79,7 +86,7 @@ def trpo_cg(problem: Problem, damping: float, iterations: int) -> Tensor:
     params = list(policy.parameters())
     log_prob = log_prob_fn(policy, problem.obs, problem.acts)
     g = flat(torch.autograd.grad((problem.adv * log_prob).mean(), params, retain_graph=True))
-    dummy = torch.zeros(n, requires_grad=True)
+    dummy = torch.zeros(n, requires_grad=True, device=g.device)
     jt_dummy = torch.autograd.grad(log_prob, params, grad_outputs=dummy, create_graph=True)
     sizes = [p.numel() for p in params]
 
@@ -121,6 +128,16 @@ def dense_fisher(problem: Problem, damping: float) -> Tensor:
     return torch.linalg.solve(fisher, jac.T @ problem.adv.double() / n)
 
 
+def kfac_direction(problem: Problem, damping: float) -> Tensor:
+    """The K-FAC direction of natgrad's ``kfac`` agent (Kronecker factors of one batch)."""
+    from natgrad.rl import TrainConfig
+    from natgrad.rl.algorithms.kfac import KFAC
+
+    config = TrainConfig(algo="kfac", kfac_damping=damping)
+    kfac = KFAC(problem.policy, config, seed=0)
+    return flat(kfac.direction(problem.obs, problem.acts, problem.adv).values())
+
+
 def natgrad_direction(problem: Problem, damping: float, **settings) -> Tensor:
     rat = RATNaturalGradient(
         log_prob_fn, damping=damping, seed=0, on_nonconvergence="warn", **settings
@@ -132,7 +149,9 @@ def natgrad_direction(problem: Problem, damping: float, **settings) -> Tensor:
         )
 
 
-def methods(problem: Problem, quick: bool) -> dict[str, tuple[str, list[int], object]]:
+def methods(
+    problem: Problem, quick: bool, compiled: bool = False
+) -> dict[str, tuple[str, list[int], object]]:
     """Method name -> (budget label, budgets, fn(damping, budget) -> direction)."""
     epochs = [1, 2, 4, 8] if quick else [1, 2, 3, 5, 8, 12, 20]
     iters = [5, 10, 20, 40] if quick else [5, 10, 15, 20, 30, 45, 70, 100]
@@ -170,14 +189,47 @@ def methods(problem: Problem, quick: bool) -> dict[str, tuple[str, list[int], ob
                     problem, lam, solver="cholesky", backend=be
                 ),
             )
+    if compiled:
+        for block in (256, 1024):
+            table[f"rat-kaczmarz b={block} [factored, compile]"] = (
+                "epochs",
+                epochs,
+                lambda lam, k, b=block: natgrad_direction(
+                    problem,
+                    lam,
+                    solver="kaczmarz",
+                    block_size=b,
+                    max_epochs=k,
+                    tol=1e-12,
+                    backend="factored",
+                    compile=True,
+                ),
+            )
+        table["rat-cg [factored, compile]"] = (
+            "iterations",
+            iters,
+            lambda lam, k: natgrad_direction(
+                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend="factored", compile=True
+            ),
+        )
+    if problem.name != "transformer":  # attention's projections are not hookable modules
+        table["kfac (K-FAC direction)"] = ("-", [1], lambda lam, k: kfac_direction(problem, lam))
     table["trpo-cg (autograd FVP)"] = ("iterations", iters, lambda lam, k: trpo_cg(problem, lam, k))
     if problem.name == "mlp":
         table["dense fisher (P x P)"] = ("-", [1], lambda lam, k: dense_fisher(problem, lam))
     return table
 
 
-def run_problem(name: str, dampings: list[float], repeats: int, quick: bool) -> dict:
-    problem = make_problem(name)
+def run_problem(
+    name: str,
+    dampings: list[float],
+    repeats: int,
+    quick: bool,
+    device: str = "cpu",
+    compiled: bool = False,
+    warmup: bool = False,
+) -> dict:
+    problem = make_problem(name, device=device)
     num_params = sum(p.numel() for p in problem.policy.parameters())
     vanilla, _ = median_time(lambda: vanilla_backward(problem), max(repeats, 5))
     record = {
@@ -194,8 +246,13 @@ def run_problem(name: str, dampings: list[float], repeats: int, quick: bool) -> 
     for damping in dampings:
         exact = exact_direction(problem, damping)
         curves = {}
-        for method, (unit, budgets, fn) in methods(problem, quick).items():
+        for method, (unit, budgets, fn) in methods(problem, quick, compiled).items():
             points = []
+            if warmup:  # compilation, cuBLAS/cuDNN handles, allocator: not part of the timing
+                try:
+                    fn(damping, budgets[0])
+                except RuntimeError:
+                    pass
             for budget in budgets:
                 try:
                     seconds, direction = median_time(
@@ -228,20 +285,40 @@ def run_problem(name: str, dampings: list[float], repeats: int, quick: bool) -> 
     return record
 
 
-def memory_probe(backend: str) -> None:
-    """Print the peak RSS increase (bytes) of one natural-gradient call on large_mlp."""
-    problem = make_problem("large_mlp")
+def memory_probe(backend: str, device: str = "cpu") -> int:
+    """Peak extra memory (bytes) of one Kaczmarz epoch on large_mlp with ``backend``.
+
+    CPU: run in a fresh process (``--memory-probe``), peak RSS increase. CUDA: in process,
+    peak allocated minus the allocation before the call.
+    """
+    problem = make_problem("large_mlp", device=device)
+
+    def call() -> None:
+        natgrad_direction(
+            problem, 1e-2, solver="kaczmarz", block_size=256, max_epochs=1, tol=1e-12,
+            backend=backend, memory_budget=2**40,
+        )  # fmt: skip
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    natgrad_direction(
-        problem, 1e-2, solver="kaczmarz", block_size=256, max_epochs=1, tol=1e-12, backend=backend
-    )
+    call()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"backend": backend, "peak_extra_bytes": (after - before) * 1024}))
+    return (after - before) * 1024
 
 
-def memory_table() -> dict:
+def memory_table(device: str = "cpu") -> dict:
     out = {}
     for backend in ("streaming", "factored", "materialized"):
+        if device == "cuda":
+            out[backend] = memory_probe(backend, device)
+            continue
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-probe", backend],
             capture_output=True,
@@ -256,14 +333,17 @@ def memory_table() -> dict:
     return out
 
 
-def write_outputs(data: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(data, indent=1))
+def write_outputs(data: dict, results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(data, indent=1))
     lines = [
         "# Solver benchmark",
         "",
         f"Command: `{data['command']}`  ",
-        f"Machine: {data['machine']}; torch {data['torch']}; threads {data['threads']}.",
+        f"Machine: {data['machine']}; torch {data['torch']}; threads {data['threads']}; "
+        f"device {data.get('device', 'cpu')}"
+        f"{' (' + data['gpu'] + ')' if data.get('gpu') else ''}; "
+        f"warm-up call before timing: {data.get('warmup', False)}.",
         "",
         "Time to reach cosine >= 0.99 with the exact float64 direction (median of "
         f"{data['repeats']} repeats, whole call including per-sample scores), and the ratio "
@@ -293,11 +373,11 @@ def write_outputs(data: dict) -> None:
             "|---|---|",
         ]
         lines += [f"| {k} | {v / 2**20:.1f} MiB |" for k, v in data["memory"].items()]
-    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
-    plot(data)
+    (results / "results.md").write_text("\n".join(lines) + "\n")
+    plot(data, results)
 
 
-def plot(data: dict) -> None:
+def plot(data: dict, results: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,7 +406,7 @@ def plot(data: dict) -> None:
             )
         axes[0][-1].legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        fig.savefig(RESULTS / f"{rec['problem']}.png", dpi=110)
+        fig.savefig(results / f"{rec['problem']}.png", dpi=110)
         plt.close(fig)
 
 
@@ -336,16 +416,20 @@ def main() -> None:
     parser.add_argument("--dampings", nargs="+", type=float, default=[1e-2, 1e-3])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--compile", action="store_true", help="add compile=True variants")
+    parser.add_argument("--warmup", action="store_true", help="one untimed call per method")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--quick", action="store_true", help="fewer budgets (smoke test)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--replot", action="store_true", help="redraw from results.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
-        memory_probe(args.memory_probe)
+        print(json.dumps({"peak_extra_bytes": memory_probe(args.memory_probe)}))
         return
     if args.replot:
-        write_outputs(json.loads((RESULTS / "results.json").read_text()))
+        write_outputs(json.loads((args.results / "results.json").read_text()), args.results)
         return
     data = {
         "command": "python benchmarks/solvers/run.py " + " ".join(sys.argv[1:]),
@@ -355,13 +439,26 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": args.threads,
         "repeats": args.repeats,
-        "problems": [
-            run_problem(p, args.dampings, args.repeats, args.quick) for p in args.problems
-        ],
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "warmup": args.warmup,
+        "problems": [],
     }
-    if "large_mlp" in args.problems:
-        data["memory"] = memory_table()
-    write_outputs(data)
+    for name in args.problems:  # results written after each problem
+        data["problems"].append(
+            run_problem(
+                name,
+                args.dampings,
+                args.repeats,
+                args.quick,
+                device=args.device,
+                compiled=args.compile,
+                warmup=args.warmup,
+            )
+        )
+        if name == "large_mlp":
+            data["memory"] = memory_table(args.device)
+        write_outputs(data, args.results)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ __all__ = ["KFAC"]
 
 
 def _with_ones(a: Tensor) -> Tensor:
-    return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
 
 
 class KFAC(PolicyUpdate):
@@ -82,10 +82,11 @@ class KFAC(PolicyUpdate):
         a = _with_ones(a)
         return a.T @ a / n, g.T @ g / n
 
-    def update(
-        self, obs: Tensor, acts: Tensor, old_log_probs: Tensor, adv: Tensor
-    ) -> dict[str, float]:
-        """One K-FAC step of at most ``max_kl`` (to second order) and ``kfac_max_lr``."""
+    def direction(self, obs: Tensor, acts: Tensor, adv: Tensor) -> dict[str, Tensor]:
+        """The K-FAC natural-gradient direction on a batch (updates the running factors).
+
+        Returns a direction per trainable parameter name, in ``named_parameters`` order.
+        """
         cfg = self.config
         params = dict(self.policy.named_parameters())
         lp, inputs, outputs = self._capture(obs, acts)
@@ -104,8 +105,8 @@ class KFAC(PolicyUpdate):
                 g_new = cfg.kfac_decay * g_old + (1 - cfg.kfac_decay) * g_new
             self.factors[name] = (a_new, g_new)
             pi = ((a_new.trace() / a_new.shape[0]) / (g_new.trace() / g_new.shape[0])).sqrt()
-            a_damped = a_new + pi * root * torch.eye(a_new.shape[0])
-            g_damped = g_new + root / pi * torch.eye(g_new.shape[0])
+            a_damped = a_new + pi * root * torch.eye(a_new.shape[0], device=a_new.device)
+            g_damped = g_new + root / pi * torch.eye(g_new.shape[0], device=g_new.device)
             gw, gb = grads[f"{name}.weight"], grads[f"{name}.bias"]
             m = torch.cat([gw.reshape(gw.shape[0], -1), gb[:, None]], dim=1)
             nat = torch.linalg.solve(g_damped, torch.linalg.solve(a_damped, m.T).T)
@@ -113,7 +114,16 @@ class KFAC(PolicyUpdate):
             direction[f"{name}.bias"] = nat[:, -1]
         if self.other:
             direction.update(self._diagonal(obs, acts, {n: grads[n] for n in self.other}))
-        ordered = [direction[n] for n in names]
+        return {n: direction[n] for n in names}
+
+    def update(
+        self, obs: Tensor, acts: Tensor, old_log_probs: Tensor, adv: Tensor
+    ) -> dict[str, float]:
+        """One K-FAC step of at most ``max_kl`` (to second order) and ``kfac_max_lr``."""
+        cfg = self.config
+        params = dict(self.policy.named_parameters())
+        direction = self.direction(obs, acts, adv)
+        names, ordered = list(direction), list(direction.values())
         primals = {n: params[n].detach() for n in names}
 
         def batch_log_prob(p: dict[str, Tensor]) -> Tensor:
