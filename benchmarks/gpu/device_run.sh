@@ -5,13 +5,14 @@
 #     process per run, stopped at the deadline (their progress.csv is kept either way).
 # Wheels for gymnasium/mujoco/sb3 travel in .whl (see the device tool's README).
 # Usage there: bash benchmarks/gpu/device_run.sh "$OUT"
+# RL only on all 16 cores: SOLVERS=0 RL_CORES=16 RL_SECONDS=480 bash benchmarks/gpu/device_run.sh "$OUT"
 set -u
 OUT=${1:-/tmp/out}
 mkdir -p "$OUT"
 START=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 MUJOCO_GL=egl
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1 MUJOCO_GL=disable
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 lscpu | grep -i "model name" >> "$OUT/gpu.txt"
 python3 -c "import torch, gymnasium, mujoco, sb3_contrib; print(torch.__version__, gymnasium.__version__, mujoco.__version__, sb3_contrib.__version__)" >> "$OUT/gpu.txt" 2>&1
@@ -22,7 +23,7 @@ core=1
 for algo in sb3-trpo rat-npg; do
   for env in Hopper-v5 Walker2d-v5 HalfCheetah-v5; do
     for seed in 0 1 2; do
-      c=$(( core % 15 + 1 )); core=$(( core + 1 ))
+      c=$(( core % ${RL_CORES:-15} + 16 - ${RL_CORES:-15} )); core=$(( core + 1 ))
       name=$env-$algo-s$seed
       nice -n 5 taskset -c $c timeout "$RL_SECONDS" python3 benchmarks/rl/run.py \
         --envs $env --algos $algo --seeds $seed --steps 1000000 \
@@ -31,7 +32,7 @@ for algo in sb3-trpo rat-npg; do
   done
 done
 
-taskset -c 0 timeout 470 python3 benchmarks/solvers/run.py --device cuda --compile --warmup \
+[ "${SOLVERS:-1}" = 1 ] && taskset -c 0 timeout 470 python3 benchmarks/solvers/run.py --device cuda --compile --warmup \
   --repeats 3 --problems mlp cnn large_mlp transformer --results /tmp/solvers \
   > "$OUT/solvers.log" 2>&1
 echo "solver benchmark exit $? after $(( $(date +%s) - START )) s" >> "$OUT/solvers.log"

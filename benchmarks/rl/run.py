@@ -135,9 +135,12 @@ def run_name(env: str, algo: str, seed: int, steps: int) -> str:
     return f"{env.replace('/', '_')}-{algo}-s{seed}{budget}"
 
 
-def summarize(run_dir: Path, threshold: float | None) -> dict:
+def summarize(run_dir: Path, threshold: float | None, until: float | None = None) -> dict:
+    """Final return (last 10% of the steps reached, or of ``until``), steps to threshold."""
     with open(run_dir / "progress.csv", newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["episodic_return_mean"] not in ("", None)]
+    if until is not None:
+        rows = [r for r in rows if float(r["step"]) <= until]
     steps = np.array([float(r["step"]) for r in rows])
     values = np.array([float(r["episodic_return_mean"]) for r in rows])
     tail = values[steps >= 0.9 * steps[-1]] if len(steps) else values
@@ -206,6 +209,62 @@ def merge_results(data: dict, results_dir: Path, other: Path) -> None:
     )
 
 
+def adopt_stopped_runs(data: dict, results_dir: Path, folder: Path, machine: str) -> None:
+    """Record runs stopped before their budget (e.g. at a time limit) from their progress.csv.
+
+    ``folder`` holds run folders named like :func:`run_name`; the record keeps the budget
+    and adds ``steps_reached``. Runs already recorded are left alone.
+    """
+    done = {r["name"] for r in data["runs"]}
+    for run_dir in sorted(folder.iterdir()):
+        if run_dir.name in done or not (run_dir / "progress.csv").exists():
+            continue
+        stem, _, budget = run_dir.name.rpartition("-")
+        stem, _, seed = stem.rpartition("-s")
+        env_algo = stem
+        algo = next(a for a in (*NATGRAD_ALGOS, PEER) if env_algo.endswith("-" + a))
+        env = env_algo[: -len(algo) - 1].replace("MinAtar_", "MinAtar/")
+        keep = results_dir / "runs" / run_dir.name
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / "progress.csv", keep / "progress.csv")
+        config = {"env": env, "algo": algo, "seed": int(seed)}
+        (keep / "config.json").write_text(json.dumps(config, indent=2))
+        with open(keep / "progress.csv", newline="") as handle:
+            reached = max(int(float(r["step"])) for r in csv.DictReader(handle))
+        record = {"name": run_dir.name, "env": env, "algo": algo, "seed": int(seed),
+                  "steps": int(budget.removesuffix("k")) * 1000, "steps_reached": reached,
+                  "machine": machine, **summarize(keep, reward_threshold(env))}  # fmt: skip
+        data["runs"].append(record)
+
+
+def common_step_table(results_dir: Path, runs: list[dict], stopped: list[dict]) -> list[str]:
+    """Compare every algorithm of an env at the fewest steps any of its runs reached."""
+    lines = [
+        "",
+        "Some runs were stopped by a time limit before their budget. For a like-for-like "
+        "reading, every run of such an env and budget is also summarized at the fewest "
+        "steps any of them reached (final return = mean over the last 10% of those steps):",
+        "",
+        "| env | budget | common steps | algo | seeds | return at common steps (mean ± s.e.) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for env, steps in sorted({(r["env"], r["steps"]) for r in stopped}):
+        group = [r for r in runs if r["env"] == env and r["steps"] == steps]
+        common = min(r.get("steps_reached", r["steps"]) for r in group)
+        for algo in sorted({r["algo"] for r in group}):
+            values = [
+                summarize(results_dir / "runs" / r["name"], None, until=common)["final_return"]
+                for r in group
+                if r["algo"] == algo
+            ]
+            se = np.std(values, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+            lines.append(
+                f"| {env} | {steps} | {common} | {algo} | {len(values)} | "
+                f"{np.mean(values):.1f} ± {se:.1f} |"
+            )
+    return lines
+
+
 def report(results_dir: Path) -> None:
     data = json.loads((results_dir / "results.json").read_text())
     runs = data["runs"]
@@ -217,6 +276,7 @@ def report(results_dir: Path) -> None:
         "threshold: mean steps to reach it (solved/seeds) | wall time s (mean ± s.e.) | machine |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    stopped = [r for r in runs if r.get("steps_reached", r["steps"]) < r["steps"]]
 
     def mse(xs: list[float]) -> str:
         xs = [x for x in xs if x is not None and math.isfinite(x)]
@@ -234,12 +294,18 @@ def report(results_dir: Path) -> None:
             to_threshold = "n/a (no threshold)"
         else:
             to_threshold = f"{threshold:g}: {to_threshold}"
+        budget = str(rs[0]["steps"])
+        reached = [r.get("steps_reached", r["steps"]) for r in rs]
+        if min(reached) < rs[0]["steps"]:
+            budget += f" (stopped at {min(reached) // 1000}k-{max(reached) // 1000}k)"
         lines.append(
-            f"| {env} | {algo} | {len(rs)} | {rs[0]['steps']} | "
+            f"| {env} | {algo} | {len(rs)} | {budget} | "
             f"{mse([r['final_return'] for r in rs])} | {to_threshold} | "
             f"{mse([r['wall_time'] for r in rs])} | "
             f"{', '.join(sorted({r['machine'] for r in rs}))} |"
         )
+    if stopped:
+        lines += common_step_table(results_dir, runs, stopped)
     header = [
         "# natgrad RL benchmark",
         "",
@@ -282,6 +348,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rebuild table and plots")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
                         help="results folders of runs made elsewhere to add")  # fmt: skip
+    parser.add_argument("--adopt", type=Path, help="folder of runs stopped before their budget")
+    parser.add_argument("--adopt-machine", default="", help="machine label of --adopt runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results_dir: Path = args.results
@@ -289,7 +357,9 @@ def main() -> None:
     path = results_dir / "results.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": []}
     label = machine_label(machine())
-    data.setdefault("machines", {})[label] = machine()
+    data.setdefault("machines", {})
+    if not args.report:
+        data["machines"][label] = machine()
     if "machine" in data:  # files written before runs named their machine
         old = data.pop("machine")
         data["machines"].setdefault(machine_label(old), old)
@@ -297,6 +367,8 @@ def main() -> None:
             run.setdefault("machine", machine_label(old))
     for other in args.merge:
         merge_results(data, results_dir, other)
+    if args.adopt:
+        adopt_stopped_runs(data, results_dir, args.adopt, args.adopt_machine)
     commands = data.setdefault("commands", [])
     if "command" in data:  # files written before commands were a list
         commands.insert(0, data.pop("command"))
