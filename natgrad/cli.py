@@ -67,7 +67,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         if field.name == "algo":
             kwargs["help"] = f"one of {', '.join(ALGORITHMS)} (default: {default})"
         if field.name == "solver":
-            kwargs["choices"] = ("kaczmarz", "cholesky", "cg")
+            kwargs["choices"] = ("auto", "kaczmarz", "cholesky", "cg")
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):

@@ -69,10 +69,12 @@ class RATNaturalGradient:
         ``lam > 0``, in the units of ``F = J^T J / N`` (per-sample Fisher). Typical values
         are ``1e-4`` to ``1e-1``; see the docs page on choosing it.
     solver
-        ``"cg"`` (conjugate gradient on the ``N x N`` system, the default: fastest to a
-        cosine of 0.99 with the exact direction in ``benchmarks/solvers``), ``"kaczmarz"``
-        (randomized block Kaczmarz over minibatches) or ``"cholesky"`` (exact: one
-        ``N x N`` factorization).
+        ``"auto"`` (the default) uses ``"cholesky"`` on a CUDA device when ``N <= 4096``
+        and the factored or materialized backend holds ``J``, else ``"cg"`` -- the fastest to
+        a cosine of 0.99 with the exact direction in ``benchmarks/solvers`` on each device.
+        ``"cg"``: conjugate gradient on the ``N x N`` system; ``"kaczmarz"``: randomized
+        block Kaczmarz over minibatches (RAT); ``"cholesky"``: exact, one ``N x N``
+        factorization. ``diagnostics.solver`` names the solver that ran.
     block_size
         Kaczmarz block (minibatch) size ``b``; also the chunk size for computing scores.
     max_epochs
@@ -142,7 +144,7 @@ class RATNaturalGradient:
         self,
         log_prob_fn: LogProbFn | None = None,
         damping: float = 1e-3,
-        solver: SolverName = "cg",
+        solver: SolverName = "auto",
         block_size: int = 512,
         max_epochs: int = 10,
         tol: float = 5e-2,

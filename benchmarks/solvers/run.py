@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from problems import Problem, log_prob_fn, make_problem
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from natgrad import RATNaturalGradient
 
@@ -84,7 +85,9 @@ def trpo_cg(problem: Problem, damping: float, iterations: int) -> Tensor:
     """
     policy, n = problem.policy, problem.adv.shape[0]
     params = list(policy.parameters())
-    log_prob = log_prob_fn(policy, problem.obs, problem.acts)
+    # The fused attention kernels have no double backward; the math kernel has.
+    with sdpa_kernel(SDPBackend.MATH):
+        log_prob = log_prob_fn(policy, problem.obs, problem.acts)
     g = flat(torch.autograd.grad((problem.adv * log_prob).mean(), params, retain_graph=True))
     dummy = torch.zeros(n, requires_grad=True, device=g.device)
     jt_dummy = torch.autograd.grad(log_prob, params, grad_outputs=dummy, create_graph=True)

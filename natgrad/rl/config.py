@@ -68,7 +68,8 @@ class TrainConfig:
     damping
         RAT Tikhonov damping lambda, in units of F = J^T J / N.
     solver
-        RAT solver for the N x N system: kaczmarz, cholesky or cg.
+        RAT solver for the N x N system: auto (CG on CPU, Cholesky on GPU for N <= 4096),
+        kaczmarz, cholesky or cg.
     block_size
         RAT Kaczmarz block size.
     rat_max_epochs
@@ -126,7 +127,7 @@ class TrainConfig:
     max_kl: float = 0.02
     kl_guard: float = 2.0
     damping: float = 0.1
-    solver: str = "cg"
+    solver: str = "auto"
     block_size: int = 256
     rat_max_epochs: int = 20
     rat_tol: float = 1e-3
@@ -175,9 +176,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}")
-        if self.solver not in ("kaczmarz", "cholesky", "cg"):
+        if self.solver not in ("auto", "kaczmarz", "cholesky", "cg"):
             raise ConfigError(
-                f"--solver must be one of kaczmarz, cholesky, cg; got {self.solver!r}"
+                f"--solver must be one of auto, kaczmarz, cholesky, cg; got {self.solver!r}"
             )
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden must be positive widths, got {self.hidden!r}")
