@@ -350,9 +350,18 @@ class MaterializedScores(ScoreOperator):
 
     @classmethod
     def from_policy(cls, scores: PolicyScores, chunk_size: int) -> MaterializedScores:
-        """Compute every row of ``scores`` in chunks of ``chunk_size`` samples."""
+        """Compute every row of ``scores`` in chunks of ``chunk_size`` samples.
+
+        The chunks are written into one preallocated ``(N, P)`` tensor, so the peak is
+        ``J`` plus one chunk rather than two copies of ``J``.
+        """
         index = torch.arange(scores.num_samples, device=scores.device)
-        return cls(torch.cat([scores.rows(chunk) for chunk in index.split(chunk_size)]))
+        matrix = torch.empty(
+            scores.num_samples, scores.num_params, dtype=scores.dtype, device=scores.device
+        )
+        for chunk in index.split(chunk_size):
+            matrix[chunk[0] : chunk[-1] + 1] = scores.rows(chunk)
+        return cls(matrix)
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``J[index]`` (shape ``(len(index), P)``)."""

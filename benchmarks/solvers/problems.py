@@ -60,7 +60,9 @@ class Problem:
     adv: Tensor
 
 
-def make_problem(name: str, seed: int = 0, device: str = "cpu") -> Problem:
+def make_problem(
+    name: str, seed: int = 0, device: str = "cpu", num_samples: int | None = None
+) -> Problem:
     """Build a policy, an on-policy batch (actions sampled from it) and normalized advantages.
 
     The advantages are a noisy linear function of the scores' leading direction plus noise,
@@ -82,6 +84,9 @@ def make_problem(name: str, seed: int = 0, device: str = "cpu") -> Problem:
         obs = torch.randn(n, 64, generator=gen)
     else:
         raise ValueError(f"unknown problem {name!r}")
+    if num_samples is not None:  # same policy, another batch size (memory scaling)
+        n = num_samples
+        obs = torch.randn(n, *obs.shape[1:], generator=gen)
     with torch.no_grad():
         dist = policy(obs)
         acts = dist.sample()

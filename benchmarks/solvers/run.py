@@ -288,17 +288,19 @@ def run_problem(
     return record
 
 
-def memory_probe(backend: str, device: str = "cpu") -> int:
+def memory_probe(
+    backend: str, device: str = "cpu", num_samples: int | None = None, block_size: int = 256
+) -> int:
     """Peak extra memory (bytes) of one Kaczmarz epoch on large_mlp with ``backend``.
 
     CPU: run in a fresh process (``--memory-probe``), peak RSS increase. CUDA: in process,
     peak allocated minus the allocation before the call.
     """
-    problem = make_problem("large_mlp", device=device)
+    problem = make_problem("large_mlp", device=device, num_samples=num_samples)
 
     def call() -> None:
         natgrad_direction(
-            problem, 1e-2, solver="kaczmarz", block_size=256, max_epochs=1, tol=1e-12,
+            problem, 1e-2, solver="kaczmarz", block_size=block_size, max_epochs=1, tol=1e-12,
             backend=backend, memory_budget=2**40,
         )  # fmt: skip
 
@@ -316,24 +318,39 @@ def memory_probe(backend: str, device: str = "cpu") -> int:
     return (after - before) * 1024
 
 
+def probe_in_subprocess(backend: str, num_samples: int, block_size: int) -> int:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", backend, "--probe-samples",
+         str(num_samples), "--probe-block", str(block_size)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
 def memory_table(device: str = "cpu") -> dict:
     out = {}
     for backend in ("streaming", "factored", "materialized"):
         if device == "cuda":
             out[backend] = memory_probe(backend, device)
-            continue
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-probe", backend],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out[backend] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+        else:
+            out[backend] = probe_in_subprocess(backend, 4096, 256)
     problem = make_problem("large_mlp")
     p = sum(q.numel() for q in problem.policy.parameters())
     out["N x P x 4 bytes"] = problem.adv.shape[0] * p * 4
     out["block (256) x P x 4 bytes"] = 256 * p * 4
     return out
+
+
+def memory_scaling(settings: list[tuple[str, int, int]]) -> list[dict]:
+    """Peak extra RSS of one Kaczmarz epoch (fresh process each) for (backend, N, b)."""
+    p = sum(q.numel() for q in make_problem("large_mlp", num_samples=8).policy.parameters())
+    rows = []
+    for backend, n, b in settings:
+        peak = probe_in_subprocess(backend, n, b)
+        rows.append({"backend": backend, "N": n, "block_size": b, "P": p,
+                     "peak_extra_bytes": peak, "N*P*4": n * p * 4, "b*P*4": b * p * 4})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def write_outputs(data: dict, results: Path = RESULTS) -> None:
@@ -425,11 +442,43 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="output folder")
     parser.add_argument("--quick", action="store_true", help="fewer budgets (smoke test)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-samples", type=int, default=4096, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-block", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-scaling", action="store_true",
+        help="peak memory of streaming/factored/materialized vs N and block size (CPU)",
+    )  # fmt: skip
     parser.add_argument("--replot", action="store_true", help="redraw from results.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps({"peak_extra_bytes": memory_probe(args.memory_probe)}))
+        peak = memory_probe(args.memory_probe, "cpu", args.probe_samples, args.probe_block)
+        print(json.dumps({"peak_extra_bytes": peak}))
+        return
+    if args.memory_scaling:
+        settings = [("streaming", 1024, 256), ("streaming", 4096, 256), ("streaming", 4096, 64),
+                    ("streaming", 4096, 1024), ("factored", 1024, 256), ("factored", 4096, 256),
+                    ("materialized", 256, 256), ("materialized", 512, 256),
+                    ("materialized", 1024, 256)]  # fmt: skip
+        rows = memory_scaling(settings)
+        args.results.mkdir(parents=True, exist_ok=True)
+        (args.results / "memory_scaling.json").write_text(json.dumps(rows, indent=1))
+        lines = [
+            "# Peak extra memory of one Kaczmarz epoch vs N and block size (CPU, large MLP)",
+            "",
+            f"Command: `python benchmarks/solvers/run.py --memory-scaling`; torch "
+            f"{torch.__version__}; each row a fresh process, peak RSS increase.",
+            "",
+            "| backend | N | block b | P | peak extra | N x P x 4 B | b x P x 4 B |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['backend']} | {r['N']} | {r['block_size']} | {r['P']} | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} MiB | {r['N*P*4'] / 2**20:.0f} MiB | "
+            f"{r['b*P*4'] / 2**20:.0f} MiB |"
+            for r in rows
+        ]
+        (args.results / "memory_scaling.md").write_text("\n".join(lines) + "\n")
         return
     if args.replot:
         write_outputs(json.loads((args.results / "results.json").read_text()), args.results)

@@ -170,6 +170,7 @@ def kaczmarz_solve(
                 factors[k] = block_factor(block, num_samples, damping, compiled)
             r = kaczmarz_step(state, block, blocks[k], rhs, damping, factors[k], compiled)
             swept += r @ r  # stays on the device: one synchronization per epoch
+            del block  # streaming: free these rows before the next block's are computed
         if float(swept) ** 0.5 / rhs_norm <= tol or epoch == max_epochs:
             jv = operator_matvec(operator, state.v, compiled)
             residual = relative_residual(rhs, jv, state.x, damping)
