@@ -146,9 +146,20 @@ def check_advantages(adv: Any, device: torch.device) -> Tensor:
 
 
 def check_batch(
-    name: str, tree: Tree, num_samples: int, device: torch.device, dtype: torch.dtype
+    name: str,
+    tree: Tree,
+    num_samples: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    counted_by: str = "adv",
+    owner: str = "policy",
 ) -> None:
-    """Every leaf of ``obs``/``acts`` is a tensor with ``num_samples`` rows on ``device``."""
+    """Every leaf of ``tree`` is a tensor with ``num_samples`` rows on ``device``.
+
+    ``counted_by`` names what fixed ``N`` and ``owner`` what holds the parameters, for the
+    error messages (``"adv"``/``"policy"`` for RL batches, inputs/``"model"`` otherwise).
+    """
     for path, leaf in tree_leaves(tree, name):
         if not isinstance(leaf, Tensor):
             raise TypeError(
@@ -162,17 +173,18 @@ def check_batch(
                 else f"{leaf.shape[0]} rows (shape {tuple(leaf.shape)})"
             )
             raise ValueError(
-                f"{path} has {got} but adv has N = {num_samples} samples; the first "
-                "dimension of obs, acts and adv must be the same sample dimension"
+                f"{path} has {got} but {counted_by} has N = {num_samples} samples; the first "
+                f"dimension of every {name} tensor and of {counted_by} must be the same "
+                "sample dimension"
             )
         if leaf.device != device:
             raise ValueError(
-                f"{path} is on {leaf.device} but the policy parameters are on {device}; "
+                f"{path} is on {leaf.device} but the {owner} parameters are on {device}; "
                 f"move it with .to({str(device)!r})"
             )
         if leaf.is_floating_point() and leaf.dtype != dtype:
             raise TypeError(
-                f"{path} has dtype {leaf.dtype} but the policy parameters are {dtype}; "
+                f"{path} has dtype {leaf.dtype} but the {owner} parameters are {dtype}; "
                 f"convert it with .to({dtype})"
             )
 

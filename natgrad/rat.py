@@ -35,6 +35,7 @@ from natgrad.solvers import (
     SolveResult,
     SolverName,
     SolverSettings,
+    SolverSettingsView,
     seeded_generator,
     solve,
 )
@@ -43,7 +44,7 @@ BackendName = Literal["auto", "factored", "materialized", "streaming"]
 BACKENDS: tuple[str, ...] = ("auto", "factored", "materialized", "streaming")
 
 
-class RATNaturalGradient:
+class RATNaturalGradient(SolverSettingsView):
     r"""Natural policy gradients by transforming advantages.
 
     For a batch of ``N`` on-policy samples with scores ``psi_i = grad log pi(a_i|s_i)``
@@ -179,16 +180,6 @@ class RATNaturalGradient:
         self.backend = check_choice("backend", backend, BACKENDS)
         self.memory_budget = check_positive_int("memory_budget", memory_budget, " bytes")
         self.diagnostics: Diagnostics | None = None
-
-    damping = property(lambda self: self.settings.damping, doc="Tikhonov damping ``lam``.")
-    solver = property(lambda self: self.settings.solver, doc="The requested solver.")
-    block_size = property(lambda self: self.settings.block_size, doc="Kaczmarz block size.")
-    max_epochs = property(lambda self: self.settings.max_epochs, doc="Kaczmarz epoch cap.")
-    tol = property(lambda self: self.settings.tol, doc="Relative-residual tolerance.")
-    max_iters = property(lambda self: self.settings.max_iters, doc="CG iteration cap.")
-    compile = property(lambda self: self.settings.compile, doc="Whether the fused path is on.")
-    on_nonconvergence = property(lambda self: self.settings.on_nonconvergence)
-    resample_blocks = property(lambda self: self.settings.resample_blocks)
 
     def __repr__(self) -> str:
         return (

@@ -47,7 +47,7 @@ def snapshot(policy):
         (
             {"solver": "lbfgs"},
             ValueError,
-            r"solver must be one of 'kaczmarz', 'cholesky', 'cg', got 'lbfgs'",
+            r"solver must be one of 'auto', 'kaczmarz', 'cholesky', 'cg', got 'lbfgs'",
         ),
         (
             {"backend": "gpu"},

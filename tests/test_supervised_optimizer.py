@@ -156,3 +156,21 @@ def test_bad_callable_schedule_value_is_reported_at_the_step():
     opt = NaturalGradientOptimizer(model, damping_schedule=lambda step: -1.0)
     with pytest.raises(ValueError, match=r"damping_schedule\(step\) must be a finite float > 0"):
         opt.step(x, y)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_scheduled_damping_is_the_damping_solved_with(solver):
+    """A damping schedule changes the damping of the solve itself, not only the recovery."""
+    model, x, y = linear_problem()
+    scheduled = 0.7
+    expected = SupervisedNaturalGradient("mse", scheduled, solver=solver, tol=1e-12)(
+        model, x, y
+    ).direction
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = NaturalGradientOptimizer(
+        model, lr=1.0, damping=1e-3, damping_schedule=lambda step: scheduled, solver=solver,
+        tol=1e-12,
+    )  # fmt: skip
+    opt.step(x, y)
+    for p, p0, d in zip(model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - d, rtol=1e-9, atol=1e-12)

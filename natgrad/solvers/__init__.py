@@ -15,6 +15,7 @@ from natgrad.solvers.dispatch import (
     OnNonConvergence,
     SolverName,
     SolverSettings,
+    SolverSettingsView,
     seeded_generator,
     solve,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "OnNonConvergence",
     "SolverName",
     "SolverSettings",
+    "SolverSettingsView",
     "seeded_generator",
     "solve",
     "KaczmarzState",

@@ -85,6 +85,22 @@ class SolverSettings:
         )
 
 
+class SolverSettingsView:
+    """Read-only attributes (``damping``, ``solver``, ...) of an object's ``settings``."""
+
+    settings: SolverSettings
+
+    damping = property(lambda self: self.settings.damping, doc="Tikhonov damping ``lam``.")
+    solver = property(lambda self: self.settings.solver, doc="The requested solver.")
+    block_size = property(lambda self: self.settings.block_size, doc="Kaczmarz block size.")
+    max_epochs = property(lambda self: self.settings.max_epochs, doc="Kaczmarz epoch cap.")
+    tol = property(lambda self: self.settings.tol, doc="Relative-residual tolerance.")
+    max_iters = property(lambda self: self.settings.max_iters, doc="CG iteration cap.")
+    on_nonconvergence = property(lambda self: self.settings.on_nonconvergence)
+    resample_blocks = property(lambda self: self.settings.resample_blocks)
+    compile = property(lambda self: self.settings.compile, doc="Whether the fused path is on.")
+
+
 def seeded_generator(seed: int | None) -> torch.Generator:
     """A CPU generator seeded with ``seed``, or from the operating system when ``None``."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad._checks import (
+    check_batch,
     check_choice,
     check_policy,
     check_positive_int,
@@ -25,6 +26,7 @@ from natgrad.solvers import (
     SolveResult,
     SolverName,
     SolverSettings,
+    SolverSettingsView,
     seeded_generator,
     solve,
 )
@@ -85,7 +87,7 @@ class SupervisedResult:
     diagnostics: Diagnostics
 
 
-class SupervisedNaturalGradient:
+class SupervisedNaturalGradient(SolverSettingsView):
     r"""Natural gradient (damped Gauss-Newton) of a supervised loss, via the RAT solvers.
 
     For ``N`` samples with per-sample output Jacobians ``J_i`` (``k x P``) the direction is
@@ -172,14 +174,6 @@ class SupervisedNaturalGradient:
             on_nonconvergence=on_nonconvergence,
             resample_blocks=resample_blocks,
         )
-        self.damping = self.settings.damping
-        self.solver = self.settings.solver
-        self.block_size = self.settings.block_size
-        self.max_epochs = self.settings.max_epochs
-        self.tol = self.settings.tol
-        self.max_iters = self.settings.max_iters
-        self.on_nonconvergence = self.settings.on_nonconvergence
-        self.resample_blocks = self.settings.resample_blocks
         self.seed = seed
         self.chunk_size = check_positive_int("chunk_size", chunk_size, "; try 256")
         self.generator = seeded_generator(seed)
@@ -391,34 +385,18 @@ def _unflatten(flat: Tensor, numels: list[int], shapes: list[torch.Size]) -> tup
 
 def _check_inputs(inputs: Tree, device: torch.device, dtype: torch.dtype) -> int:
     """Every leaf is a tensor with the same number of rows ``N >= 1``; returns ``N``."""
-    num_samples: int | None = None
-    for path, leaf in tree_leaves(inputs, "inputs"):
-        if not isinstance(leaf, Tensor):
-            raise TypeError(
-                f"{path} must be a torch.Tensor (or a dict/list/tuple of tensors), "
-                f"got {type(leaf).__name__}"
-            )
-        if leaf.dim() == 0:
-            raise ValueError(f"{path} is a scalar; its first dimension must be the sample")
-        if num_samples is None:
-            num_samples = int(leaf.shape[0])
-        elif leaf.shape[0] != num_samples:
-            raise ValueError(
-                f"{path} has {leaf.shape[0]} rows but other inputs have {num_samples}; every "
-                "input's first dimension must be the same sample dimension"
-            )
-        if leaf.device != device:
-            raise ValueError(
-                f"{path} is on {leaf.device} but the model parameters are on {device}; move "
-                f"it with .to({str(device)!r})"
-            )
-        if leaf.is_floating_point() and leaf.dtype != dtype:
-            raise TypeError(
-                f"{path} has dtype {leaf.dtype} but the model parameters are {dtype}; "
-                f"convert it with .to({dtype})"
-            )
-    if num_samples is None:
+    leaves = list(tree_leaves(inputs, "inputs"))
+    if not leaves:
         raise ValueError("inputs holds no tensors; pass a tensor of shape (N, ...)")
+    first_path, first = leaves[0]
+    num_samples = 1  # placeholder until a first tensor with a sample dimension is seen
+    if isinstance(first, Tensor) and first.dim() > 0:
+        num_samples = int(first.shape[0])
+        check_batch(
+            "inputs", inputs, num_samples, device, dtype, counted_by=first_path, owner="model"
+        )
+    else:  # let check_batch name the problem with the first leaf
+        check_batch("inputs", inputs, 1, device, dtype, counted_by="inputs", owner="model")
     if num_samples == 0:
         raise ValueError("inputs is empty (N = 0): the natural gradient needs samples")
     return num_samples

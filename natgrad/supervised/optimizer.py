@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -244,7 +244,8 @@ class NaturalGradientOptimizer:
             Loss before (and, for LM, after) the step, the damping and the solve diagnostics.
         """
         damping = self._current_damping()
-        self.transform.damping = damping
+        # The solve reads its damping from the settings: change it there.
+        self.transform.settings = replace(self.transform.settings, damping=damping)
         result = self.transform(self.model, inputs, targets, self._params)
         before = [p.detach().clone() for p in self._params]
         saved = [p.grad for p in self._params]
