@@ -12,6 +12,15 @@ from torch import Tensor, nn
 from natgrad._tree import Tree, tree_leaves
 
 
+def check_nonnegative_int(name: str, value: Any, hint: str = "") -> int:
+    """Return ``value`` if it is an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= 0, got {value!r}{hint}")
+    if value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}{hint}")
+    return value
+
+
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise a ``ValueError``."""
     if value not in allowed:

@@ -70,6 +70,18 @@ def _factored_gram(payload: tuple) -> Tensor:
     return total
 
 
+def _factored_cross_gram(payload: tuple, selected: tuple) -> Tensor:
+    """``J J_S^T`` from two payloads (all samples, the selected ones)."""
+    pairs, rest, _, _ = payload
+    pairs_s, rest_s, _, _ = selected
+    total = 0.0
+    for (a, g, _), (a_s, g_s, _) in zip(pairs, pairs_s, strict=True):
+        total = total + (a @ a_s.T) * (g @ g_s.T)
+    if rest is not None:
+        total = total + rest @ rest_s.T
+    return total
+
+
 def _factored_matvec(payload: tuple, v: Tensor) -> Tensor:
     pairs, rest, rest_positions, _ = payload
     out = 0.0
@@ -171,6 +183,11 @@ class FactoredScores(ScoreOperator):
 
     def functional(self) -> tuple[BlockFunctions, tuple]:
         return _FactoredBlock(self, None).functional()
+
+    def cross_gram(self, index: Tensor) -> Tensor:
+        return _factored_cross_gram(
+            _FactoredBlock(self, None).functional()[1], _FactoredBlock(self, index).functional()[1]
+        )
 
     def dense_rows(self, index: Tensor) -> Tensor:
         """Materialize ``J[index]`` (for verification on a few samples)."""

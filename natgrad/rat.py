@@ -105,6 +105,11 @@ class RATNaturalGradient(SolverSettingsView):
     resample_blocks
         Draw a new random paving of the samples every Kaczmarz epoch instead of reusing
         the first one (reusing lets block factorizations be cached).
+    preconditioner_rank
+        Rank ``r`` of the Nystrom preconditioner of CG: ``r`` kernel columns ``K[:, S]`` of
+        random samples make the few large eigenvalues of ``K`` cheap for CG (on the
+        Hopper-sized MLP: 31 -> 3 iterations at damping 1e-2, 109 -> 8 at 1e-3). ``0``
+        turns it off; it is skipped when ``r >= N``.
     compile
         Run the iterative solvers' inner step (Kaczmarz: the whole per-block projection;
         CG: the kernel product ``J (J^T x) / N``) as one ``torch.compile`` graph. Same
@@ -157,6 +162,7 @@ class RATNaturalGradient(SolverSettingsView):
         on_nonconvergence: OnNonConvergence = "fallback",
         resample_blocks: bool = False,
         compile: bool = False,
+        preconditioner_rank: int = 256,
     ) -> None:
         if log_prob_fn is not None and not callable(log_prob_fn):
             raise TypeError(
@@ -174,6 +180,7 @@ class RATNaturalGradient(SolverSettingsView):
             on_nonconvergence=on_nonconvergence,
             resample_blocks=resample_blocks,
             compile=compile,
+            preconditioner_rank=preconditioner_rank,
         )
         self.generator = seeded_generator(seed)
         self.seed = seed

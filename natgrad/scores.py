@@ -328,6 +328,13 @@ class ScoreOperator(ABC):
         """Pure functions and payload of the whole ``J`` for the compiled path, or ``None``."""
         return None
 
+    def cross_gram(self, index: Tensor) -> Tensor:
+        """Columns ``K[:, index] = J J[index]^T`` of the kernel (shape ``(N, len(index))``).
+
+        Used by the Nystrom preconditioner of CG; every built-in backend implements it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no cross_gram")
+
 
 class MaterializedScores(ScoreOperator):
     """``J`` held in memory as an ``(N, P)`` tensor.
@@ -382,6 +389,9 @@ class MaterializedScores(ScoreOperator):
     def functional(self) -> tuple[BlockFunctions, tuple]:
         return DENSE_FUNCTIONS, (self.matrix,)
 
+    def cross_gram(self, index: Tensor) -> Tensor:
+        return self.matrix @ self.matrix[index].T
+
 
 class StreamingScores(ScoreOperator):
     """``J`` recomputed block by block; never holds more than ``chunk_size`` rows.
@@ -418,6 +428,10 @@ class StreamingScores(ScoreOperator):
         for chunk in self._chunks():
             total += self.scores.vjp(chunk, x[chunk])
         return total
+
+    def cross_gram(self, index: Tensor) -> Tensor:
+        selected = self.scores.rows(index)
+        return torch.cat([self.scores.rows(chunk) @ selected.T for chunk in self._chunks()])
 
     def gram(self) -> Tensor:
         chunks = self._chunks()

@@ -40,6 +40,12 @@ def snapshot(policy):
         ({"damping": math.inf}, ValueError, r"damping must be a finite float > 0, got inf"),
         ({"damping": "big"}, TypeError, r"damping must be a finite float > 0, got 'big'"),
         ({"block_size": 0}, ValueError, r"block_size must be an integer >= 1, got 0"),
+        (
+            {"preconditioner_rank": -1},
+            ValueError,
+            r"preconditioner_rank must be an integer >= 0, got -1",
+        ),
+        ({"compile": 1}, TypeError, r"compile must be True or False, got 1"),
         ({"block_size": 2.5}, TypeError, r"block_size must be an integer >= 1, got 2.5"),
         ({"max_epochs": 0}, ValueError, r"max_epochs must be an integer >= 1, got 0"),
         ({"max_iters": -3}, ValueError, r"max_iters must be an integer >= 1, got -3"),

@@ -102,3 +102,28 @@ def test_identities_of_design_section_1(case):
     assert torch.allclose(result.jd, a - damping * result.advantages, rtol=1e-9, atol=1e-12)
     assert result.g_dot_d == pytest.approx(float(g @ d), rel=1e-9)
     assert result.d_fisher_d == pytest.approx(float(d @ fisher @ d), rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_nystrom_preconditioned_cg_matches_dense_reference(case, backend, references):
+    """CG with the Nystrom preconditioner (rank 8 < N) on every policy and backend."""
+    policy, obs, acts, adv = build(case, N)
+    params = case.params(policy) if case.params else None
+    rat = RATNaturalGradient(
+        case.log_prob_fn,
+        damping=1e-3,
+        solver="cg",
+        tol=1e-12,
+        max_iters=400,
+        seed=0,
+        preconditioner_rank=8,
+        on_nonconvergence="raise",
+        **BACKENDS[backend],
+    )
+    expected = references[case.name, 1e-3]
+    direction = flat(rat.natural_gradient(policy, obs, acts, adv, params=params).direction)
+    assert torch.linalg.vector_norm(direction - expected) <= 1e-8 * torch.linalg.vector_norm(
+        expected
+    )
+    assert rat.diagnostics.solver == "cg"

@@ -16,6 +16,7 @@ from natgrad.solvers import (
     kaczmarz_solve,
     kaczmarz_step,
 )
+from natgrad.solvers.nystrom import nystrom_preconditioner
 
 
 @st.composite
@@ -203,3 +204,53 @@ def test_block_factor_is_cholesky_of_diagonal_block():
     assert torch.allclose(
         factor @ factor.T, rows @ rows.T / 20 + 0.3 * torch.eye(5, dtype=torch.float64)
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.integers(1, 24))
+def test_nystrom_preconditioner_is_symmetric_positive_definite(problem, rank):
+    """P^{-1} must be SPD for preconditioned CG to be CG: symmetric, positive on any y."""
+    op, _, _, damping, seed = problem
+    apply = nystrom_preconditioner(op, damping, rank, torch.Generator().manual_seed(seed))
+    if rank >= op.num_samples:
+        assert apply is None
+        return
+    if apply is None:  # numerically singular sample: skipped, CG runs unpreconditioned
+        return
+    n = op.num_samples
+    inverse = torch.stack([apply(e) for e in torch.eye(n, dtype=torch.float64)], dim=1)
+    torch.testing.assert_close(
+        inverse, inverse.T, rtol=1e-6, atol=1e-8 * float(inverse.abs().max())
+    )
+    assert float(torch.linalg.eigvalsh((inverse + inverse.T) / 2).min()) > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(normalized=True), st.integers(1, 24))
+def test_preconditioned_cg_converges_to_cholesky_solution(problem, rank):
+    op, rhs, _, damping, seed = problem
+    exact = cholesky_solve(op, rhs, damping).x
+    apply = nystrom_preconditioner(op, damping, rank, torch.Generator().manual_seed(seed))
+    result = cg_solve(op, rhs, damping, tol=1e-10, max_iters=500, preconditioner=apply)
+    assert result.converged
+    assert torch.linalg.vector_norm(result.x - exact) <= 1e-7 * max(
+        1.0, float(torch.linalg.vector_norm(exact))
+    )
+
+
+def test_nystrom_preconditioner_cuts_cg_iterations_on_a_decaying_spectrum():
+    """A few dozen large eigenvalues of K (scores near a low-rank subspace) slow CG down;
+    a rank-64 Nystrom preconditioner takes them out."""
+    gen = torch.Generator().manual_seed(0)
+    n, p, k = 400, 300, 40
+    decay = 0.8 ** torch.arange(k, dtype=torch.float64)
+    left = torch.randn(n, k, generator=gen, dtype=torch.float64) * decay * 10
+    scores = left @ torch.randn(k, p, generator=gen, dtype=torch.float64)
+    scores += 0.01 * torch.randn(n, p, generator=gen, dtype=torch.float64)
+    op = MaterializedScores(scores)
+    rhs = torch.randn(n, generator=gen, dtype=torch.float64)
+    plain = cg_solve(op, rhs, 1e-3, tol=1e-8, max_iters=1000)
+    apply = nystrom_preconditioner(op, 1e-3, 64, torch.Generator().manual_seed(1))
+    fast = cg_solve(op, rhs, 1e-3, tol=1e-8, max_iters=1000, preconditioner=apply)
+    assert plain.converged and fast.converged
+    assert fast.iterations * 3 <= plain.iterations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -16,12 +18,13 @@ def cg_solve(
     tol: float,
     max_iters: int,
     compiled: bool = False,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> SolveResult:
-    """Solve ``(K / N + lam I) x = rhs`` by conjugate gradient, matrix-free.
+    """Solve ``(K / N + lam I) x = rhs`` by (preconditioned) conjugate gradient, matrix-free.
 
     Each iteration costs one ``J^T x`` and one ``J v``; the kernel is never formed.
-    The relative residual is tracked by the CG recurrence and checked exactly (one extra
-    product) before returning.
+    The relative residual ``|rhs - M x| / |rhs|`` is tracked by the CG recurrence and
+    checked exactly (one extra product) before returning.
 
     Parameters
     ----------
@@ -37,10 +40,11 @@ def cg_solve(
         Iteration cap.
     compiled
         Fuse the kernel product ``J (J^T x) / N`` with ``torch.compile`` when possible.
+    preconditioner
+        ``y -> P^{-1} y`` for a symmetric positive definite ``P ~ M`` (see
+        :func:`~natgrad.solvers.nystrom.nystrom_preconditioner`); ``None`` is plain CG.
     """
     x = torch.zeros_like(rhs)
-    residual_vec = rhs.clone()
-    direction = residual_vec.clone()
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     if rhs_norm == 0.0:
         return SolveResult(
@@ -51,17 +55,24 @@ def cg_solve(
             0,
             True,
         )
+    residual_vec = rhs.clone()
+    precondition = preconditioner or (lambda y: y)
+    z = precondition(residual_vec)
+    direction = z.clone()
+    rz = float(residual_vec @ z)
     rr = float(residual_vec @ residual_vec)
     iterations = 0
     while iterations < max_iters and rr**0.5 / rhs_norm > tol:
         _, jv_dir = apply_kernel(operator, direction, compiled)
         m_dir = jv_dir + damping * direction
-        alpha = rr / float(direction @ m_dir)
+        alpha = rz / float(direction @ m_dir)
         x += alpha * direction
         residual_vec -= alpha * m_dir
-        rr_new = float(residual_vec @ residual_vec)
-        direction = residual_vec + (rr_new / rr) * direction
-        rr = rr_new
+        rr = float(residual_vec @ residual_vec)
+        z = precondition(residual_vec)
+        rz_new = float(residual_vec @ z)
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
         iterations += 1
     v, jv = apply_kernel(operator, x, compiled)
     residual = relative_residual(rhs, jv, x, damping)

@@ -13,6 +13,7 @@ from torch import Tensor
 from natgrad._checks import (
     check_bool,
     check_choice,
+    check_nonnegative_int,
     check_positive_float,
     check_positive_int,
 )
@@ -21,6 +22,7 @@ from natgrad.solvers._base import SolveResult
 from natgrad.solvers.cg import cg_solve
 from natgrad.solvers.cholesky import cholesky_solve
 from natgrad.solvers.kaczmarz import kaczmarz_solve
+from natgrad.solvers.nystrom import nystrom_preconditioner
 
 SolverName = Literal["auto", "kaczmarz", "cholesky", "cg"]
 OnNonConvergence = Literal["fallback", "warn", "raise"]
@@ -52,6 +54,7 @@ class SolverSettings:
     on_nonconvergence: str = "fallback"
     resample_blocks: bool = False
     compile: bool = False
+    preconditioner_rank: int = 0
 
     @classmethod
     def validated(
@@ -66,6 +69,7 @@ class SolverSettings:
         on_nonconvergence: str = "fallback",
         resample_blocks: bool = False,
         compile: bool = False,
+        preconditioner_rank: int = 0,
     ) -> SolverSettings:
         """Check user-given options once, with errors that name the option and the fix."""
         return cls(
@@ -82,6 +86,9 @@ class SolverSettings:
             ),
             resample_blocks=bool(resample_blocks),
             compile=check_bool("compile", compile),
+            preconditioner_rank=check_nonnegative_int(
+                "preconditioner_rank", preconditioner_rank, "; 0 turns it off, e.g. 128"
+            ),
         )
 
 
@@ -99,6 +106,7 @@ class SolverSettingsView:
     on_nonconvergence = property(lambda self: self.settings.on_nonconvergence)
     resample_blocks = property(lambda self: self.settings.resample_blocks)
     compile = property(lambda self: self.settings.compile, doc="Whether the fused path is on.")
+    preconditioner_rank = property(lambda self: self.settings.preconditioner_rank)
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
@@ -150,7 +158,10 @@ def solve(
     if name == "cholesky":
         return cholesky_solve(operator, rhs, s.damping), "cholesky", []
     if name == "cg":
-        result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters, s.compile)
+        preconditioner = nystrom_preconditioner(
+            operator, s.damping, s.preconditioner_rank, generator
+        )
+        result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters, s.compile, preconditioner)
     else:
         result = kaczmarz_solve(
             operator,
