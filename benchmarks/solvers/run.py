@@ -141,6 +141,14 @@ def kfac_direction(problem: Problem, damping: float) -> Tensor:
     return flat(kfac.direction(problem.obs, problem.acts, problem.adv).values())
 
 
+def default_direction(problem: Problem, damping: float) -> Tensor:
+    """What a user gets from ``RATNaturalGradient(log_prob_fn, damping)``: all defaults."""
+    rat = RATNaturalGradient(log_prob_fn, damping=damping, seed=0)
+    return flat(
+        rat.natural_gradient(problem.policy, problem.obs, problem.acts, problem.adv).direction
+    )
+
+
 def natgrad_direction(problem: Problem, damping: float, **settings) -> Tensor:
     rat = RATNaturalGradient(
         log_prob_fn, damping=damping, seed=0, on_nonconvergence="warn", **settings
@@ -158,7 +166,11 @@ def methods(
     """Method name -> (budget label, budgets, fn(damping, budget) -> direction)."""
     epochs = [1, 2, 4, 8] if quick else [1, 2, 3, 5, 8, 12, 20]
     iters = [5, 10, 20, 40] if quick else [5, 10, 15, 20, 30, 45, 70, 100]
-    table: dict[str, tuple[str, list[int], object]] = {}
+    table: dict[str, tuple[str, list[int], object]] = {
+        "rat default: RATNaturalGradient(damping)": (
+            "-", [1], lambda lam, k: default_direction(problem, lam)
+        ),
+    }  # fmt: skip
     backends = (
         ["factored", "materialized"] if problem.name != "large_mlp" else ["factored", "streaming"]
     )
@@ -181,9 +193,18 @@ def methods(
             "iterations",
             iters,
             lambda lam, k, be=backend: natgrad_direction(
-                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend=be
+                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend=be,
+                preconditioner_rank=0,
             ),
-        )
+        )  # fmt: skip
+        table[f"rat-cg nystrom-256 [{backend}]"] = (
+            "iterations",
+            [1, 2, 3, 5, 8, 12, 20],
+            lambda lam, k, be=backend: natgrad_direction(
+                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend=be,
+                preconditioner_rank=256,
+            ),
+        )  # fmt: skip
         if backend != "streaming":
             table[f"rat-cholesky [{backend}]"] = (
                 "-",
@@ -212,7 +233,14 @@ def methods(
             "iterations",
             iters,
             lambda lam, k: natgrad_direction(
-                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend="factored", compile=True
+                problem,
+                lam,
+                solver="cg",
+                max_iters=k,
+                tol=1e-12,
+                backend="factored",
+                compile=True,
+                preconditioner_rank=0,
             ),
         )
     if problem.name != "transformer":  # attention's projections are not hookable modules
