@@ -61,13 +61,7 @@ class LinearFactor:
 
 
 def _factored_gram(payload: tuple) -> Tensor:
-    pairs, rest, _, _ = payload
-    total = 0.0
-    for a, g, _ in pairs:
-        total = total + (a @ a.T) * (g @ g.T)
-    if rest is not None:
-        total = total + rest @ rest.T
-    return total
+    return _factored_cross_gram(payload, payload)
 
 
 def _factored_cross_gram(payload: tuple, selected: tuple) -> Tensor:
