@@ -39,6 +39,8 @@ def test_unknown_algo(capsys, tmp_path):
 def test_bad_value(capsys, tmp_path):
     err = _error(capsys, ["train", "--max-kl", "-1", "--out", str(tmp_path)])
     assert "--max-kl must be > 0" in err
+    err = _error(capsys, ["train", "--rat-preconditioner-rank", "-2", "--out", str(tmp_path)])
+    assert "--rat-preconditioner-rank must be an integer >= 0" in err
 
 
 @pytest.mark.parametrize(

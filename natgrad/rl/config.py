@@ -76,6 +76,8 @@ class TrainConfig:
         RAT Kaczmarz epochs before falling back to Cholesky (CG is capped at 200 iterations).
     rat_tol
         RAT relative residual tolerance.
+    rat_preconditioner_rank
+        Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).
     backtrack_iters
         Candidates tried by the line search of rat-trpo and cg-trpo.
     backtrack_coeff
@@ -131,6 +133,7 @@ class TrainConfig:
     block_size: int = 256
     rat_max_epochs: int = 20
     rat_tol: float = 1e-3
+    rat_preconditioner_rank: int = 256
     backtrack_iters: int = 10
     backtrack_coeff: float = 0.5
     cg_iters: int = 10
@@ -176,6 +179,11 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}")
+        rank = self.rat_preconditioner_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(
+                f"--rat-preconditioner-rank must be an integer >= 0 (0 turns it off), got {rank!r}"
+            )
         if self.solver not in ("auto", "kaczmarz", "cholesky", "cg"):
             raise ConfigError(
                 f"--solver must be one of auto, kaczmarz, cholesky, cg; got {self.solver!r}"

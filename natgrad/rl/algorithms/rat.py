@@ -36,6 +36,7 @@ class _RatBase(PolicyUpdate):
             max_epochs=config.rat_max_epochs,
             tol=config.rat_tol,
             seed=seed,
+            preconditioner_rank=config.rat_preconditioner_rank,
         )
 
     def _direction(
