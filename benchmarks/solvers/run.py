@@ -437,10 +437,20 @@ def plot(data: dict, results: Path = RESULTS) -> None:
             1, len(dampings), figsize=(6.5 * len(dampings), 4.5), squeeze=False
         )
         for ax, damping in zip(axes[0], dampings, strict=True):
-            for method, curve in rec["dampings"][damping].items():
+            palette = plt.get_cmap("tab20").colors
+            for i, (method, curve) in enumerate(rec["dampings"][damping].items()):
                 xs = [p["seconds"] for p in curve["points"]]
                 ys = [max(p["cosine"], 0.0) for p in curve["points"]]
-                ax.plot(xs, ys, marker="o", ms=3, label=method)
+                style = {"marker": "o", "ms": 3, "color": palette[i % len(palette)]}
+                if method.startswith("trpo"):
+                    style = {"marker": "s", "ms": 4, "color": "black", "lw": 2}
+                elif method.startswith("rat default"):
+                    style = {"marker": "*", "ms": 14, "color": "red", "ls": "none"}
+                elif method.startswith(("kfac", "dense")):
+                    style = {"marker": "X", "ms": 8, "color": palette[i % len(palette)]}
+                elif "materialized" in method or "streaming" in method:
+                    style["ls"] = "--"
+                ax.plot(xs, ys, label=method, **style)
             ax.axvline(
                 rec["vanilla_backward_s"], color="k", ls=":", lw=1, label="one vanilla backward"
             )
