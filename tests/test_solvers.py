@@ -254,3 +254,17 @@ def test_nystrom_preconditioner_cuts_cg_iterations_on_a_decaying_spectrum():
     fast = cg_solve(op, rhs, 1e-3, tol=1e-8, max_iters=1000, preconditioner=apply)
     assert plain.converged and fast.converged
     assert fast.iterations * 3 <= plain.iterations
+
+
+def test_nystrom_is_exact_when_the_columns_span_a_low_rank_kernel():
+    """rank(K) = P < r: the sampled columns span range(K), so P = K / N + lam I exactly
+    and preconditioned CG is done in one or two iterations (a singular W must not make
+    the preconditioner give up)."""
+    gen = torch.Generator().manual_seed(0)
+    n, p = 600, 100
+    op = MaterializedScores(torch.randn(n, p, generator=gen, dtype=torch.float64))
+    rhs = torch.randn(n, generator=gen, dtype=torch.float64)
+    apply = nystrom_preconditioner(op, 1e-3, 256, torch.Generator().manual_seed(1))
+    assert apply is not None
+    result = cg_solve(op, rhs, 1e-3, tol=1e-8, max_iters=100, preconditioner=apply)
+    assert result.converged and result.iterations <= 2

@@ -32,14 +32,17 @@ def nystrom_preconditioner(
     core = cross[index]
     inner = damping * core + cross.T @ cross
     inner = (inner + inner.T) / 2
-    jitter = 1e-12 * float(inner.diagonal().mean()) + 1e-300
-    inner.diagonal().add_(jitter)
-    factor, info = torch.linalg.cholesky_ex(inner)
-    if int(info) != 0:  # numerically singular sample (e.g. duplicated rows): skip it
+    # Pseudo-inverse by eigendecomposition: inner is singular when the sampled columns are
+    # linearly dependent (rank(K) < r, duplicated samples), and its null space is the
+    # null space of C, which the correction never reaches.
+    values, vectors = torch.linalg.eigh(inner)
+    keep = values > 1e-12 * float(values.max().clamp_min(1e-300))
+    if not bool(keep.any()):
         return None
+    basis = cross @ vectors[:, keep]  # C Q_k, N x k
+    scale = 1.0 / values[keep]
 
     def apply(y: Tensor) -> Tensor:
-        correction = cross @ torch.cholesky_solve((cross.T @ y).unsqueeze(1), factor).squeeze(1)
-        return (y - correction) / damping
+        return (y - basis @ (scale * (basis.T @ y))) / damping
 
     return apply
