@@ -32,9 +32,17 @@ def nystrom_preconditioner(
     core = cross[index]
     inner = damping * core + cross.T @ cross
     inner = (inner + inner.T) / 2
-    # Pseudo-inverse by eigendecomposition: inner is singular when the sampled columns are
-    # linearly dependent (rank(K) < r, duplicated samples), and its null space is the
-    # null space of C, which the correction never reaches.
+    factor, info = torch.linalg.cholesky_ex(inner)
+    if int(info) == 0:  # the usual case: r x r Cholesky
+
+        def apply(y: Tensor) -> Tensor:
+            inner_y = torch.cholesky_solve((cross.T @ y).unsqueeze(1), factor).squeeze(1)
+            return (y - cross @ inner_y) / damping
+
+        return apply
+    # Singular: the sampled columns are linearly dependent (rank(K) < r, duplicated
+    # samples). Pseudo-inverse by eigendecomposition; the null space of ``inner`` is that
+    # of C, which the correction never reaches.
     values, vectors = torch.linalg.eigh(inner)
     keep = values > 1e-12 * float(values.max().clamp_min(1e-300))
     if not bool(keep.any()):
@@ -42,7 +50,7 @@ def nystrom_preconditioner(
     basis = cross @ vectors[:, keep]  # C Q_k, N x k
     scale = 1.0 / values[keep]
 
-    def apply(y: Tensor) -> Tensor:
+    def apply_pinv(y: Tensor) -> Tensor:
         return (y - basis @ (scale * (basis.T @ y))) / damping
 
-    return apply
+    return apply_pinv
