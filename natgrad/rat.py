@@ -87,8 +87,9 @@ class RATNaturalGradient(SolverSettingsView):
     max_iters
         CG iteration cap.
     seed
-        Seed of the generator used for block sampling. Same seed and inputs, same result.
-        ``None`` seeds from the operating system.
+        Seed of the generator used for block sampling and the preconditioner's sample. A
+        new object with the same seed gives the same result on the same inputs (the
+        generator advances from call to call). ``None`` seeds from the operating system.
     backend
         ``"factored"`` keeps plain ``nn.Linear`` layers as (inputs, output-gradients) factors
         from one backward pass -- exact, and no per-sample gradients for those layers;
@@ -193,7 +194,7 @@ class RATNaturalGradient(SolverSettingsView):
             f"RATNaturalGradient(damping={self.damping}, solver={self.solver!r}, "
             f"block_size={self.block_size}, max_epochs={self.max_epochs}, tol={self.tol}, "
             f"max_iters={self.max_iters}, seed={self.seed}, backend={self.backend!r}, "
-            f"compile={self.compile})"
+            f"compile={self.compile}, preconditioner_rank={self.preconditioner_rank})"
         )
 
     def __call__(
@@ -216,7 +217,9 @@ class RATNaturalGradient(SolverSettingsView):
             Advantages, shape ``(N,)``.
         params
             The parameters ``theta`` the Fisher is taken over; ``None`` means all
-            parameters with ``requires_grad=True``.
+            parameters with ``requires_grad=True``. Results follow the policy's
+            ``named_parameters()`` order, whatever the order given here
+            (``NaturalGradient.param_names`` names them).
 
         Returns
         -------

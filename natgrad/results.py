@@ -18,8 +18,8 @@ class Diagnostics:
         The solver that produced the answer (``"kaczmarz"``, ``"cholesky"`` or ``"cg"``);
         differs from the requested one after a fallback.
     backend
-        ``"materialized"`` (``J`` held in memory) or ``"streaming"`` (rows recomputed
-        per block).
+        ``"factored"`` (linear layers as input/output-gradient factors), ``"materialized"``
+        (``J`` held in memory) or ``"streaming"`` (rows recomputed per block).
     score_path
         ``"vmap"`` (batched per-sample gradients) or ``"loop"`` (one sample at a time,
         used when ``vmap`` cannot batch an operation of the policy).

@@ -10,6 +10,8 @@ from torch import Tensor
 from natgrad.scores import ScoreOperator
 from natgrad.solvers._base import SolveResult, apply_kernel, relative_residual
 
+_MAX_RESTARTS = 3  # residual replacements when the CG recurrence drifts (float32)
+
 
 def cg_solve(
     operator: ScoreOperator,
@@ -55,25 +57,30 @@ def cg_solve(
             0,
             True,
         )
-    residual_vec = rhs.clone()
     precondition = preconditioner or (lambda y: y)
-    z = precondition(residual_vec)
-    direction = z.clone()
-    rz = float(residual_vec @ z)
-    rr = float(residual_vec @ residual_vec)
+    residual_vec = rhs.clone()
     iterations = 0
-    while iterations < max_iters and rr**0.5 / rhs_norm > tol:
-        _, jv_dir = apply_kernel(operator, direction, compiled)
-        m_dir = jv_dir + damping * direction
-        alpha = rz / float(direction @ m_dir)
-        x += alpha * direction
-        residual_vec -= alpha * m_dir
-        rr = float(residual_vec @ residual_vec)
+    for _ in range(_MAX_RESTARTS + 1):
         z = precondition(residual_vec)
-        rz_new = float(residual_vec @ z)
-        direction = z + (rz_new / rz) * direction
-        rz = rz_new
-        iterations += 1
-    v, jv = apply_kernel(operator, x, compiled)
-    residual = relative_residual(rhs, jv, x, damping)
+        direction = z.clone()
+        rz = float(residual_vec @ z)
+        rr = float(residual_vec @ residual_vec)
+        while iterations < max_iters and rr**0.5 / rhs_norm > tol:
+            _, jv_dir = apply_kernel(operator, direction, compiled)
+            m_dir = jv_dir + damping * direction
+            alpha = rz / float(direction @ m_dir)
+            x += alpha * direction
+            residual_vec -= alpha * m_dir
+            rr = float(residual_vec @ residual_vec)
+            z = precondition(residual_vec)
+            rz_new = float(residual_vec @ z)
+            direction = z + (rz_new / rz) * direction
+            rz = rz_new
+            iterations += 1
+        v, jv = apply_kernel(operator, x, compiled)
+        residual = relative_residual(rhs, jv, x, damping)
+        if residual <= tol or iterations >= max_iters:
+            break
+        # The recurrence drifted from the true residual (float32 scores): restart from it.
+        residual_vec = rhs - jv - damping * x
     return SolveResult(x, v, jv, residual, iterations, residual <= tol)

@@ -158,8 +158,10 @@ def solve(
     if name == "cholesky":
         return cholesky_solve(operator, rhs, s.damping), "cholesky", []
     if name == "cg":
-        preconditioner = nystrom_preconditioner(
-            operator, s.damping, s.preconditioner_rank, generator
+        preconditioner = (
+            nystrom_preconditioner(operator, s.damping, s.preconditioner_rank, generator)
+            if bool(rhs.any())
+            else None
         )
         result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters, s.compile, preconditioner)
     else:

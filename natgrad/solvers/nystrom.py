@@ -23,13 +23,26 @@ from natgrad.scores import ScoreOperator
 def nystrom_preconditioner(
     operator: ScoreOperator, damping: float, rank: int, generator: torch.Generator
 ) -> Callable[[Tensor], Tensor] | None:
-    """Return ``y -> P^{-1} y`` (float64), or ``None`` when ``rank`` is 0 or ``>= N``."""
+    """Return ``y -> P^{-1} y`` (float64), or ``None`` when ``rank`` is 0.
+
+    ``rank >= N`` uses every sample: ``P`` is then ``K / N + lam I`` itself and CG finishes
+    in one iteration (forming all ``N`` columns costs about one Gram matrix).
+
+    ``W`` is shifted by ``nu I`` with ``nu`` at the rounding level of the scores' dtype
+    (float32 Gram entries are not exactly positive semidefinite), which keeps ``P``
+    symmetric positive definite: it only makes the approximation of ``K`` slightly smaller.
+    """
     n = operator.num_samples
-    if rank <= 0 or rank >= n:
+    if rank <= 0:
         return None
+    rank = min(rank, n)
     index = torch.randperm(n, generator=generator, device="cpu")[:rank].to(operator.device)
     cross = operator.cross_gram(index).to(torch.float64) / n
     core = cross[index]
+    core = (core + core.T) / 2
+    eps = torch.finfo(operator.dtype).eps
+    nu = 4 * eps * rank * float(core.diagonal().abs().max())
+    core.diagonal().add_(nu)
     inner = damping * core + cross.T @ cross
     inner = (inner + inner.T) / 2
     factor, info = torch.linalg.cholesky_ex(inner)
@@ -40,11 +53,10 @@ def nystrom_preconditioner(
             return (y - cross @ inner_y) / damping
 
         return apply
-    # Singular: the sampled columns are linearly dependent (rank(K) < r, duplicated
-    # samples). Pseudo-inverse by eigendecomposition; the null space of ``inner`` is that
-    # of C, which the correction never reaches.
+    # Still singular (e.g. exactly duplicated samples in float64): pseudo-inverse by
+    # eigendecomposition, dropping eigenvalues at the rounding level of the scores.
     values, vectors = torch.linalg.eigh(inner)
-    keep = values > 1e-12 * float(values.max().clamp_min(1e-300))
+    keep = values > 4 * eps * rank * float(values.max().clamp_min(1e-300))
     if not bool(keep.any()):
         return None
     basis = cross @ vectors[:, keep]  # C Q_k, N x k
