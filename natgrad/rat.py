@@ -110,7 +110,8 @@ class RATNaturalGradient(SolverSettingsView):
         Rank ``r`` of the Nystrom preconditioner of CG: ``r`` kernel columns ``K[:, S]`` of
         random samples make the few large eigenvalues of ``K`` cheap for CG (on the
         Hopper-sized MLP: 31 -> 3 iterations at damping 1e-2, 109 -> 8 at 1e-3). It holds
-        an ``N x r`` float64 matrix. ``0`` turns it off; it is skipped when ``r >= N``.
+        an ``N x r`` float64 matrix. ``0`` turns it off; ``r >= N`` uses every sample (then
+        CG converges in one iteration).
     compile
         Run the iterative solvers' inner step (Kaczmarz: the whole per-block projection;
         CG: the kernel product ``J (J^T x) / N``) as one ``torch.compile`` graph. Same
