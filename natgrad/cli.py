@@ -67,7 +67,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         if field.name == "algo":
             kwargs["help"] = f"one of {', '.join(ALGORITHMS)} (default: {default})"
         if field.name == "solver":
-            kwargs["choices"] = ("auto", "kaczmarz", "cholesky", "cg")
+            from natgrad.solvers import SOLVERS
+
+            kwargs["choices"] = SOLVERS
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):

@@ -24,6 +24,7 @@ samples' factored scores with generic ones (mismatch: the generic path is used).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -109,23 +110,27 @@ class _FactoredBlock(ScoreBlock):
     def _take(self, tensor: Tensor) -> Tensor:
         return tensor if self.index is None else tensor[self.index]
 
-    def gram(self) -> Tensor:
-        return _factored_gram(self.functional()[1])
-
-    def matvec(self, v: Tensor) -> Tensor:
-        return _factored_matvec(self.functional()[1], v)
-
-    def rmatvec(self, x: Tensor) -> Tensor:
-        return _factored_rmatvec(self.functional()[1], x)
-
-    def functional(self) -> tuple[BlockFunctions, tuple]:
-        """Payload ``(((A_S, G_S, positions), ...), rest_S, rest_positions, P)``."""
+    @cached_property
+    def payload(self) -> tuple:
+        """``(((A_S, G_S, positions), ...), rest_S, rest_positions, P)``, gathered once."""
         op = self.operator
         pairs = tuple(
             (self._take(f.inputs), self._take(f.output_grads), f.positions) for f in op.factors
         )
         rest = None if op.rest is None else self._take(op.rest)
-        return FACTORED_FUNCTIONS, (pairs, rest, op.rest_positions, op.num_params)
+        return pairs, rest, op.rest_positions, op.num_params
+
+    def gram(self) -> Tensor:
+        return _factored_gram(self.payload)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return _factored_matvec(self.payload, v)
+
+    def rmatvec(self, x: Tensor) -> Tensor:
+        return _factored_rmatvec(self.payload, x)
+
+    def functional(self) -> tuple[BlockFunctions, tuple]:
+        return FACTORED_FUNCTIONS, self.payload
 
 
 class FactoredScores(ScoreOperator):
@@ -163,25 +168,27 @@ class FactoredScores(ScoreOperator):
         self.dtype = factors[0].inputs.dtype
         self.device = factors[0].inputs.device
 
+    @cached_property
+    def _whole(self) -> _FactoredBlock:
+        return _FactoredBlock(self, None)
+
     def block(self, index: Tensor) -> ScoreBlock:
         return _FactoredBlock(self, index)
 
     def matvec(self, v: Tensor) -> Tensor:
-        return _FactoredBlock(self, None).matvec(v)
+        return self._whole.matvec(v)
 
     def rmatvec(self, x: Tensor) -> Tensor:
-        return _FactoredBlock(self, None).rmatvec(x)
+        return self._whole.rmatvec(x)
 
     def gram(self) -> Tensor:
-        return _FactoredBlock(self, None).gram()
+        return self._whole.gram()
 
     def functional(self) -> tuple[BlockFunctions, tuple]:
-        return _FactoredBlock(self, None).functional()
+        return self._whole.functional()
 
     def cross_gram(self, index: Tensor) -> Tensor:
-        return _factored_cross_gram(
-            _FactoredBlock(self, None).functional()[1], _FactoredBlock(self, index).functional()[1]
-        )
+        return _factored_cross_gram(self._whole.payload, _FactoredBlock(self, index).payload)
 
     def dense_rows(self, index: Tensor) -> Tensor:
         """Materialize ``J[index]`` (for verification on a few samples)."""

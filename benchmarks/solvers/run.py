@@ -171,78 +171,35 @@ def methods(
             "-", [1], lambda lam, k: default_direction(problem, lam)
         ),
     }  # fmt: skip
-    backends = (
-        ["factored", "materialized"] if problem.name != "large_mlp" else ["factored", "streaming"]
-    )
-    for backend in backends:
-        for block in (256, 1024):
-            table[f"rat-kaczmarz b={block} [{backend}]"] = (
-                "epochs",
-                epochs,
-                lambda lam, k, b=block, be=backend: natgrad_direction(
-                    problem,
-                    lam,
-                    solver="kaczmarz",
-                    block_size=b,
-                    max_epochs=k,
-                    tol=1e-12,
-                    backend=be,
-                ),
-            )
-        table[f"rat-cg [{backend}]"] = (
-            "iterations",
-            iters,
-            lambda lam, k, be=backend: natgrad_direction(
-                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend=be,
-                preconditioner_rank=0,
-            ),
-        )  # fmt: skip
-        table[f"rat-cg nystrom-256 [{backend}]"] = (
-            "iterations",
-            [1, 2, 3, 5, 8, 12, 20],
-            lambda lam, k, be=backend: natgrad_direction(
-                problem, lam, solver="cg", max_iters=k, tol=1e-12, backend=be,
-                preconditioner_rank=256,
-            ),
-        )  # fmt: skip
-        if backend != "streaming":
-            table[f"rat-cholesky [{backend}]"] = (
-                "-",
-                [1],
-                lambda lam, k, be=backend: natgrad_direction(
-                    problem, lam, solver="cholesky", backend=be
-                ),
-            )
-    if compiled:
-        for block in (256, 1024):
-            table[f"rat-kaczmarz b={block} [factored, compile]"] = (
-                "epochs",
-                epochs,
-                lambda lam, k, b=block: natgrad_direction(
-                    problem,
-                    lam,
-                    solver="kaczmarz",
-                    block_size=b,
-                    max_epochs=k,
-                    tol=1e-12,
-                    backend="factored",
-                    compile=True,
-                ),
-            )
-        table["rat-cg [factored, compile]"] = (
-            "iterations",
-            iters,
-            lambda lam, k: natgrad_direction(
-                problem,
-                lam,
-                solver="cg",
-                max_iters=k,
-                tol=1e-12,
-                backend="factored",
-                compile=True,
-                preconditioner_rank=0,
-            ),
+
+    def rat(budget: str | None, **fixed):
+        """fn(damping, budget) running RATNaturalGradient with ``budget`` set to the budget."""
+        tol = {} if fixed.get("solver") == "cholesky" else {"tol": 1e-12}
+        return lambda lam, k: natgrad_direction(
+            problem, lam, **tol, **({budget: k} if budget else {}), **fixed
         )
+
+    backends = ["factored", "streaming" if problem.name == "large_mlp" else "materialized"]
+    variants = [(f"[{backend}]", {"backend": backend}) for backend in backends]
+    if compiled:
+        variants.append(("[factored, compile]", {"backend": "factored", "compile": True}))
+    for label, options in variants:
+        for block in (256, 1024):
+            table[f"rat-kaczmarz b={block} {label}"] = (
+                "epochs", epochs,
+                rat("max_epochs", solver="kaczmarz", block_size=block, **options),
+            )  # fmt: skip
+        table[f"rat-cg {label}"] = (
+            "iterations", iters, rat("max_iters", solver="cg", preconditioner_rank=0, **options)
+        )  # fmt: skip
+        if options.get("compile"):
+            continue
+        table[f"rat-cg nystrom-256 {label}"] = (
+            "iterations", [1, 2, 3, 5, 8, 12, 20],
+            rat("max_iters", solver="cg", preconditioner_rank=256, **options),
+        )  # fmt: skip
+        if options["backend"] != "streaming":
+            table[f"rat-cholesky {label}"] = ("-", [1], rat(None, solver="cholesky", **options))
     if problem.name != "transformer":  # attention's projections are not hookable modules
         table["kfac (K-FAC direction)"] = ("-", [1], lambda lam, k: kfac_direction(problem, lam))
     table["trpo-cg (autograd FVP)"] = ("iterations", iters, lambda lam, k: trpo_cg(problem, lam, k))

@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from natgrad._checks import check_nonnegative_int
 from natgrad.rl._errors import ConfigError
+from natgrad.solvers import SOLVERS
 
 __all__ = ["TrainConfig"]
 
@@ -179,15 +181,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}")
-        rank = self.rat_preconditioner_rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise ConfigError(
-                f"--rat-preconditioner-rank must be an integer >= 0 (0 turns it off), got {rank!r}"
+        try:
+            check_nonnegative_int(
+                "--rat-preconditioner-rank", self.rat_preconditioner_rank, " (0 turns it off)"
             )
-        if self.solver not in ("auto", "kaczmarz", "cholesky", "cg"):
-            raise ConfigError(
-                f"--solver must be one of auto, kaczmarz, cholesky, cg; got {self.solver!r}"
-            )
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"--solver must be one of {', '.join(SOLVERS)}; got {self.solver!r}")
         if not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"--hidden must be positive widths, got {self.hidden!r}")
         if self.seed < 0:

@@ -9,9 +9,9 @@ eager functions are the reference: the compiled ones compute the same expression
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -19,42 +19,20 @@ from torch import Tensor
 from natgrad.scores import BlockFunctions
 
 Payload = Any  # a tuple (tree) of tensors and ints
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _block_step(
-    fns: BlockFunctions,
-    payload: Payload,
-    x_block: Tensor,
-    v: Tensor,
-    rhs_block: Tensor,
-    factor: Tensor,
-    damping: float,
-    inv_n: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    dtype = factor.dtype
-    jv = fns.matvec(payload, v.to(_payload_dtype(payload))).to(dtype)
-    residual = rhs_block - jv - damping * x_block
-    delta = torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1)
-    dv = fns.rmatvec(payload, delta.to(_payload_dtype(payload))).to(dtype)
-    return x_block + delta, v + dv * inv_n, residual
+def _compiled_on_first_call(function: F) -> F:
+    """``torch.compile(function)``, built when first called (importing stays cheap)."""
+    compiled: list[Callable[..., Any]] = []
 
+    @functools.wraps(function)
+    def call(*args: Any) -> Any:
+        if not compiled:
+            compiled.append(torch.compile(function))
+        return compiled[0](*args)
 
-def _block_factor(fns: BlockFunctions, payload: Payload, damping: float, inv_n: float) -> Tensor:
-    matrix = fns.gram(payload).to(torch.float64) * inv_n
-    matrix = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return torch.linalg.cholesky(matrix)
-
-
-def _kernel(
-    fns: BlockFunctions, payload: Payload, x: Tensor, inv_n: float
-) -> tuple[Tensor, Tensor]:
-    dtype = _payload_dtype(payload)
-    v = fns.rmatvec(payload, x.to(dtype)).to(torch.float64) * inv_n
-    return v, fns.matvec(payload, v.to(dtype)).to(torch.float64)
-
-
-def _matvec(fns: BlockFunctions, payload: Payload, v: Tensor) -> Tensor:
-    return fns.matvec(payload, v.to(_payload_dtype(payload))).to(torch.float64)
+    return call  # type: ignore[return-value]
 
 
 def _payload_dtype(payload: Payload) -> torch.dtype:
@@ -64,13 +42,7 @@ def _payload_dtype(payload: Payload) -> torch.dtype:
     return first.dtype
 
 
-@cache
-def _compiled(name: str) -> Callable[..., Any]:
-    functions = {"step": _block_step, "factor": _block_factor, "kernel": _kernel, "matvec": _matvec}
-    function = functions[name]
-    return torch.compile(function)
-
-
+@_compiled_on_first_call
 def fused_block_step(
     fns: BlockFunctions,
     payload: Payload,
@@ -82,23 +54,35 @@ def fused_block_step(
     inv_n: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Compiled block projection; returns new ``x_S``, new ``v`` and the residual ``r_S``."""
-    return _compiled("step")(fns, payload, x_block, v, rhs_block, factor, damping, inv_n)
+    dtype = factor.dtype
+    jv = fns.matvec(payload, v.to(_payload_dtype(payload))).to(dtype)
+    residual = rhs_block - jv - damping * x_block
+    delta = torch.cholesky_solve(residual.unsqueeze(1), factor).squeeze(1)
+    dv = fns.rmatvec(payload, delta.to(_payload_dtype(payload))).to(dtype)
+    return x_block + delta, v + dv * inv_n, residual
 
 
+@_compiled_on_first_call
 def fused_block_factor(
     fns: BlockFunctions, payload: Payload, damping: float, inv_n: float
 ) -> Tensor:
     """Compiled Cholesky factor of ``J_S J_S^T / N + lam I`` (float64)."""
-    return _compiled("factor")(fns, payload, damping, inv_n)
+    matrix = fns.gram(payload).to(torch.float64) * inv_n
+    matrix = matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return torch.linalg.cholesky(matrix)
 
 
+@_compiled_on_first_call
 def fused_kernel(
     fns: BlockFunctions, payload: Payload, x: Tensor, inv_n: float
 ) -> tuple[Tensor, Tensor]:
     """Compiled ``(v, J v)`` with ``v = J^T x / N`` (float64), the CG matrix product."""
-    return _compiled("kernel")(fns, payload, x, inv_n)
+    dtype = _payload_dtype(payload)
+    v = fns.rmatvec(payload, x.to(dtype)).to(torch.float64) * inv_n
+    return v, fns.matvec(payload, v.to(dtype)).to(torch.float64)
 
 
+@_compiled_on_first_call
 def fused_matvec(fns: BlockFunctions, payload: Payload, v: Tensor) -> Tensor:
     """Compiled ``J v`` in float64 for a float64 ``v``."""
-    return _compiled("matvec")(fns, payload, v)
+    return fns.matvec(payload, v.to(_payload_dtype(payload))).to(torch.float64)
