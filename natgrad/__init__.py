@@ -8,7 +8,15 @@ policy-gradient backward pass yields the Tikhonov-damped natural gradient.
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.scores import default_log_prob
-from natgrad.solvers import NotConvergedError, NotConvergedWarning
+from natgrad.errors import (
+    IllConditionedError,
+    NatgradError,
+    NonFiniteError,
+    NotConvergedError,
+    NotConvergedWarning,
+    PolicyMutationError,
+    PrecisionWarning,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +28,11 @@ __all__ = [
     "Diagnostics",
     "NaturalGradient",
     # errors and warnings
+    "NatgradError",
+    "IllConditionedError",
+    "NonFiniteError",
     "NotConvergedError",
     "NotConvergedWarning",
+    "PolicyMutationError",
+    "PrecisionWarning",
 ]

@@ -17,6 +17,7 @@ from natgrad._checks import (
     check_positive_float,
     check_positive_int,
 )
+from natgrad.errors import NotConvergedError, NotConvergedWarning
 from natgrad.scores import ScoreOperator
 from natgrad.solvers._base import SolveResult
 from natgrad.solvers.cg import cg_solve
@@ -31,14 +32,6 @@ SOLVERS: tuple[str, ...] = ("auto", "kaczmarz", "cholesky", "cg")
 # the fastest to a cosine of 0.99 in benchmarks/solvers (results/ for CPU, results/cuda-h100/).
 AUTO_CHOLESKY_MAX_SAMPLES = 4096
 ON_NONCONVERGENCE: tuple[str, ...] = ("fallback", "warn", "raise")
-
-
-class NotConvergedWarning(RuntimeWarning):
-    """An iterative solver stopped before reaching ``tol`` and its iterate was returned."""
-
-
-class NotConvergedError(RuntimeError):
-    """An iterative solver stopped before reaching ``tol`` (``on_nonconvergence="raise"``)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""natgrad's own errors and warnings.
+
+Every error natgrad raises on purpose derives from :class:`NatgradError` (and from the
+built-in class that fits, so ``except ValueError`` keeps working). Its message names the
+argument or quantity at fault, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "IllConditionedError",
+    "NatgradError",
+    "NonFiniteError",
+    "NotConvergedError",
+    "NotConvergedWarning",
+    "PolicyMutationError",
+    "PrecisionWarning",
+]
+
+
+class NatgradError(Exception):
+    """Base class of the errors natgrad raises on purpose."""
+
+
+class NotConvergedError(NatgradError, RuntimeError):
+    """An iterative solver stopped before reaching ``tol`` (``on_nonconvergence="raise"``)."""
+
+
+class NonFiniteError(NatgradError, ValueError):
+    """An input or a result is NaN or infinite; the message names which and why."""
+
+
+class IllConditionedError(NatgradError, ValueError):
+    """The damped system cannot be solved in the available precision.
+
+    Raised when ``K / N + lam I`` is not numerically positive definite (its factorization
+    fails): ``damping`` is below the rounding level of the scores. The message gives the
+    smallest damping that the scores' precision supports.
+    """
+
+
+class PolicyMutationError(NatgradError, ValueError):
+    """Evaluating the policy changed its state (e.g. a running normalizer in train mode).
+
+    natgrad restores the changed buffers before raising, so the policy is left as it was.
+    """
+
+
+class NotConvergedWarning(RuntimeWarning):
+    """An iterative solver stopped before reaching ``tol`` and its iterate was returned."""
+
+
+class PrecisionWarning(RuntimeWarning):
+    """The system is too ill-conditioned for the scores' dtype to give ``tol`` accuracy.
+
+    ``diagnostics.precision`` estimates the relative error that rounding of the scores alone
+    can cause (condition number times the dtype's machine epsilon).
+    """
