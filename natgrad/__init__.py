@@ -5,9 +5,6 @@ it turns advantages ``A`` into ``A~ = (J J^T / N + lam I)^{-1} A`` so that the o
 policy-gradient backward pass yields the Tikhonov-damped natural gradient.
 """
 
-from natgrad.rat import RATNaturalGradient
-from natgrad.results import Diagnostics, NaturalGradient
-from natgrad.scores import default_log_prob
 from natgrad.errors import (
     IllConditionedError,
     NatgradError,
@@ -17,6 +14,9 @@ from natgrad.errors import (
     PolicyMutationError,
     PrecisionWarning,
 )
+from natgrad.rat import RATNaturalGradient
+from natgrad.results import Diagnostics, NaturalGradient
+from natgrad.scores import default_log_prob
 
 __version__ = "0.1.0"
 
