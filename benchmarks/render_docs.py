@@ -1,0 +1,766 @@
+"""Render every benchmark number in README.md and docs/*.md from the committed results files.
+
+The pages carry *generated regions*: an HTML comment holding a Python expression, the
+rendered value, and a closing comment, for example
+
+    about <!-- fig: rl_mean_wall('CartPole-v1', 'rat-npg') -->10<!-- /fig --> seconds
+
+The expression is evaluated with the helpers below, which read only
+``benchmarks/*/results*/`` (and ``git`` for provenance), so a number on a page can only
+change together with the results file it comes from. Block regions (tables, provenance
+notes) put the markers on their own lines. The same goes for the figures: ``ASSETS`` maps
+each ``docs/assets`` image to the benchmark plot it copies.
+
+    python benchmarks/render_docs.py          # rewrite the regions and the asset copies
+    python benchmarks/render_docs.py --check  # exit 1 if a committed page or asset differs
+
+``tests/test_docs_figures.py`` runs the check in the test suite. Needs only the standard
+library (and ``git`` on the PATH for the provenance notes); independent of natgrad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+REGION = re.compile(r"<!-- fig: (?P<expr>.*?) -->(?P<body>.*?)<!-- /fig -->", re.DOTALL)
+
+# docs/assets image -> the benchmark plot it is a copy of
+ASSETS = {
+    "perf-cpu-mlp.png": "solvers/results/mlp.png",
+    "perf-cpu-cnn.png": "solvers/results/cnn.png",
+    "perf-cpu-transformer.png": "solvers/results/transformer.png",
+    "perf-h100-mlp.png": "solvers/results/cuda-h100/mlp.png",
+    "perf-h100-cnn.png": "solvers/results/cuda-h100/cnn.png",
+    "perf-h100-large_mlp.png": "solvers/results/cuda-h100/large_mlp.png",
+    "perf-h100-transformer.png": "solvers/results/cuda-h100/transformer.png",
+    "rl-1m-Hopper.png": "rl/results_mujoco_1m/Hopper-v5-1000k.png",
+    "rl-1m-Walker2d.png": "rl/results_mujoco_1m/Walker2d-v5-1000k.png",
+    "rl-1m-HalfCheetah.png": "rl/results_mujoco_1m/HalfCheetah-v5-1000k.png",
+    "rl-minatar-Breakout.png": "rl/results/MinAtar_Breakout-v1-500k.png",
+    "rl-minatar-SpaceInvaders.png": "rl/results/MinAtar_SpaceInvaders-v1-500k.png",
+    "supervised-curves.png": "supervised/results/curves.png",
+}
+
+SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
+# results file -> (what it is, the library code whose behaviour it measures)
+RESULTS = {
+    "solvers/results/results.json": ("CPU solver benchmark", SOLVER_CODE),
+    "solvers/results/cuda-h100/results.json": ("H100 solver benchmark", SOLVER_CODE),
+    "solvers/results/cpu-memory/memory_scaling.json": ("CPU memory benchmark", SOLVER_CODE),
+    "rl/results/results.json": ("RL benchmark", ["natgrad/rl", *SOLVER_CODE]),
+    "rl/results_mujoco_1m/results.json": ("MuJoCo 1M-step benchmark", ["natgrad/rl", *SOLVER_CODE]),
+    "supervised/results/results.json": (
+        "supervised benchmark",
+        ["natgrad/supervised", "natgrad/solvers", "natgrad/scores.py"],
+    ),
+}
+
+METHOD_ALIASES = {
+    "default": "rat default: RATNaturalGradient(damping)",
+    "trpo": "trpo-cg (autograd FVP)",
+    "kfac": "kfac (K-FAC direction)",
+    "dense": "dense fisher (P x P)",
+}
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@functools.cache
+def load(name: str):
+    return json.loads((BENCH / name).read_text())
+
+
+def solver_file(device: str) -> str:
+    files = {"cpu": "results.json", "h100": "cuda-h100/results.json"}
+    return f"solvers/results/{files[device]}"
+
+
+def problem(device: str, name: str) -> dict:
+    for rec in load(solver_file(device))["problems"]:
+        if rec["problem"] == name:
+            return rec
+    raise KeyError(f"{device} results have no problem {name!r}")
+
+
+def curve(device: str, name: str, damping: float, method: str) -> dict:
+    curves = problem(device, name)["dampings"][str(damping)]
+    return curves[METHOD_ALIASES.get(method, method)]
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def ms(seconds: float | None, digits: int = 1) -> str:
+    """Seconds as milliseconds, ``'-'`` for None."""
+    return "-" if seconds is None else f"{1e3 * seconds:.{digits}f} ms"
+
+
+def num(x: float, digits: int = 0) -> str:
+    """A number with thousands separators."""
+    return f"{x:,.{digits}f}"
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.0f} MiB"
+
+
+def times(x: float, digits: int = 1) -> str:
+    return f"{x:.{digits}f}x"
+
+
+def span(values, fmt: str = "{:.0f}", sep: str = "-") -> str:
+    """``'lo-hi'`` (or one value when all are equal) in the given format."""
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}{sep}{hi}"
+
+
+def mean_se(values, digits: int = 1) -> str:
+    values = list(values)
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------- solvers
+
+
+def t99(device: str, name: str, damping: float, method: str) -> float | None:
+    """Seconds to cosine >= 0.99 with the exact direction (None: never reached)."""
+    return curve(device, name, damping, method)["time_to_target_s"]
+
+
+def cosine(device: str, name: str, damping: float, method: str) -> float:
+    """Cosine with the exact direction at the largest budget."""
+    return curve(device, name, damping, method)["points"][-1]["cosine"]
+
+
+def budget99(device: str, name: str, damping: float, method: str) -> int | None:
+    """The smallest budget (iterations, epochs) of the grid that reached cosine 0.99."""
+    for point in curve(device, name, damping, method)["points"]:
+        if point["cosine"] >= 0.99:
+            return point["budget"]
+    return None
+
+
+def max_budget(device: str, name: str, damping: float, method: str) -> int:
+    return curve(device, name, damping, method)["points"][-1]["budget"]
+
+
+def vanilla(device: str, name: str) -> float:
+    return problem(device, name)["vanilla_backward_s"]
+
+
+def params(device: str, name: str) -> int:
+    return problem(device, name)["num_params"]
+
+
+def samples(device: str, name: str) -> int:
+    return problem(device, name)["num_samples"]
+
+
+def fastest(device: str, name: str, damping: float, exclude=("default", "dense")) -> str:
+    """The method with the smallest time to cosine 0.99."""
+    skip = {METHOD_ALIASES.get(m, m) for m in exclude}
+    curves = problem(device, name)["dampings"][str(damping)]
+    timed = {m: c["time_to_target_s"] for m, c in curves.items() if c["time_to_target_s"]}
+    return min((m for m in timed if m not in skip), key=timed.__getitem__)
+
+
+GOAL_ROWS = {
+    "cpu": ("default", ("mlp", "cnn", "transformer")),
+    "h100": ("rat-cholesky [factored]", ("mlp", "cnn", "large_mlp")),
+}
+
+
+def ratio(device: str, name: str, damping: float, method: str, to: str = "trpo") -> float:
+    """Time to cosine 0.99 of ``method`` over TRPO-CG's (``to="trpo"``) or over one
+    vanilla backward pass (``to="vanilla"``)."""
+    mine = t99(device, name, damping, method)
+    other = vanilla(device, name) if to == "vanilla" else t99(device, name, damping, to)
+    return mine / other
+
+
+def goals_met(device: str, to: str = "trpo") -> str:
+    """``'k of n'`` rows of the goals table that meet the goal (0.5x TRPO, 10x vanilla)."""
+    method, names = GOAL_ROWS[device]
+    limit = 10 if to == "vanilla" else 0.5
+    hits = [ratio(device, n, d, method, to) <= limit for n in names for d in (0.01, 0.001)]
+    return f"{sum(hits)} of {len(hits)}"
+
+
+def t99_span(device: str, name: str, prefix: str = "rat-", unit: str = "ms") -> str:
+    """Range of the times to cosine 0.99 of every method whose name starts with prefix."""
+    values = [
+        c["time_to_target_s"]
+        for d in problem(device, name)["dampings"].values()
+        for m, c in d.items()
+        if m.startswith(prefix) and c["time_to_target_s"]
+    ]
+    return span([1e3 * v for v in values]) + " " + unit
+
+
+PROBLEM_TEXT = {
+    "mlp": "Gaussian MLP {obs} -> 64 -> 64 -> {act}, tanh, state-independent log-std "
+    "(the observation and action sizes of Walker2d and HalfCheetah)",
+    "cnn": "MinAtar-sized: 4x10x10 -> Conv(16, 3x3) -> 128 -> 6 logits",
+    "transformer": "16 tokens of 8 features, 2 encoder layers, d = 64, 6 logits",
+    "large_mlp": "Gaussian MLP 64 -> 700 -> 700 -> 8",
+}
+
+
+def problems_table() -> str:
+    rows = ["| problem | policy | N | P | measured on |", "|---|---|---|---|---|"]
+    for name in ("mlp", "cnn", "transformer", "large_mlp"):
+        devices = []
+        for device, label in (("cpu", "CPU"), ("h100", "H100")):
+            try:
+                rec = problem(device, name)
+            except KeyError:
+                continue
+            devices.append(label)
+        text = PROBLEM_TEXT[name].format(obs=17, act=6)
+        rows.append(
+            f"| `{name}` | {text} | {rec['num_samples']} | {num(rec['num_params'])} | "
+            f"{', '.join(devices)} |"
+        )
+    return block("\n".join(rows))
+
+
+def _goal(value: float, goal: float, digits: int) -> str:
+    text = f"{value:.{digits}f}"
+    return f"**{text}**" if value <= goal else f"{text} (missed)"
+
+
+def goals_table() -> str:
+    rows = [
+        "| device | problem | damping | natgrad | TRPO-CG t99 | ratio (goal <= 0.5) | "
+        "vanilla backward | multiple (goal <= 10) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for device, label, method, names in (
+        ("cpu", "CPU, 1 thread", "default", ("mlp", "cnn", "transformer")),
+        ("h100", "H100", "rat-cholesky [factored]", ("mlp", "cnn", "large_mlp")),
+    ):
+        for name in names:
+            for damping in (0.01, 0.001):
+                mine, trpo = t99(device, name, damping, method), t99(device, name, damping, "trpo")
+                van = vanilla(device, name)
+                rows.append(
+                    f"| {label} | {name} | {damping:g} | {ms(mine)} | {ms(trpo)} | "
+                    f"{_goal(mine / trpo, 0.5, 2)} | {ms(van)} | {_goal(mine / van, 10, 1)} |"
+                )
+    return block("\n".join(rows))
+
+
+def compile_pairs() -> str:
+    """H100 rows with and without compile=True: time to cosine 0.99."""
+    rows = [
+        "| problem | damping | method | eager | `compile=True` | compiled / eager |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rec in load(solver_file("h100"))["problems"]:
+        for damping, curves in rec["dampings"].items():
+            for method, data in curves.items():
+                if not method.endswith(", compile]"):
+                    continue
+                eager = curves[method.replace(", compile]", "]")]["time_to_target_s"]
+                compiled = data["time_to_target_s"]
+                if not (eager and compiled):
+                    continue
+                short = method.replace(" [factored, compile]", "")
+                rows.append(
+                    f"| {rec['problem']} | {damping} | {short} | {ms(eager)} | {ms(compiled)} | "
+                    f"{compiled / eager:.2f} |"
+                )
+    return block("\n".join(rows))
+
+
+def compile_ratios() -> list[float]:
+    out = []
+    for rec in load(solver_file("h100"))["problems"]:
+        for curves in rec["dampings"].values():
+            for method, data in curves.items():
+                eager = curves.get(method.replace(", compile]", "]"), {}).get("time_to_target_s")
+                if method.endswith(", compile]") and eager and data["time_to_target_s"]:
+                    out.append(data["time_to_target_s"] / eager)
+    return out
+
+
+def memory_h100_table() -> str:
+    mem = load(solver_file("h100"))["memory"]
+    ref = {
+        "streaming": "`b x P x 4` bytes = {b}; `N x P x 4` bytes = {n}",
+        "factored": "layer inputs and output gradients only",
+        "materialized": "holds `J` ({n}) plus the chunks it is assembled from",
+    }
+    rows = ["| backend | peak extra | reference |", "|---|---|---|"]
+    for backend in ("streaming", "factored", "materialized"):
+        text = ref[backend].format(
+            b=mib(mem["block (256) x P x 4 bytes"]), n=mib(mem["N x P x 4 bytes"])
+        )
+        rows.append(f"| {backend} | {mib(mem[backend])} | {text} |")
+    return block("\n".join(rows))
+
+
+def memory_rows() -> list[dict]:
+    return load("solvers/results/cpu-memory/memory_scaling.json")["rows"]
+
+
+def memory_cpu(backend: str, n: int, b: int) -> float:
+    for row in memory_rows():
+        if (row["backend"], row["N"], row["block_size"]) == (backend, n, b):
+            return row["peak_extra_bytes"]
+    raise KeyError((backend, n, b))
+
+
+def memory_cpu_table() -> str:
+    rows = [
+        "| backend | N | block b | peak extra | `N x P x 4` B | `b x P x 4` B |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in memory_rows():
+        rows.append(
+            f"| {r['backend']} | {r['N']} | {r['block_size']} | {mib(r['peak_extra_bytes'])} | "
+            f"{mib(r['N*P*4'])} | {mib(r['b*P*4'])} |"
+        )
+    return block("\n".join(rows))
+
+
+# ---------------------------------------------------------------------------- RL
+
+
+def rl_runs(env: str, algo: str, steps: int = 100_000, results: str = "results") -> list[dict]:
+    runs = [
+        r
+        for r in load(f"rl/{results}/results.json")["runs"]
+        if r["env"] == env and r["algo"] == algo and r["steps"] == steps
+    ]
+    if not runs:
+        raise KeyError(f"no runs for {env} {algo} {steps} in rl/{results}")
+    return runs
+
+
+def rl_final(env: str, algo: str, steps: int = 100_000, results: str = "results", digits=1):
+    return mean_se((r["final_return"] for r in rl_runs(env, algo, steps, results)), digits)
+
+
+def rl_finals(env: str, algo: str, steps: int = 100_000, results: str = "results", digits=0):
+    runs = sorted(rl_runs(env, algo, steps, results), key=lambda r: r["seed"])
+    return " / ".join(f"{r['final_return']:.{digits}f}" for r in runs)
+
+
+def rl_mean_wall(env: str, algo: str, steps: int = 100_000, results: str = "results") -> str:
+    runs = rl_runs(env, algo, steps, results)
+    return f"{statistics.fmean(r['wall_time'] for r in runs):.1f}"
+
+
+def rl_wall_range(env: str, algo: str, steps: int = 100_000, results: str = "results") -> str:
+    return span(r["wall_time"] for r in rl_runs(env, algo, steps, results))
+
+
+def rl_solved(env: str, algo: str, steps: int = 100_000) -> str:
+    """Mean steps to the env's threshold over seeds, 'never' if a seed did not reach it."""
+    runs = rl_runs(env, algo, steps)
+    values = [r["steps_to_threshold"] for r in runs]
+    if any(v is None for v in values):
+        return "never" if all(v is None for v in values) else "not every seed"
+    return num(statistics.fmean(values))
+
+
+def rl_solved_range(env: str, algo: str, steps: int = 100_000) -> str:
+    return span((r["steps_to_threshold"] for r in rl_runs(env, algo, steps)), "{:,.0f}", "–")
+
+
+def rl_table(envs, algos, steps: int = 100_000, digits=None, solved_rows=()) -> str:
+    names = [f"`{a}`" + (" (peer)" if a == "sb3-trpo" else "") for a in algos]
+    header = "| env | " + " | ".join(names)
+    rows = [header + " |", "|---|" + "---|" * len(algos)]
+    for env in envs:
+        cells = []
+        for algo in algos:
+            try:
+                cells.append(rl_final(env, algo, steps, digits=(digits or {}).get(env, 1)))
+            except KeyError:
+                cells.append("")
+        rows.append(f"| {env} | " + " | ".join(cells) + " |")
+        if env in solved_rows:
+            threshold = solved_rows[env]
+            cells = []
+            for algo in algos:
+                try:
+                    cells.append(rl_solved(env, algo, steps))
+                except KeyError:
+                    cells.append("")
+            rows.append(f"| — steps to {threshold} | " + " | ".join(cells) + " |")
+    return block("\n".join(rows))
+
+
+def rl_100k_table() -> str:
+    algos = ["rat-npg", "rat-trpo", "cg-trpo", "kfac", "ppo", "a2c", "sb3-trpo"]
+    envs = ["CartPole-v1", "Acrobot-v1", "Pendulum-v1", "Hopper-v5", "Walker2d-v5"]
+    envs.append("HalfCheetah-v5")
+    digits = {"Hopper-v5": 0, "Walker2d-v5": 0, "HalfCheetah-v5": 0}
+    return rl_table(envs, algos, 100_000, digits, {"CartPole-v1": 475, "Acrobot-v1": -100})
+
+
+def rl_300k_table() -> str:
+    algos = ["rat-npg", "cg-trpo", "sb3-trpo"]
+    envs = ["Hopper-v5", "Walker2d-v5"]
+    text = rl_table(envs, algos, 300_000, {"Hopper-v5": 0, "Walker2d-v5": 0})
+    walls = " | ".join(
+        span(r["wall_time"] for e in ("Hopper-v5", "Walker2d-v5") for r in rl_runs(e, a, 300_000))
+        for a in algos
+    )
+    return block(text.strip("\n") + f"\n| — wall time per run (s) | {walls} |")
+
+
+def common_steps() -> dict:
+    """The 'common steps' summary of results_mujoco_1m/results.md: (env, algo) -> row."""
+    out = {}
+    text = (BENCH / "rl/results_mujoco_1m/results.md").read_text()
+    part = text.split("fewest steps any of them reached", 1)[1]
+    for line in part.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[2].isdigit():
+            out[cells[0], cells[3]] = {"steps": int(cells[2]), "return": cells[5]}
+    return out
+
+
+def kilo(steps: float) -> str:
+    return f"{steps / 1000:.0f}k" if steps < 1_000_000 else f"{steps / 1e6:g}M"
+
+
+def reached(run: dict) -> int:
+    return run.get("steps_reached", run["steps"])
+
+
+def rl_1m_table() -> str:
+    rows = [
+        "| env | `rat-npg` final (steps) | `sb3-trpo` final (steps) | common steps | "
+        "`rat-npg` there | `sb3-trpo` there |",
+        "|---|---|---|---|---|---|",
+    ]
+    common = common_steps()
+    for env in ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5"):
+        cells = []
+        for algo in ("rat-npg", "sb3-trpo"):
+            runs = rl_runs(env, algo, 1_000_000, "results_mujoco_1m")
+            steps = [reached(r) for r in runs]
+            where = (
+                kilo(min(steps))
+                if min(steps) == max(steps)
+                else (f"{kilo(min(steps))}-{kilo(max(steps))}")
+            )
+            cells.append(f"{mean_se((r['final_return'] for r in runs), 0)} ({where})")
+        rows.append(
+            f"| {env} | {cells[0]} | {cells[1]} | {kilo(common[env, 'rat-npg']['steps'])} | "
+            f"{common_return(env, 'rat-npg')} | {common_return(env, 'sb3-trpo')} |"
+        )
+    return block("\n".join(rows))
+
+
+def common_return(env: str, algo: str) -> str:
+    value, se = common_steps()[env, algo]["return"].split(" ± ")
+    return f"{float(value):.0f} ± {float(se):.0f}"
+
+
+def rl_minatar_table() -> str:
+    rows = [
+        "| env | `rat-npg` | `sb3-trpo` (peer) | wall time per run: `rat-npg` | `sb3-trpo` |",
+        "|---|---|---|---|---|",
+    ]
+    for env in ("MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1"):
+        rows.append(
+            f"| {env} | {rl_final(env, 'rat-npg', 500_000)} | {rl_final(env, 'sb3-trpo', 500_000)} "
+            f"| {rl_wall_range(env, 'rat-npg', 500_000)} s | "
+            f"{rl_wall_range(env, 'sb3-trpo', 500_000)} s |"
+        )
+    return block("\n".join(rows))
+
+
+def minatar_speedup() -> str:
+    ratios = [
+        statistics.fmean(r["wall_time"] for r in rl_runs(env, "sb3-trpo", 500_000))
+        / statistics.fmean(r["wall_time"] for r in rl_runs(env, "rat-npg", 500_000))
+        for env in ("MinAtar/Breakout-v1", "MinAtar/SpaceInvaders-v1")
+    ]
+    return span(ratios, "{:.1f}")
+
+
+def seconds_per_million(env: str, algo: str) -> str:
+    """Mean wall seconds per 1M steps of the 1M-budget runs (stopped runs: steps reached)."""
+    runs = rl_runs(env, algo, 1_000_000, "results_mujoco_1m")
+    return f"{statistics.fmean(r['wall_time'] / reached(r) * 1e6 for r in runs):.0f}"
+
+
+# ---------------------------------------------------------------------------- supervised
+
+
+def sup_runs(task: str, method: str) -> list[dict]:
+    runs = [
+        r
+        for r in load("supervised/results/results.json")["runs"]
+        if r["task"] == task and r["method"] == method
+    ]
+    if not runs:
+        raise KeyError((task, method))
+    return runs
+
+
+def sup_final(task: str, method: str, key: str = "train_loss") -> float:
+    return statistics.fmean(r["curve"][key][-1] for r in sup_runs(task, method))
+
+
+def sup_at(task: str, method: str, step: int, key: str = "train_loss") -> float:
+    runs = sup_runs(task, method)
+    return statistics.fmean(r["curve"][key][r["curve"]["step"].index(step)] for r in runs)
+
+
+def sup_ms(task: str, method: str) -> float:
+    return statistics.fmean(
+        1e3 * r["curve"]["seconds"][-1] / max(r["curve"]["step"][-1], 1)
+        for r in sup_runs(task, method)
+    )
+
+
+def sup_time_to(task: str, method: str, level: float) -> float | None:
+    """Mean training seconds until the train loss first was <= level (None: not every seed)."""
+    out = []
+    for r in sup_runs(task, method):
+        c = r["curve"]
+        hits = [s for s, loss in zip(c["seconds"], c["train_loss"], strict=True) if loss <= level]
+        if not hits:
+            return None
+        out.append(hits[0])
+    return statistics.fmean(out)
+
+
+def sup_step_to(task: str, method: str, level: float) -> float | None:
+    out = []
+    for r in sup_runs(task, method):
+        c = r["curve"]
+        hits = [s for s, loss in zip(c["step"], c["train_loss"], strict=True) if loss <= level]
+        if not hits:
+            return None
+        out.append(hits[0])
+    return statistics.fmean(out)
+
+
+def g(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}g}"
+
+
+def supervised_table() -> str:
+    data = load("supervised/results/results.json")
+    methods = list(data["methods"])
+    tasks = list(dict.fromkeys(r["task"] for r in data["runs"]))
+    rows = [
+        "| task | method | lr | final train loss | final test loss | test metric | ms / step "
+        "| diverged |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task in tasks:
+        for method in methods:
+            runs = sup_runs(task, method)
+            ok = [r for r in runs if "error" not in r["curve"]]
+
+            def stat(key: str, ok=ok) -> str:
+                values = [r["curve"][key][-1] for r in ok]
+                if not values:
+                    return "n/a"
+                return f"{statistics.fmean(values):.4g} ± {statistics.pstdev(values):.2g}"
+
+            metric = "acc" if task == "digits" else "MSE"
+            rows.append(
+                f"| {task} | {method} | {runs[0]['lr']:g} | {stat('train_loss')} | "
+                f"{stat('test_loss')} | {metric} {stat('metric')} | {sup_ms(task, method):.1f} | "
+                f"{len(runs) - len(ok)}/{len(runs)} |"
+            )
+    cfg, machine = data["config"], data["machine"]
+    rows += [
+        "",
+        f"Mean ± std over seeds {cfg['seeds']} ({cfg['steps']} steps, batch "
+        f"{cfg['batch_size']}, {machine['torch_threads']} torch thread(s); total "
+        f"{data['seconds_total']:.0f} s). Learning rates picked from each method's grid by "
+        f"final train loss on seed {cfg['tuning_seed']}. Damping {data['damping']:g} for every "
+        f"natural-gradient method and K-FAC. Command: `{data['command']}`.",
+    ]
+    return block("\n".join(rows))
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def has_history(commit: str) -> bool:
+    return git("cat-file", "-e", f"{commit}^{{commit}}") is not None
+
+
+def first_change(commit: str, paths: list[str]) -> str | None:
+    """The first commit after ``commit`` touching ``paths``; ``'uncommitted'`` for edits only
+    in the working tree; None if the code is unchanged."""
+    log = git("log", "--reverse", "--format=%h", f"{commit}..HEAD", "--", *paths)
+    if log is None:
+        raise RuntimeError(f"git history with commit {commit} is needed to render provenance")
+    if log:
+        return log.splitlines()[0]
+    return "uncommitted" if git("diff", "--quiet", commit, "--", *paths) is None else None
+
+
+def provenance_info(name: str) -> dict:
+    data = load(name)
+    return data["provenance"]
+
+
+def provenance(name: str, runs: str | None = None) -> str:
+    """An admonition: which commit and versions produced the results file ``name``, and
+    whether the library code it measures has changed since.
+
+    ``runs``: for a file that collects runs from several commits (``rl/results``), a
+    filter ``"env algo steps"`` selecting those the page shows; the oldest of their
+    commits is the one compared.
+    """
+    what, paths = RESULTS[name]
+    info = provenance_info(name)
+    commits = [info["commit"]]
+    if runs is not None:
+        commits = sorted(
+            {r["commit"] for r in select_runs(name, runs)},
+            key=lambda c: int(git("log", "-1", "--format=%ct", c) or 0),
+        )
+    oldest = commits[0]
+    where = (
+        f"`{oldest[:7]}`"
+        if len(commits) == 1
+        else (f"`{oldest[:7]}` to `{commits[-1][:7]}` ({len(commits)} commits)")
+    )
+    how = info["commit_source"]
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    changed = first_change(oldest, paths)
+    code = ", ".join(f"`{p}`" for p in paths)
+    if changed is None:
+        status = f"The code it measures ({code}) is unchanged since."
+        kind = "note"
+    else:
+        since = "uncommitted changes" if changed == "uncommitted" else f"first in `{changed}`"
+        status = (
+            f"**The code it measures ({code}) has changed since** ({since}; "
+            f"`git log {oldest[:7]}..HEAD -- {' '.join(paths)}`): the numbers describe that "
+            "older code and have not been rerun."
+        )
+        kind = "warning"
+    text = (
+        f'!!! {kind} "Provenance: {what}"\n'
+        f"    `benchmarks/{name}`, measured at commit {where} ({how}); {versions}; "
+        f"{info['machine']}.\n    {status}"
+    )
+    return block(text)
+
+
+def select_runs(name: str, spec: str) -> list[dict]:
+    """Runs of an RL results file matching ``"ENV[,ENV] ALGO[,ALGO] STEPS"`` (``*``: any)."""
+    envs, algos, steps = spec.split()
+    out = []
+    for r in load(name)["runs"]:
+        if envs != "*" and r["env"] not in envs.split(","):
+            continue
+        if algos != "*" and r["algo"] not in algos.split(","):
+            continue
+        if steps != "*" and r["steps"] != int(steps):
+            continue
+        out.append(r)
+    return out
+
+
+# ---------------------------------------------------------------------------- engine
+
+
+def block(text: str) -> str:
+    """A block region: its markers on their own lines, blank lines around the content."""
+    return "\n\n" + text.strip("\n") + "\n\n"
+
+
+NAMESPACE = {k: v for k, v in globals().items() if not k.startswith("_")}
+
+
+def render_text(text: str) -> str:
+    def replace(match: re.Match) -> str:
+        expr = match["expr"]
+        line = text[text.rfind("\n", 0, match.start()) + 1 : match.start()]
+        if line.count("`") % 2:
+            raise RuntimeError(f"<!-- fig: {expr} --> sits inside a code span")
+        if not line.strip() and not match["body"].startswith("\n"):
+            raise RuntimeError(f"inline <!-- fig: {expr} --> starts a line (an HTML block)")
+        try:
+            value = eval(expr, dict(NAMESPACE))  # noqa: S307 - trusted repository content
+        except Exception as error:
+            raise RuntimeError(f"cannot render <!-- fig: {expr} -->: {error!r}") from error
+        return f"<!-- fig: {expr} -->{value}<!-- /fig -->"
+
+    return REGION.sub(replace, text)
+
+
+def check_assets(write: bool) -> list[str]:
+    stale = []
+    for asset, source in ASSETS.items():
+        target, origin = ROOT / "docs" / "assets" / asset, BENCH / source
+        if not target.exists() or target.read_bytes() != origin.read_bytes():
+            stale.append(f"docs/assets/{asset} (copy of benchmarks/{source})")
+            if write:
+                target.write_bytes(origin.read_bytes())
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report differences")
+    args = parser.parse_args(argv)
+    stale = check_assets(write=not args.check)
+    for page in PAGES:
+        path = ROOT / page
+        old = path.read_text()
+        new = render_text(old)
+        if new != old:
+            stale.append(page)
+            if args.check:
+                sys.stdout.writelines(
+                    difflib.unified_diff(
+                        old.splitlines(True), new.splitlines(True), page, page + " (rendered)"
+                    )
+                )
+            else:
+                path.write_text(new)
+    verb = (
+        "differ from the results (run python benchmarks/render_docs.py)"
+        if args.check
+        else ("rewritten")
+    )
+    for item in stale:
+        print(f"{item}: {verb}")
+    return 1 if (stale and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
