@@ -123,6 +123,7 @@ def times(x: float, digits: int = 1) -> str:
 
 def span(values, fmt: str = "{:.0f}", sep: str = "-") -> str:
     """``'lo-hi'`` (or one value when all are equal) in the given format."""
+    values = list(values)
     lo, hi = fmt.format(min(values)), fmt.format(max(values))
     return lo if lo == hi else f"{lo}{sep}{hi}"
 
@@ -210,6 +211,16 @@ def t99_span(device: str, name: str, prefix: str = "rat-", unit: str = "ms") -> 
         if m.startswith(prefix) and c["time_to_target_s"]
     ]
     return span([1e3 * v for v in values]) + " " + unit
+
+
+def chol_gap_ms() -> str:
+    """Largest H100 gap between Cholesky (what "auto" runs there) and the fastest method."""
+    gaps = [
+        t99("h100", p, d, "rat-cholesky [factored]") - t99("h100", p, d, fastest("h100", p, d))
+        for p in ("mlp", "cnn", "large_mlp", "transformer")
+        for d in (0.01, 0.001)
+    ]
+    return f"{1e3 * max(gaps):.0f} ms"
 
 
 PROBLEM_TEXT = {
@@ -369,6 +380,23 @@ def rl_mean_wall(env: str, algo: str, steps: int = 100_000, results: str = "resu
 
 def rl_wall_range(env: str, algo: str, steps: int = 100_000, results: str = "results") -> str:
     return span(r["wall_time"] for r in rl_runs(env, algo, steps, results))
+
+
+def _mean_and_se(values) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def rl_close(a: str, b: str, envs, steps: int = 100_000, close: bool = True) -> str:
+    """Envs where the final returns of algos a and b are (``close``) or are not within the
+    sum of their standard errors of each other."""
+    out = []
+    for env in envs:
+        ma, sa = _mean_and_se(r["final_return"] for r in rl_runs(env, a, steps))
+        mb, sb = _mean_and_se(r["final_return"] for r in rl_runs(env, b, steps))
+        if (abs(ma - mb) <= sa + sb) == close:
+            out.append(env.split("-v")[0])
+    return ", ".join(out) if out else "none"
 
 
 def rl_solved(env: str, algo: str, steps: int = 100_000) -> str:
@@ -677,6 +705,15 @@ def provenance(name: str, runs: str | None = None) -> str:
         f"{info['machine']}.\n    {status}"
     )
     return block(text)
+
+
+def code_changed(name: str, runs: str | None = None) -> bool:
+    """Whether the code a results file measures changed after it (or the selected runs)."""
+    _, paths = RESULTS[name]
+    commits = [provenance_info(name)["commit"]]
+    if runs is not None:
+        commits = [r["commit"] for r in select_runs(name, runs)]
+    return any(first_change(c, paths) is not None for c in set(commits))
 
 
 def select_runs(name: str, spec: str) -> list[dict]:

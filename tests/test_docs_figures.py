@@ -1,0 +1,93 @@
+"""Docs figures cannot drift: every generated number in README.md and docs/*.md, and every
+benchmark image copied into docs/assets, equals what benchmarks/render_docs.py renders from
+the committed results files. Fix a failure with ``python benchmarks/render_docs.py``."""
+
+import difflib
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("render_docs", ROOT / "benchmarks" / "render_docs.py")
+render_docs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(render_docs)
+
+
+def _history_available() -> bool:
+    commits = []
+    for name in render_docs.RESULTS:
+        data = json.loads((render_docs.BENCH / name).read_text())
+        commits.append(data["provenance"]["commit"])
+        commits += [r["commit"] for r in data.get("runs", []) if "commit" in r]
+    try:
+        return all(render_docs.has_history(c) for c in set(commits))
+    except OSError:
+        return False
+
+
+needs_history = pytest.mark.skipif(
+    not _history_available(), reason="provenance notes need the git history of the results"
+)
+
+
+@needs_history
+@pytest.mark.parametrize("page", render_docs.PAGES)
+def test_page_matches_results(page):
+    text = (ROOT / page).read_text()
+    rendered = render_docs.render_text(text)
+    diff = "".join(
+        difflib.unified_diff(
+            text.splitlines(True), rendered.splitlines(True), page, "rendered from results"
+        )
+    )
+    assert rendered == text, f"run python benchmarks/render_docs.py\n{diff}"
+
+
+def test_assets_are_copies_of_benchmark_plots():
+    assert render_docs.check_assets(write=False) == []
+
+
+@pytest.mark.parametrize("name", sorted(render_docs.RESULTS))
+def test_results_record_provenance(name):
+    data = json.loads((render_docs.BENCH / name).read_text())
+    info = data["provenance"]
+    assert len(info["commit"]) == 40
+    assert info["commit_source"]
+    assert {"python", "torch"} <= set(info["versions"])
+    assert info["machine"]
+    for run in data.get("runs", []):
+        assert len(run.get("commit", info["commit"])) == 40
+
+
+def test_generated_regions_exist():
+    """The pages that quote benchmarks use generated regions (not typed numbers)."""
+    for page in ("README.md", "docs/performance.md", "docs/choosing.md", "docs/rl.md"):
+        assert "<!-- fig: " in (ROOT / page).read_text(), page
+    assert "<!-- fig: " in (ROOT / "docs/supervised.md").read_text()
+
+
+def test_renderer_rejects_a_region_in_a_code_span():
+    with pytest.raises(RuntimeError, match="code span"):
+        render_docs.render_text("`x <!-- fig: 1 -->1<!-- /fig -->`")
+
+
+def test_check_mode_reports_a_drifted_number(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("t <!-- fig: ms(vanilla('cpu', 'mlp')) -->0.0 ms<!-- /fig -->\n")
+    monkeypatch.setattr(render_docs, "ROOT", tmp_path)
+    monkeypatch.setattr(render_docs, "PAGES", ["page.md"])
+    monkeypatch.setattr(render_docs, "ASSETS", {})
+    assert render_docs.main(["--check"]) == 1
+    assert render_docs.main([]) == 0
+    assert "3.1 ms" in page.read_text()
+
+
+def test_git_is_optional_for_the_numbers(monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert render_docs.git("status") is None
+    assert render_docs.render_text("n <!-- fig: num(1234) -->x<!-- /fig -->").endswith(
+        "1,234<!-- /fig -->"
+    )
