@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections import deque
@@ -186,6 +187,12 @@ def reward_threshold(env: str) -> float | None:
 
     _ensure_registered(env)
     return gymnasium.spec(env).reward_threshold
+
+
+def git_commit() -> str:
+    """HEAD of the checkout running the benchmark (recorded with every run)."""
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip()
 
 
 def machine_label(info: dict) -> str:
@@ -395,7 +402,7 @@ def main() -> None:
                     (keep / "config.json").write_text(json.dumps(extra["config"], indent=2))
                     record = {"name": name, "env": env, "algo": algo, "seed": seed,
                               "steps": args.steps, "machine": label,
-                              **summarize(keep, threshold)}  # fmt: skip
+                              **summarize(keep, threshold), "commit": git_commit()}  # fmt: skip
                     data["runs"].append(record)
                     path.write_text(json.dumps(data, indent=2))
                     print(json.dumps(record), flush=True)

@@ -338,6 +338,23 @@ def memory_scaling(settings: list[tuple[str, int, int]]) -> list[dict]:
     return rows
 
 
+def provenance(machine: str) -> dict:
+    """Commit and versions of this run (docs/performance.md renders them)."""
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return proc.stdout.strip()
+
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "commit_source": "recorded by the script (HEAD when it started"
+        + ("; the working tree had uncommitted changes)" if dirty else ")"),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine,
+    }
+
+
 def write_outputs(data: dict, results: Path = RESULTS) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "results.json").write_text(json.dumps(data, indent=1))
@@ -457,7 +474,10 @@ def main() -> None:
                     ("materialized", 1024, 256)]  # fmt: skip
         rows = memory_scaling(settings)
         args.results.mkdir(parents=True, exist_ok=True)
-        (args.results / "memory_scaling.json").write_text(json.dumps(rows, indent=1))
+        machine = f"{platform.machine()} {platform.system()} {platform.release()}, CPU"
+        out = {"command": "python benchmarks/solvers/run.py --memory-scaling",
+               "provenance": provenance(machine), "rows": rows}  # fmt: skip
+        (args.results / "memory_scaling.json").write_text(json.dumps(out, indent=1))
         lines = [
             "# Peak extra memory of one Kaczmarz epoch vs N and block size (CPU, large MLP)",
             "",
@@ -491,6 +511,9 @@ def main() -> None:
         "warmup": args.warmup,
         "problems": [],
     }
+    data["provenance"] = provenance(
+        f"{data['machine']}, {data['gpu'] or 'CPU'}, {args.threads} torch thread(s)"
+    )
     for name in args.problems:  # results written after each problem
         data["problems"].append(
             run_problem(

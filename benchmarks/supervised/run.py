@@ -359,7 +359,15 @@ def metadata(config: Config, total: float) -> dict:
         ).stdout.strip()
     except OSError:
         commit = ""
+    provenance = {
+        "commit": commit,
+        "commit_source": "recorded by the script (HEAD when it started)",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "machine": f"{platform.platform()}, {__import__('os').cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch thread(s)",
+    }
     return {
+        "provenance": provenance,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": asdict(config),
         "damping": DAMPING,
