@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 __all__ = ["build_parser", "main"]
 
 # Flags of `train` that are not TrainConfig fields.
-_RUN_FLAGS = ("out", "resume", "progress", "tensorboard", "solved_threshold")
+_RUN_FLAGS = ("out", "resume", "trust_env_state", "progress", "tensorboard", "solved_threshold")
 
 
 def _config_fields() -> list[dataclasses.Field]:
@@ -86,7 +87,14 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint (only --steps may change)",
+        help="continue the run in --out from its checkpoint (only --steps may change); the "
+        "episodes in progress are re-seeded unless --trust-env-state",
+    )
+    parser.add_argument(
+        "--trust-env-state",
+        action="store_true",
+        help="with --resume: unpickle the saved environments (checkpoint.env.pkl) to continue "
+        "bit for bit; unpickling runs code from the file, so only for runs you trust",
     )
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
@@ -121,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--y", default="episodic_return_mean", help="progress.csv column")
     plot.add_argument("--title", default=None)
     ev = sub.add_parser("eval", help="report returns of a saved policy")
-    ev.add_argument("run", type=Path, help="run directory with checkpoint.pt")
+    ev.add_argument(
+        "run",
+        type=Path,
+        help="run directory (its policy.safetensors or checkpoint.pt), or a "
+        "policy.safetensors file",
+    )
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=10_000, help="seed of the first episode")
     ev.add_argument("--stochastic", action="store_true", help="sample actions (default: mode)")
@@ -131,7 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    print(f"natgrad: warning: {message}", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.checkpoint import CHECKPOINT_NAME
     from natgrad.rl.config import TrainConfig
     from natgrad.rl.envs import make_env
     from natgrad.rl.train import Trainer, default_out_dir, summary_json
@@ -143,20 +162,23 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         given["hidden"] = tuple(given["hidden"])
     if args.resume:
         if args.out is None:
-            parser.error("--resume needs --out DIR, the directory of the run to continue")
+            raise ConfigError("--resume needs --out DIR, the directory of the run to continue")
         changed = sorted(set(given) - {"steps"})
         if changed:
-            parser.error(
+            raise ConfigError(
                 "--resume continues the saved configuration; only --steps may change, got "
                 + ", ".join("--" + c.replace("_", "-") for c in changed)
             )
         trainer = Trainer(None, args.out, resume=True, steps=given.get("steps"),
-                          tensorboard=args.tensorboard)  # fmt: skip
+                          tensorboard=args.tensorboard,
+                          trust_env_state=args.trust_env_state)  # fmt: skip
     else:
+        if args.trust_env_state:
+            raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         config = TrainConfig(**given)
         out = args.out if args.out is not None else default_out_dir(config)
-        if (out / "checkpoint.pt").exists():
-            parser.error(
+        if (out / CHECKPOINT_NAME).exists():
+            raise ConfigError(
                 f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
                 "choose another directory"
             )
@@ -202,8 +224,10 @@ def _eval(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``natgrad`` command; returns the exit status.
 
-    Usage errors (unknown env or algo, missing optional extras, unwritable output
-    directory) exit with status 2 and a one-line message, as argparse does.
+    Usage errors (bad options, unknown env or algo, missing optional extras, unwritable
+    output paths, damaged checkpoints) exit with status 2 and one line on stderr, having
+    written nothing; a run stopped by natgrad's own error (e.g. repeated rejected updates)
+    exits with status 1 and one line.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -211,16 +235,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["train", *argv]  # `natgrad [options]` is `natgrad train [options]`
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.subparser  # errors are reported in its usage
-    from natgrad.rl._errors import ConfigError, MissingExtraError
+    from natgrad.errors import NatgradError
+    from natgrad.rl._errors import ConfigError, MissingExtraError, first_line
 
     try:
-        if args.command == "train":
-            return _train(args, sub)
-        if args.command == "plot":
-            return _plot(args)
-        return _eval(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each, no source excerpt
+            if args.command == "train":
+                return _train(args)
+            if args.command == "plot":
+                return _plot(args)
+            return _eval(args)
     except (ConfigError, MissingExtraError) as error:
-        sub.error(str(error))
+        sub.exit(2, f"{sub.prog}: error: {error}\n")
+    except NatgradError as error:  # e.g. training stopped by repeated faulty updates
+        sub.exit(1, f"{sub.prog}: error: {first_line(error)}\n")
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact, continue with --resume",
               file=sys.stderr)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -66,7 +67,13 @@ def _check_resume(tmp_path, env, algo):
     # Rows logged after the last checkpoint must be dropped on resume: fake one.
     with open(tmp_path / "split" / "progress.csv", "a") as handle:
         handle.write("99999" + "," * 5 + "\n")
-    resumed = Trainer(None, tmp_path / "split", resume=True, steps=1024, tensorboard=False)
+    resumed = Trainer(
+        None, tmp_path / "split", resume=True, steps=1024, tensorboard=False, trust_env_state=True
+    )
+    # The checkpoint was restored (not a fresh start with the same seed, which would also
+    # reach the same final numbers).
+    assert (resumed.global_step, resumed.iteration) == (512, 2)
+    assert resumed.resume_note is None
     resumed.run(progress=False)
     resumed.close()
     _same(_rows(tmp_path / "whole"), _rows(tmp_path / "split"))
@@ -74,6 +81,23 @@ def _check_resume(tmp_path, env, algo):
         assert torch.equal(pw, pr)
     for pw, pr in zip(whole.critic.parameters(), resumed.critic.parameters(), strict=True):
         assert torch.equal(pw, pr)
+
+
+def test_resume_without_trusting_env_state_reseeds_deterministically(tmp_path):
+    _run(tmp_path / "a", steps=512)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    resumed = []
+    for run in ("a", "b"):
+        with pytest.warns(RuntimeWarning, match="re-seeded at step 512"):
+            trainer = Trainer(None, tmp_path / run, resume=True, steps=768, tensorboard=False)
+        assert (trainer.global_step, trainer.iteration) == (512, 2)
+        trainer.run(progress=False)
+        trainer.close()
+        resumed.append((trainer, _rows(tmp_path / run)))
+    (first, rows_first), (second, rows_second) = resumed
+    _same(rows_first, rows_second)
+    for pa, pb in zip(first.policy.parameters(), second.policy.parameters(), strict=True):
+        assert torch.equal(pa, pb)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

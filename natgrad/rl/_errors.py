@@ -1,15 +1,29 @@
-"""Errors raised by :mod:`natgrad.rl`; the CLI turns them into argparse-style messages."""
+"""Errors raised by :mod:`natgrad.rl`; the CLI turns them into one-line messages."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
+from natgrad.errors import NatgradError
 
-class ConfigError(ValueError):
+
+class ConfigError(NatgradError, ValueError):
     """A training option, environment id or output directory is unusable."""
 
 
-class MissingExtraError(ImportError):
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, truncated, corrupted, modified or not natgrad's own.
+
+    The message says which file, what is wrong with it and what to do (for example which
+    intact previous checkpoint to use instead).
+    """
+
+
+class TrainingError(NatgradError, RuntimeError):
+    """Training stopped: too many consecutive policy updates were rejected as faulty."""
+
+
+class MissingExtraError(NatgradError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 
     def __init__(self, what: str, extra: str, package: str | None = None) -> None:
@@ -28,3 +42,9 @@ def import_gymnasium() -> ModuleType:
     except ImportError as error:  # pragma: no cover - exercised only without the extra
         raise MissingExtraError("natgrad.rl", "rl", "gymnasium") from error
     return gymnasium
+
+
+def first_line(error: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for one-line error reports."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")

@@ -1,8 +1,32 @@
-"""Atomic checkpoint files: a crash mid-write never destroys the previous checkpoint."""
+"""Run checkpoints that are safe to load: tensors and plain data only, verified and rotated.
+
+Files in a run directory (``DIR/checkpoint.pt`` is the checkpoint path):
+
+``checkpoint.pt``
+    Everything needed to continue the run, as tensors and plain Python data
+    (``torch.save``); loaded with ``torch.load(weights_only=True)``, which runs no code.
+``checkpoint.prev.pt``
+    The checkpoint before it, kept intact while the next one is written.
+``checkpoint.json``
+    The SHA-256 of every file written here (with its step); loading checks it, so a
+    truncated, corrupted or replaced file is refused before it is parsed.
+``checkpoint.env.pkl`` (and ``checkpoint.prev.env.pkl``)
+    The pickled environments, for exact resume. Unpickling runs code from the file, so it
+    is loaded only on explicit request (:func:`load_env_state`).
+``policy.safetensors``
+    The policy weights and observation statistics, for sharing and ``natgrad eval``.
+
+Every file is written to a temporary file and moved into place with ``os.replace``, so a
+crash (even ``kill -9``) leaves the old or the new file, never a partial one.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -10,12 +34,33 @@ from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_write_text", "load_checkpoint", "save_checkpoint"]
+from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError, first_line
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "load_checkpoint",
+    "load_env_state",
+    "load_policy",
+    "save_checkpoint",
+    "save_policy",
+    "writable_file",
+    "write_output",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+DIGESTS_NAME = "checkpoint.json"
+POLICY_NAME = "policy.safetensors"
+CHECKPOINT_FORMAT = 2  # 1: natgrad 0.1, pickled environments and NumPy arrays inside
+_KEEP_PER_FILE = 3  # digests kept per file name: current, previous, and one being written
 
 
-def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
+
+    Readers see the old or the new file, never a partial one; on any error the
+    temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -23,28 +68,303 @@ def _atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        # os.replace is atomic on POSIX and Windows: readers see the old or the new file.
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # atomic on POSIX and Windows
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` with ``torch.save`` to a temporary file, then ``os.replace`` it."""
-    _atomic(Path(path), lambda handle: torch.save(state, handle))
+def writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """Check that ``path`` can be created (its directory exists and is writable).
+
+    Raises :class:`~natgrad.rl.ConfigError` naming ``flag`` before anything is computed,
+    so a typo in an output path costs nothing.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"{flag} {str(path)!r}: the directory {str(parent)!r} does not exist; create it "
+            "or choose another path"
+        )
+    if path.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        what = "is a directory" if path.is_dir() else "is in a directory you cannot write"
+        raise ConfigError(f"{flag} {str(path)!r} {what}; choose a writable file path")
+    return path
+
+
+def write_output(path: Path, write: Callable[[BinaryIO], object], flag: str) -> None:
+    """:func:`atomic_write` an output file, reporting an OS failure as a ``ConfigError``."""
+    try:
+        atomic_write(path, write)
+    except OSError as error:
+        raise ConfigError(
+            f"{flag} {str(path)!r} cannot be written: {error.strerror or error}; choose a "
+            "writable file path"
+        ) from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (used for ``config.json``)."""
-    _atomic(Path(path), lambda handle: handle.write(text.encode()))
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _previous(path: Path) -> Path:
+    """``checkpoint.pt`` -> ``checkpoint.prev.pt``, ``x.env.pkl`` -> ``x.prev.env.pkl``."""
+    stem, _, rest = path.name.partition(".")
+    return path.with_name(f"{stem}.prev.{rest}")
+
+
+def _env_path(path: Path) -> Path:
+    return path.with_name(f"{path.name.partition('.')[0]}.env.pkl")
+
+
+def _read_digests(directory: Path) -> list[dict[str, Any]] | None:
+    """The records of ``checkpoint.json`` (``None`` if there is no such file)."""
+    path = directory / DIGESTS_NAME
+    try:
+        records = json.loads(path.read_text())["files"]
+        if not all(isinstance(r, dict) and isinstance(r.get("sha256"), str) for r in records):
+            raise TypeError
+        return records
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"{path} is unreadable or corrupted ({type(error).__name__}), so no checkpoint "
+            "in the directory can be verified; start a new run with another --out"
+        ) from None
+
+
+def _record_digest(path: Path, digest: str, info: dict[str, Any]) -> None:
+    """Add ``path``'s digest to ``checkpoint.json`` (before ``path`` itself is replaced)."""
+    try:
+        records = _read_digests(path.parent) or []
+    except CheckpointError:  # a damaged record must not stop training: start it afresh
+        records = []
+    records.append({"file": path.name, "sha256": digest, **info})
+    kept: list[dict[str, Any]] = []
+    for record in reversed(records):
+        if sum(r.get("file") == record.get("file") for r in kept) < _KEEP_PER_FILE:
+            kept.append(record)
+    text = json.dumps({"format": CHECKPOINT_FORMAT, "files": kept[::-1]}, indent=1)
+    atomic_write_text(path.parent / DIGESTS_NAME, text + "\n")
+
+
+def _keep_previous(path: Path) -> None:
+    """Make ``path``'s previous version (``*.prev.*``) the current file, atomically."""
+    if not path.exists():
+        return
+    previous = _previous(path)
+    tmp = previous.with_name(f".{previous.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)  # no copy: the old inode lives on as the previous version
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous)
+
+
+def _write_rotated(path: Path, data: bytes, info: dict[str, Any]) -> str:
+    digest = _sha256(data)
+    _record_digest(path, digest, info)
+    _keep_previous(path)
+    atomic_write(path, lambda handle: handle.write(data))
+    return digest
+
+
+def save_checkpoint(
+    path: str | os.PathLike, state: dict[str, Any], env_state: bytes | None = None
+) -> None:
+    """Write a checkpoint, keeping the previous one and recording both digests.
+
+    Parameters
+    ----------
+    path
+        Checkpoint path, normally ``DIR/checkpoint.pt``.
+    state
+        Tensors and plain data only (dicts, lists, tuples, numbers, strings, ``None``):
+        anything else makes :func:`load_checkpoint` refuse the file.
+    env_state
+        Pickled environments for exact resume, written to ``checkpoint.env.pkl``; the
+        checkpoint records its SHA-256 (``"env_state_sha256"``).
+    """
+    path = Path(path)
+    info = {k: state[k] for k in ("global_step", "iteration") if k in state}
+    env_digest = None
+    if env_state is not None:
+        env_digest = _write_rotated(_env_path(path), env_state, info)
+    buffer = io.BytesIO()
+    torch.save({**state, "format": CHECKPOINT_FORMAT, "env_state_sha256": env_digest}, buffer)
+    _write_rotated(path, buffer.getvalue(), info)
+
+
+def _recorded(path: Path, records: list[dict[str, Any]], digest: str) -> dict[str, Any] | None:
+    return next((r for r in records if r["sha256"] == digest), None)
+
+
+def _previous_hint(path: Path) -> str:
+    """How to continue when ``path`` is unusable: the intact previous checkpoint, if any."""
+    previous = _previous(path)
+    try:
+        records = _read_digests(path.parent) or []
+        record = _recorded(path, records, _sha256(previous.read_bytes()))
+    except (OSError, CheckpointError):
+        record = None
+    if record is None:
+        return "no intact previous checkpoint is left; start a new run with another --out"
+    step = record.get("global_step", "?")
+    return f"the previous checkpoint (step {step}) is intact: cp {previous} {path}, then rerun"
+
+
+def _read_verified(path: Path, hint: Callable[[Path], str], required: bool) -> bytes:
+    """Read ``path`` and check its SHA-256 against ``checkpoint.json``.
+
+    ``required=False`` accepts a file with no ``checkpoint.json`` beside it (a shared
+    policy file); its content is still parsed safely.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"no {path.name} in {str(path.parent)!r}; pass the --out directory of a "
+            "`natgrad train` run"
+        ) from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror}; {hint(path)}") from None
+    if not data:
+        raise CheckpointError(f"{path} is empty (0 bytes); {hint(path)}")
+    records = _read_digests(path.parent)
+    if records is None:
+        if not required:
+            return data
+        raise CheckpointError(
+            f"{path} cannot be verified: {DIGESTS_NAME}, which records its SHA-256, is "
+            f"missing from {str(path.parent)!r}; restore it, or start a new run"
+        )
+    if _recorded(path, records, _sha256(data)) is None:
+        raise CheckpointError(
+            f"{path} is truncated, corrupted or was replaced (its SHA-256 is not recorded in "
+            f"{DIGESTS_NAME}); it was not loaded; {hint(path)}"
+        )
+    return data
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`.
+    """Load a checkpoint written by :func:`save_checkpoint`, without running any code.
 
-    Checkpoints contain pickled environments and NumPy state, so they are loaded with
-    ``weights_only=False``: only load checkpoints you (or natgrad) wrote.
+    The file must match a digest in ``checkpoint.json`` and hold only tensors and plain
+    data (``torch.load(weights_only=True)``).
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, empty, truncated, corrupted, replaced, written by another
+        natgrad version or not natgrad's; the one-line message offers the previous
+        checkpoint when it is intact.
     """
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    path = Path(path)
+    data = _read_verified(path, _previous_hint, required=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # any parse failure: the message says what to do
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain data ({first_line(error)}); it was "
+            f"refused without running any of it; {_previous_hint(path)}"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format", 1) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is not a natgrad checkpoint of format {CHECKPOINT_FORMAT} (found "
+            f"{found}); continue it with the natgrad version that wrote it, or start a new run"
+        )
+    return state
+
+
+def load_env_state(path: str | os.PathLike, digest: str) -> bytes:
+    """The pickled environments recorded by the checkpoint at ``path`` (not unpickled).
+
+    Parameters
+    ----------
+    path
+        Checkpoint path; the environments are in ``checkpoint.env.pkl`` or, if a crash
+        came between the two writes, ``checkpoint.prev.env.pkl``.
+    digest
+        The checkpoint's ``"env_state_sha256"``: only a file with this digest is returned.
+    """
+    env_path = _env_path(Path(path))
+    for candidate in (env_path, _previous(env_path)):
+        try:
+            data = candidate.read_bytes()
+        except OSError:
+            continue
+        if _sha256(data) == digest:
+            return data
+    raise CheckpointError(
+        f"{env_path} is missing, or does not match the SHA-256 that {Path(path).name} "
+        "recorded for it; resume without --trust-env-state (episodes are re-seeded)"
+    )
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise MissingExtraError("policy.safetensors", "rl", "safetensors") from error
+    return safetensors.torch
+
+
+def save_policy(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write ``tensors`` and string ``metadata`` as a safetensors file, atomically.
+
+    Parameters
+    ----------
+    path
+        Target, normally ``DIR/policy.safetensors``.
+    tensors
+        Named tensors (copied to contiguous CPU memory first).
+    metadata
+        String key-value pairs stored in the file header.
+    info
+        Recorded with the file's SHA-256 in ``checkpoint.json`` (e.g. the step).
+    """
+    st = _safetensors()
+    contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    data = st.save(contiguous, metadata=metadata)
+    path = Path(path)
+    _record_digest(path, _sha256(data), info or {})
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def _policy_hint(path: Path) -> str:
+    return f"remove it to evaluate {CHECKPOINT_NAME} instead, or resume the run to rewrite it"
+
+
+def load_policy(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by :func:`save_policy`: ``(tensors, metadata)``.
+
+    Beside a ``checkpoint.json`` (in a run directory) the file must match a recorded
+    digest; a file shared on its own is parsed as is (safetensors runs no code).
+    """
+    path = Path(path)
+    data = _read_verified(path, _policy_hint, required=False)
+    st = _safetensors()
+    try:
+        tensors = st.load(data)
+        size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except Exception as error:  # any parse failure: the message says what to do
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({first_line(error)}); {_policy_hint(path)}"
+        ) from None
+    return tensors, metadata

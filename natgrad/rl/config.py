@@ -20,7 +20,7 @@ _POSITIVE = (
     "steps", "num_envs", "num_steps", "critic_lr", "critic_epochs", "critic_minibatch",
     "max_kl", "damping", "block_size", "rat_max_epochs", "rat_tol", "backtrack_iters",
     "cg_iters", "lr", "ppo_epochs", "ppo_minibatch", "clip_range", "kfac_damping",
-    "kfac_max_lr", "checkpoint_every",
+    "kfac_max_lr", "checkpoint_every", "max_grad_norm", "max_rejections",
 )  # fmt: skip
 
 
@@ -106,6 +106,12 @@ class TrainConfig:
         Moving-average decay of the K-FAC factors.
     kfac_max_lr
         ACKTR's largest K-FAC step.
+    kl_reject
+        Reject an update whose measured KL exceeds kl_reject * max_kl (rat-npg, rat-trpo,
+        cg-trpo, kfac; 0 disables); updates with non-finite results or solver errors are
+        always rejected, with parameters and optimizer state restored.
+    max_rejections
+        Stop the run after this many consecutive rejected updates.
     checkpoint_every
         Save a checkpoint every this many updates (and always at the end).
     threads
@@ -149,6 +155,8 @@ class TrainConfig:
     kfac_damping: float = 1e-2
     kfac_decay: float = 0.95
     kfac_max_lr: float = 0.25
+    kl_reject: float = 10.0
+    max_rejections: int = 3
     checkpoint_every: int = 10
     threads: int = 1
 
@@ -173,9 +181,22 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
-        if not (math.isfinite(self.kl_guard) and (self.kl_guard == 0 or self.kl_guard >= 1)):
+        for name in ("kl_guard", "kl_reject"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value == 0 or value >= 1)):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be 0 (off) or >= 1 (a factor of "
+                    f"--max-kl), got {value!r}"
+                )
+        for name in ("cg_damping", "ent_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value!r}")
+        if self.batch_size < 2:
             raise ConfigError(
-                f"--kl-guard must be 0 (off) or >= 1 (a factor of --max-kl), got {self.kl_guard!r}"
+                f"--num-envs {self.num_envs} x --num-steps {self.num_steps} gives "
+                f"{self.batch_size} sample per update, but advantages are normalized by "
+                "their standard deviation, which needs at least 2; raise --num-steps"
             )
         for name in ("gamma", "gae_lambda", "kfac_decay", "backtrack_coeff"):
             value = getattr(self, name)
@@ -193,6 +214,10 @@ class TrainConfig:
             raise ConfigError(f"--hidden must be positive widths, got {self.hidden!r}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.threads < 0:
+            raise ConfigError(
+                f"--threads must be >= 1, or 0 to keep torch's current setting; got {self.threads}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every option (JSON-serializable)."""

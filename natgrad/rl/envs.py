@@ -146,8 +146,12 @@ def env_state(vec_env: Any) -> bytes | None:
 
 
 def restore_env_state(vec_env: Any, state: bytes) -> None:
-    """Replace the sub-environments of ``vec_env`` by those captured in ``state``."""
-    saved = pickle.loads(state)  # trusted: our own checkpoint (see load_checkpoint)
+    """Replace the sub-environments of ``vec_env`` by those captured in ``state``.
+
+    Unpickling runs code from ``state``: the trainer calls this only when the user trusts
+    the run directory (``--trust-env-state``).
+    """
+    saved = pickle.loads(state)  # noqa: S301 - opt-in, see the docstring
     for old in vec_env.envs:
         old.close()
     vec_env.envs = saved["envs"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,15 @@ import numpy as np
 import torch
 from torch.distributions import Categorical, Normal
 
-from natgrad.rl._errors import ConfigError, MissingExtraError
-from natgrad.rl.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError
+from natgrad.rl.checkpoint import (
+    CHECKPOINT_NAME,
+    POLICY_NAME,
+    load_checkpoint,
+    load_policy,
+    writable_file,
+    write_output,
+)
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.envs import make_env
 from natgrad.rl.normalize import ObsNormalizer
@@ -55,6 +63,39 @@ def _mode(dist: torch.distributions.Distribution) -> torch.Tensor:
     raise TypeError(f"no deterministic action for {type(dist).__name__}")
 
 
+def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], int]:
+    """``(config, policy state, obs-normalizer state, step)`` of a run, loaded safely.
+
+    ``policy.safetensors`` is preferred; ``checkpoint.pt`` (``weights_only``) otherwise.
+    """
+    policy_file = run if run.suffix == ".safetensors" else run / POLICY_NAME
+    if not policy_file.exists():
+        state = load_checkpoint(run / CHECKPOINT_NAME)
+        config = TrainConfig.from_dict(state["config"])
+        return config, state["policy"], state["collector"]["obs_norm"], int(state["global_step"])
+    tensors, meta = load_policy(policy_file)
+    try:
+        config = TrainConfig.from_dict(json.loads(meta["config"]))
+        norm = json.loads(meta["obs_norm"])
+        obs_norm = {
+            "enabled": norm["enabled"],
+            "clip": norm["clip"],
+            "rms": {
+                "mean": tensors.pop("obs_norm.mean"),
+                "var": tensors.pop("obs_norm.var"),
+                "count": norm["count"],
+            },
+        }
+        step = int(meta["global_step"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(
+            f"{policy_file} lacks natgrad's metadata ({type(error).__name__}: {error}); "
+            "evaluate a policy.safetensors written by `natgrad train`"
+        ) from None
+    policy = {k.removeprefix("policy."): v for k, v in tensors.items()}
+    return config, policy, obs_norm, step
+
+
 @torch.no_grad()
 def evaluate(
     run_dir: str | Path,
@@ -68,7 +109,9 @@ def evaluate(
     Parameters
     ----------
     run_dir
-        Output directory of ``natgrad train`` (its ``checkpoint.pt`` is loaded).
+        Output directory of ``natgrad train`` (its ``policy.safetensors``, or its
+        ``checkpoint.pt`` if there is none), or a ``policy.safetensors`` file. Neither is
+        unpickled: loading runs no code from the files.
     episodes
         Number of episodes.
     seed
@@ -80,24 +123,29 @@ def evaluate(
         If given, write the first episode as an animated GIF here (needs Pillow, which
         matplotlib installs).
     """
-    path = Path(run_dir) / CHECKPOINT_NAME
-    if not path.exists():
-        raise ConfigError(
-            f"{str(run_dir)!r} has no {CHECKPOINT_NAME}; pass the --out directory of a "
-            "`natgrad train` run"
-        )
     if episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {episodes}")
-    state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"])
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
+    if gif is not None:
+        gif = writable_file(gif, "--gif")
+    config, policy_state, norm_state, step = _load_run(Path(run_dir))
     env = make_env(config.env, **({"render_mode": "rgb_array"} if gif else {}))
     policy, _ = build_actor_critic(
         env.observation_space, env.action_space, config.hidden, torch.Generator()
     )
-    policy.load_state_dict(state["policy"])
     obs_shape = tuple(env.observation_space.shape)
     norm = ObsNormalizer(obs_shape)
-    norm.load_state_dict(state["collector"]["obs_norm"])
+    try:
+        policy.load_state_dict(policy_state)
+        norm.load_state_dict(norm_state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        env.close()
+        raise CheckpointError(
+            f"the saved policy in {str(run_dir)!r} does not fit {config.env} with --hidden "
+            f"{' '.join(map(str, config.hidden))} ({type(error).__name__}); it was not "
+            "written by this run"
+        ) from None
     generator = torch.Generator().manual_seed(seed)
     box = hasattr(env.action_space, "low")
     returns, lengths, frames = [], [], []
@@ -120,7 +168,7 @@ def evaluate(
     env.close()
     if gif:
         _write_gif(Path(gif), frames)
-    return EvalResult(tuple(returns), tuple(lengths), int(state["global_step"]))
+    return EvalResult(tuple(returns), tuple(lengths), step)
 
 
 def _render(env: Any, env_id: str) -> Any:
@@ -145,4 +193,10 @@ def _write_gif(path: Path, frames: list) -> None:
     images = [Image.fromarray(np.asarray(f)) for f in frames if f is not None]
     if not images:
         raise ConfigError("the environment rendered no frames; --gif needs render_mode rgb_array")
-    images[0].save(path, save_all=True, append_images=images[1:], duration=33, loop=0)
+    write_output(
+        path,
+        lambda handle: images[0].save(
+            handle, format="GIF", save_all=True, append_images=images[1:], duration=33, loop=0
+        ),
+        "--gif",
+    )

@@ -1,12 +1,29 @@
-"""Running observation normalization and reward scaling (state is saved with checkpoints)."""
+"""Running observation normalization and reward scaling (state is saved with checkpoints).
+
+``state_dict`` returns tensors and plain numbers only, so checkpoints load with
+``torch.load(weights_only=True)``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["ObsNormalizer", "RewardScaler", "RunningMeanStd"]
+__all__ = ["ObsNormalizer", "RewardScaler", "RunningMeanStd", "as_array", "as_tensor"]
+
+
+def as_tensor(array: np.ndarray | float) -> torch.Tensor:
+    """A tensor copy of a NumPy array or scalar (what checkpoints store)."""
+    return torch.from_numpy(np.array(array))
+
+
+def as_array(value: torch.Tensor | np.ndarray, dtype: type) -> np.ndarray:
+    """A NumPy copy of what :func:`as_tensor` stored (arrays are accepted too)."""
+    if isinstance(value, torch.Tensor):
+        value = value.numpy()
+    return np.array(value, dtype=dtype)
 
 
 class RunningMeanStd:
@@ -37,13 +54,17 @@ class RunningMeanStd:
         self.count = total
 
     def state_dict(self) -> dict[str, Any]:
-        """Return a copy of the statistics."""
-        return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
+        """Return a copy of the statistics (float64 tensors and a float)."""
+        return {
+            "mean": as_tensor(self.mean),
+            "var": as_tensor(self.var),
+            "count": self.count,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore statistics saved by :meth:`state_dict`."""
-        self.mean = np.array(state["mean"], dtype=np.float64)
-        self.var = np.array(state["var"], dtype=np.float64)
+        self.mean = as_array(state["mean"], np.float64)
+        self.var = as_array(state["var"], np.float64)
         self.count = float(state["count"])
 
 
@@ -129,7 +150,7 @@ class RewardScaler:
             "enabled": self.enabled,
             "gamma": self.gamma,
             "clip": self.clip,
-            "returns": self.returns.copy(),
+            "returns": as_tensor(self.returns),
             "rms": self.rms.state_dict(),
         }
 
@@ -138,5 +159,5 @@ class RewardScaler:
         self.enabled = bool(state["enabled"])
         self.gamma = float(state["gamma"])
         self.clip = float(state["clip"])
-        self.returns = np.array(state["returns"], dtype=np.float64)
+        self.returns = as_array(state["returns"], np.float64)
         self.rms.load_state_dict(state["rms"])

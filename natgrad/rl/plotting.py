@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from natgrad.rl._errors import ConfigError, MissingExtraError
+from natgrad.rl.checkpoint import writable_file, write_output
 from natgrad.rl.logger import PROGRESS_NAME, read_progress
 
 __all__ = ["load_curve", "plot_runs"]
@@ -35,6 +36,10 @@ def load_curve(run_dir: str | Path, y: str = "episodic_return_mean") -> tuple[np
     if not path.exists():
         raise ConfigError(f"{run_dir} has no {PROGRESS_NAME}; is it a `natgrad train` output dir?")
     rows = read_progress(path)
+    if rows and y not in rows[0]:
+        raise ConfigError(
+            f"--y {y!r} is not a column of {path}; choose one of {', '.join(rows[0])}"
+        )
     steps = np.array([r["step"] for r in rows])
     values = np.array([r.get(y, math.nan) for r in rows])
     keep = np.isfinite(values)
@@ -78,12 +83,18 @@ def plot_runs(
     """
     if not run_dirs:
         raise ConfigError("plot needs at least one run directory")
+    out = writable_file(out, "--out")
+    fmt = out.suffix[1:].lower()
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     for run in map(Path, run_dirs):
         steps, values = load_curve(run, y)
         if len(steps):
             groups[_label(run)].append((steps, values))
     fig = _figure()
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise ConfigError(
+            f"--out {str(out)!r}: unknown image format {out.suffix!r}; end it in .png, .pdf or .svg"
+        )
     ax = fig.add_subplot()
     for label, curves in sorted(groups.items()):
         end = min(s[-1] for s, _ in curves)
@@ -101,6 +112,5 @@ def plot_runs(
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(loc="best", fontsize="small")
-    out = Path(out)
-    fig.savefig(out, dpi=110)
+    write_output(out, lambda handle: fig.savefig(handle, format=fmt, dpi=110), "--out")
     return out

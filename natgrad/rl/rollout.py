@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.rl.gae import compute_gae
-from natgrad.rl.normalize import ObsNormalizer, RewardScaler
+from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_array, as_tensor
 from natgrad.rl.policies import log_prob, sample_action
 
 __all__ = ["Batch", "Collector", "RolloutBuffer"]
@@ -178,11 +178,14 @@ class Collector:
         return float(np.mean([n for _, n in self.recent])) if self.recent else float("nan")
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the environments themselves (see :func:`~natgrad.rl.envs.env_state`)."""
+        """Everything but the environments themselves, as tensors and plain data.
+
+        The environments are saved apart (see :func:`~natgrad.rl.envs.env_state`).
+        """
         return {
-            "obs": None if self.obs is None else self.obs.copy(),
-            "episode_return": self.episode_return.copy(),
-            "episode_length": self.episode_length.copy(),
+            "obs": None if self.obs is None else as_tensor(self.obs),
+            "episode_return": as_tensor(self.episode_return),
+            "episode_length": as_tensor(self.episode_length),
             "recent": list(self.recent),
             "total_episodes": self.total_episodes,
             "obs_norm": self.obs_norm.state_dict(),
@@ -191,9 +194,9 @@ class Collector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore state saved by :meth:`state_dict`."""
-        self.obs = state["obs"]
-        self.episode_return = np.array(state["episode_return"])
-        self.episode_length = np.array(state["episode_length"])
+        self.obs = None if state["obs"] is None else as_array(state["obs"], np.float32)
+        self.episode_return = as_array(state["episode_return"], np.float64)
+        self.episode_length = as_array(state["episode_length"], np.int64)
         self.recent.clear()
         self.recent.extend(state["recent"])
         self.total_episodes = int(state["total_episodes"])

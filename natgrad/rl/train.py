@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,19 +15,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from natgrad.rl._errors import ConfigError
+from natgrad.errors import NatgradError
+from natgrad.rl._errors import ConfigError, MissingExtraError, TrainingError, first_line
 from natgrad.rl.algorithms import make_algorithm, mean_kl
 from natgrad.rl.checkpoint import (
     CHECKPOINT_NAME,
+    POLICY_NAME,
     atomic_write_text,
     load_checkpoint,
+    load_env_state,
     save_checkpoint,
+    save_policy,
 )
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.critic import CriticTrainer
 from natgrad.rl.envs import env_state, make_vec_env, restore_env_state
 from natgrad.rl.logger import RunLogger
-from natgrad.rl.normalize import ObsNormalizer, RewardScaler
+from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_tensor
 from natgrad.rl.policies import build_actor_critic, entropy
 from natgrad.rl.rollout import Collector, RolloutBuffer
 
@@ -101,14 +106,29 @@ class Trainer:
         Hyperparameters. Ignored when resuming (the saved config is used; only ``steps``
         may be raised through ``steps``).
     out_dir
-        Run directory for ``config.json``, ``progress.csv``, ``checkpoint.pt``, TensorBoard
-        events and ``learning_curve.png``.
+        Run directory for ``config.json``, ``progress.csv``, ``checkpoint.pt`` (see
+        :mod:`natgrad.rl.checkpoint`), ``policy.safetensors``, TensorBoard events and
+        ``learning_curve.png``.
     resume
-        Continue the run saved in ``out_dir`` exactly where its checkpoint left off.
+        Continue the run saved in ``out_dir`` where its checkpoint left off. Nothing in
+        the checkpoint is unpickled: without ``trust_env_state`` the episodes in progress
+        are dropped and the environments re-seeded (deterministically, with a warning).
     steps
-        With ``resume``: new total step budget (default: the saved one).
+        With ``resume``: new total step budget (default: the saved one); at least the
+        steps already taken.
     tensorboard
         Write TensorBoard events if ``tensorboard`` is installed.
+    trust_env_state
+        With ``resume``: unpickle the saved environments (``checkpoint.env.pkl``), so the
+        run continues bit for bit. Unpickling runs code from the file: only for run
+        directories you trust.
+
+    Raises
+    ------
+    ConfigError
+        An unusable option or output directory (nothing is written).
+    CheckpointError
+        ``resume`` and the checkpoint is missing, damaged or not natgrad's.
     """
 
     def __init__(
@@ -118,18 +138,22 @@ class Trainer:
         resume: bool = False,
         steps: int | None = None,
         tensorboard: bool = True,
+        trust_env_state: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.resume_note: str | None = None
         checkpoint = None
+        if trust_env_state and not resume:
+            raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         if resume:
-            path = self.out_dir / CHECKPOINT_NAME
-            if not path.exists():
-                raise ConfigError(
-                    f"--resume: no {CHECKPOINT_NAME} in {str(self.out_dir)!r}; "
-                    "pass the --out directory of an earlier `natgrad train` run"
-                )
-            checkpoint = load_checkpoint(path)
+            checkpoint = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
             config = TrainConfig.from_dict(checkpoint["config"])
+            done = int(checkpoint["global_step"])
+            if steps is not None and steps < done:
+                raise ConfigError(
+                    f"--steps {steps} is below the {done} steps this run has already taken; "
+                    f"pass --steps {done} or more (or evaluate it: natgrad eval {self.out_dir})"
+                )
             if steps is not None:
                 config.steps = steps
                 config.validate()
@@ -176,10 +200,16 @@ class Trainer:
         self.wall_time = 0.0
         self.best_return = -math.inf
         self.solved_step: int | None = None
+        self.rejected_updates = 0
+        self.consecutive_rejections = 0
+        self.last_fault: str | None = None
+        self._warned: set[type[Warning]] = set()
+        self._registry: dict[Any, Any] = {}
+        self._policy_export = True
         if checkpoint is None:
             self.collector.reset(seeds["envs"])
         else:
-            self._load(checkpoint, seeds["envs"])
+            self._load(checkpoint, seeds["envs"], trust_env_state)
         atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
         self.logger = RunLogger(
             self.out_dir,
@@ -189,7 +219,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue the run bit for bit."""
+        """Everything needed to continue the run but the environments: tensors and plain data."""
         return {
             "config": self.config.to_dict(),
             "global_step": self.global_step,
@@ -197,42 +227,124 @@ class Trainer:
             "wall_time": self.wall_time,
             "best_return": self.best_return,
             "solved_step": self.solved_step,
+            "rejected_updates": self.rejected_updates,
+            "consecutive_rejections": self.consecutive_rejections,
             "policy": self.policy.state_dict(),
             "critic": self.critic.state_dict(),
             "critic_trainer": self.critic_trainer.state_dict(),
             "algo": self.algo.state_dict(),
             "action_generator": self.action_generator.get_state(),
             "collector": self.collector.state_dict(),
-            "envs": env_state(self.env),
         }
 
-    def _load(self, state: dict[str, Any], env_seed: int) -> None:
+    def _load(self, state: dict[str, Any], env_seed: int, trust_env_state: bool) -> None:
         self.global_step = int(state["global_step"])
         self.iteration = int(state["iteration"])
         self.wall_time = float(state["wall_time"])
         self.best_return = float(state["best_return"])
         self.solved_step = state["solved_step"]
+        self.rejected_updates = int(state["rejected_updates"])
+        self.consecutive_rejections = int(state["consecutive_rejections"])
         self.policy.load_state_dict(state["policy"])
         self.critic.load_state_dict(state["critic"])
         self.critic_trainer.load_state_dict(state["critic_trainer"])
         self.algo.load_state_dict(state["algo"])
         self.action_generator.set_state(state["action_generator"])
         self.collector.load_state_dict(state["collector"])
-        if state["envs"] is not None:
-            restore_env_state(self.env, state["envs"])
+        digest = state["env_state_sha256"]
+        if trust_env_state and digest is not None:
+            saved = load_env_state(self.out_dir / CHECKPOINT_NAME, digest)
+            restore_env_state(self.env, saved)
+            return
+        if digest is None:
+            why = f"the environments of {self.config.env} could not be saved"
         else:
-            warnings.warn(
-                f"the environments of {self.config.env} could not be saved in the checkpoint; "
-                "resuming with freshly reset episodes, so the run will not be bit-identical "
-                "to an uninterrupted one",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            self.collector.reset(env_seed + self.iteration)
+            why = "the saved environments are pickled and load only with --trust-env-state"
+        # Re-seeded from the run's seed and the update count: a resume is reproducible.
+        seed = int(np.random.SeedSequence([env_seed, self.iteration]).generate_state(1)[0])
+        self.resume_note = (
+            f"{why}, so the episodes in progress were dropped and the environments re-seeded "
+            f"at step {self.global_step}: the run continues deterministically, but not bit "
+            "for bit as an uninterrupted one"
+        )
+        warnings.warn(self.resume_note, RuntimeWarning, stacklevel=3)
+        self.collector.reset(seed)
 
     def save(self) -> None:
-        """Write ``checkpoint.pt`` atomically."""
-        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.state_dict())
+        """Write ``checkpoint.pt`` (and the environments, and ``policy.safetensors``)."""
+        path = self.out_dir / CHECKPOINT_NAME
+        save_checkpoint(path, self.state_dict(), env_state=env_state(self.env))
+        if not self._policy_export:
+            return
+        norm = self.collector.obs_norm
+        tensors = {f"policy.{k}": v for k, v in self.policy.state_dict().items()}
+        tensors["obs_norm.mean"] = as_tensor(norm.rms.mean)
+        tensors["obs_norm.var"] = as_tensor(norm.rms.var)
+        metadata = {
+            "format": "natgrad-policy-1",
+            "config": self.config.to_json(),
+            "global_step": str(self.global_step),
+            "obs_norm": json.dumps(
+                {"enabled": norm.enabled, "clip": norm.clip, "count": norm.rms.count}
+            ),
+        }
+        info = {"global_step": self.global_step, "iteration": self.iteration}
+        try:
+            save_policy(self.out_dir / POLICY_NAME, tensors, metadata, info)
+        except MissingExtraError as error:
+            self._policy_export = False
+            warnings.warn(f"{error}; {POLICY_NAME} is not written", RuntimeWarning, stacklevel=2)
+
+    # -- fault handling -----------------------------------------------------------------
+    def _snapshot(self) -> tuple[dict[str, Any], ...]:
+        """Copies of everything a policy or critic update changes, for a rollback."""
+        return (
+            {k: v.clone() for k, v in self.policy.state_dict().items()},
+            copy.deepcopy(self.algo.state_dict()),
+            {k: v.clone() for k, v in self.critic.state_dict().items()},
+            copy.deepcopy(self.critic_trainer.state_dict()),
+        )
+
+    def _policy_fault(self, kl: float, stats: dict[str, float]) -> str | None:
+        """Why the policy update just taken must be rejected (``None``: keep it)."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.policy.parameters()):
+            return "the update made policy parameters NaN or infinite"
+        if not math.isfinite(kl):
+            return f"the KL between the old and the updated policy is {kl}"
+        target = stats.get("kl_target", math.nan)
+        limit = self.config.kl_reject * target
+        if self.config.kl_reject > 0 and math.isfinite(target) and kl > limit:
+            return (
+                f"its KL {kl:.3g} exceeds --kl-reject {self.config.kl_reject:g} x the target "
+                f"{target:g}"
+            )
+        return None
+
+    def _reemit(self, caught: list[warnings.WarningMessage]) -> int:
+        """Re-issue warnings caught in an update; natgrad's own only once per run.
+
+        The rest go through Python's usual once-per-location filter, as if not caught.
+        Returns the number of natgrad's own warnings.
+        """
+        own = 0
+        for record in caught:
+            if not record.category.__module__.startswith("natgrad"):
+                warnings.warn_explicit(
+                    record.message, record.category, record.filename, record.lineno,
+                    registry=self._registry,
+                )  # fmt: skip
+                continue
+            own += 1
+            if record.category not in self._warned:
+                self._warned.add(record.category)
+                warnings.warn(
+                    f"{record.message} (in the policy update at step {self.global_step}; "
+                    "later warnings of this kind are counted in progress.csv column "
+                    "update_warnings)",
+                    record.category,
+                    stacklevel=3,
+                )
+        return own
 
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> dict[str, float]:
@@ -250,10 +362,42 @@ class Trainer:
         with torch.no_grad():
             old_dist = self.policy(batch.obs)
             old_entropy = float(entropy(old_dist).mean())
-        stats = self.algo.update(batch.obs, batch.acts, batch.log_probs, adv)
-        with torch.no_grad():
-            kl = float(mean_kl(old_dist, self.policy(batch.obs)))
+        policy_state, algo_state, critic_state, critic_trainer_state = self._snapshot()
+        stats: dict[str, float] = {}
+        kl = math.nan
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                stats = self.algo.update(batch.obs, batch.acts, batch.log_probs, adv)
+            except (NatgradError, torch.linalg.LinAlgError) as error:
+                fault: str | None = first_line(error)
+            else:
+                with torch.no_grad():
+                    kl = float(mean_kl(old_dist, self.policy(batch.obs)))
+                fault = self._policy_fault(kl, stats)
+        own_warnings = self._reemit(caught)
+        if fault is not None:
+            # Bit-identical rollback: load_state_dict copies into the same tensors.
+            self.policy.load_state_dict(policy_state)
+            self.algo.load_state_dict(algo_state)
+            kl = 0.0
         value_loss = self.critic_trainer.fit(batch.obs, batch.returns)
+        if not all(bool(torch.isfinite(p).all()) for p in self.critic.parameters()):
+            self.critic.load_state_dict(critic_state)
+            self.critic_trainer.load_state_dict(critic_trainer_state)
+            fault = fault or "the critic update made its parameters NaN or infinite"
+        self.last_fault = fault
+        if fault is None:
+            self.consecutive_rejections = 0
+        else:
+            self.rejected_updates += 1
+            self.consecutive_rejections += 1
+            warnings.warn(
+                f"update {self.iteration} (step {self.global_step}) rejected and rolled back: "
+                f"{fault}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         seconds = time.perf_counter() - start
         self.wall_time += seconds
         recent = self.collector.recent_return()
@@ -272,6 +416,9 @@ class Trainer:
             "value_loss": value_loss,
             "steps_per_sec": cfg.batch_size / seconds,
             "wall_time": self.wall_time,
+            "update_rejected": float(fault is not None),
+            "rejected_updates": self.rejected_updates,
+            "update_warnings": own_warnings,
             **stats,
         }
         if math.isfinite(row["kl_target"]):
@@ -316,6 +463,14 @@ class Trainer:
                     and recent >= solved_threshold
                 ):
                     self.solved_step = self.global_step
+                if self.consecutive_rejections >= cfg.max_rejections:
+                    raise TrainingError(
+                        f"training stopped at step {self.global_step}: "
+                        f"{self.consecutive_rejections} consecutive policy updates were rejected "
+                        f"(--max-rejections {cfg.max_rejections}; the last: {self.last_fault}); "
+                        "the last checkpoint is intact; fix the cause "
+                        "(e.g. a larger --damping or a smaller --max-kl) in a new run"
+                    )
                 done = self.global_step >= cfg.steps
                 if done or self.iteration % cfg.checkpoint_every == 0:
                     self.save()
