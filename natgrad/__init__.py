@@ -13,6 +13,7 @@ from natgrad.errors import (
     NotConvergedWarning,
     PolicyMutationError,
     PrecisionWarning,
+    SampleCouplingError,
 )
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
@@ -35,4 +36,5 @@ __all__ = [
     "NotConvergedWarning",
     "PolicyMutationError",
     "PrecisionWarning",
+    "SampleCouplingError",
 ]

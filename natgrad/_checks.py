@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,15 +11,31 @@ import torch
 from torch import Tensor, nn
 
 from natgrad._tree import Tree, tree_leaves
+from natgrad.errors import NonFiniteError
+
+try:  # NumPy is a dependency, but keep the checks importable without it
+    from numpy import bool_ as np_bool
+except ImportError:  # pragma: no cover
+    np_bool = bool
+
+
+def _is_integer(value: Any) -> bool:
+    """Python and NumPy integers (``np.int64``), not bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool))
+
+
+def _is_real(value: Any) -> bool:
+    """Python and NumPy real numbers (``np.float32``), not bools."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
 
 
 def check_nonnegative_int(name: str, value: Any, hint: str = "") -> int:
-    """Return ``value`` if it is an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an ``int`` if it is an integer >= 0."""
+    if not _is_integer(value):
         raise TypeError(f"{name} must be an integer >= 0, got {value!r}{hint}")
     if value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}{hint}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -37,8 +54,8 @@ def check_bool(name: str, value: Any) -> bool:
 
 
 def check_positive_float(name: str, value: Any, hint: str = "") -> float:
-    """Return ``value`` as a float if it is finite and > 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` as a float if it is a real number (NumPy's too), finite and > 0."""
+    if not _is_real(value):
         raise TypeError(f"{name} must be a finite float > 0, got {value!r}{hint}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}{hint}")
@@ -46,12 +63,12 @@ def check_positive_float(name: str, value: Any, hint: str = "") -> float:
 
 
 def check_positive_int(name: str, value: Any, hint: str = "") -> int:
-    """Return ``value`` if it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an ``int`` if it is an integer (NumPy's too) >= 1."""
+    if not _is_integer(value):
         raise TypeError(f"{name} must be an integer >= 1, got {value!r}{hint}")
     if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")
-    return value
+    return int(value)
 
 
 def check_policy(policy: Any) -> nn.Module:
@@ -147,7 +164,7 @@ def check_advantages(adv: Any, device: torch.device) -> Tensor:
         )
     if not bool(torch.isfinite(adv).all()):
         bad = int((~torch.isfinite(adv)).sum())
-        raise ValueError(
+        raise NonFiniteError(
             f"adv contains {bad} non-finite value(s) (NaN or inf); fix the advantage "
             "computation (e.g. returns, value targets, normalization by a zero std)"
         )
@@ -196,6 +213,37 @@ def check_batch(
                 f"{path} has dtype {leaf.dtype} but the {owner} parameters are {dtype}; "
                 f"convert it with .to({dtype})"
             )
+        if (leaf.is_floating_point() or leaf.is_complex()) and not bool(torch.isfinite(leaf).all()):
+            bad = ~torch.isfinite(leaf).reshape(num_samples, -1).all(dim=1)
+            raise NonFiniteError(
+                f"{path} contains NaN or inf in {int(bad.sum())} sample(s) (first: sample "
+                f"{int(torch.nonzero(bad)[0, 0])}); drop or repair those samples (e.g. an "
+                "environment that returned NaN, a normalizer dividing by a zero std)"
+            )
+
+
+def check_finite_parameters(module: nn.Module, role: str = "policy") -> None:
+    """Every parameter and floating buffer of ``module`` is finite."""
+    named = list(module.named_parameters()) + [
+        (n, b) for n, b in module.named_buffers() if b.is_floating_point()
+    ]
+    for name, tensor in named:
+        if not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(
+                f"{role}.{name} contains NaN or inf, so every log-probability and score is "
+                "meaningless; the policy was already broken before this call (a diverged "
+                "update?): restore it from a checkpoint, and check the step that produced it"
+            )
+
+
+def require_finite(what: str, value: Tensor, cause: str) -> None:
+    """Raise natgrad's error if ``value`` holds NaN or inf; ``cause`` says why it would."""
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(
+            f"{what} is not finite: {cause}; scale the advantages down (e.g. normalize "
+            "them to unit standard deviation: the transform is linear in them), raise "
+            "damping, or use float32/float64 parameters"
+        )
 
 
 def check_log_probs(log_probs: Any, num_samples: int) -> Tensor:
@@ -217,7 +265,7 @@ def check_log_probs(log_probs: Any, num_samples: int) -> Tensor:
         )
     if not bool(torch.isfinite(log_probs).all()):
         bad = int(torch.nonzero(~torch.isfinite(log_probs))[0, 0])
-        raise ValueError(
+        raise NonFiniteError(
             f"log_prob_fn returned a non-finite log-probability for sample {bad} "
             f"({float(log_probs[bad])}); actions outside the support (e.g. |a| >= 1 for a "
             "tanh-squashed policy, a in {0, 1} for a Beta) or NaN parameters cause this"

@@ -15,6 +15,7 @@ __all__ = [
     "NotConvergedWarning",
     "PolicyMutationError",
     "PrecisionWarning",
+    "SampleCouplingError",
 ]
 
 
@@ -43,6 +44,14 @@ class PolicyMutationError(NatgradError, ValueError):
     """Evaluating the policy changed its state (e.g. a running normalizer in train mode).
 
     natgrad restores the changed buffers before raising, so the policy is left as it was.
+    """
+
+
+class SampleCouplingError(NatgradError, ValueError):
+    """A sample's log-probability depends on other samples of the batch.
+
+    Per-sample scores are then ill-defined: e.g. BatchNorm in train mode, or observations
+    normalized with statistics of the batch (``obs.std(0)`` is NaN for one sample).
     """
 
 

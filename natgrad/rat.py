@@ -13,13 +13,16 @@ from natgrad._checks import (
     check_advantages,
     check_batch,
     check_choice,
+    check_finite_parameters,
     check_log_probs,
     check_policy,
     check_positive_int,
+    require_finite,
     select_parameters,
 )
+from natgrad._guard import unchanged_module
 from natgrad._tree import Tree
-from natgrad.factored import build_factored_scores
+from natgrad.factored import FACTORED_MISMATCH, build_factored_scores
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.scores import (
     LogProbFn,
@@ -248,18 +251,28 @@ class RATNaturalGradient(SolverSettingsView):
         advantages, v, result, scores = self._run(
             policy, obs, acts, adv, params, want_direction=True
         )
+        assert self.diagnostics is not None
         n = scores.num_samples
         rhs = adv.detach().to(torch.float64)
         jd = result.jv
         direction = scores.unflatten(v.to(scores.dtype))
-        assert self.diagnostics is not None
+        for name, piece in zip(scores.param_names, direction, strict=True):
+            require_finite(
+                f"the natural-gradient direction for {name}",
+                piece,
+                f"it overflows {str(scores.dtype).removeprefix('torch.')} "
+                f"(largest |d| = {float(v.abs().max()):.3g})",
+            )
+        g_dot_d, d_fisher_d = float(rhs @ jd) / n, float(jd @ jd) / n
+        require_finite("J d", jd, "it overflows float64")
+        require_finite("g^T d and d^T F d", torch.tensor([g_dot_d, d_fisher_d]), "overflow")
         return NaturalGradient(
             advantages=advantages,
             direction=direction,
             param_names=tuple(scores.param_names),
             jd=jd.to(adv.dtype),
-            g_dot_d=float(rhs @ jd) / n,
-            d_fisher_d=float(jd @ jd) / n,
+            g_dot_d=g_dot_d,
+            d_fisher_d=d_fisher_d,
             diagnostics=self.diagnostics,
         )
 
@@ -280,15 +293,17 @@ class RATNaturalGradient(SolverSettingsView):
         device, dtype = first.device, first.dtype
         if not dtype.is_floating_point:
             raise TypeError(f"policy parameters must be floating point, got {dtype}")
+        check_finite_parameters(policy)
         check_advantages(adv, device)
         n = adv.shape[0]
         check_batch("obs", obs, n, device, dtype)
         check_batch("acts", acts, n, device, dtype)
-        with torch.no_grad():
-            log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
-        scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
-        with torch.enable_grad():  # the factored backend needs one backward pass
-            operator, backend_note = self._operator(scores, policy, obs, acts)
+        with unchanged_module(policy):
+            with torch.no_grad():
+                log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
+            scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
+            with torch.enable_grad():  # the factored backend needs one backward pass
+                operator, backend_note = self._operator(scores, policy, obs, acts)
         rhs = adv.detach().to(device=device, dtype=torch.float64)
         with torch.no_grad():  # solvers only combine detached tensors
             result, solver_used, notes = solve(operator, rhs, self.settings, self.generator)
@@ -310,19 +325,34 @@ class RATNaturalGradient(SolverSettingsView):
         v = result.v
         if want_direction and v is None:
             v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / n
+        require_finite(
+            "the transformed advantages A~",
+            result.x,
+            f"|A~| reaches |A| / damping = {float(rhs.abs().max()) / self.damping:.3g}, "
+            "beyond float64",
+        )
         advantages = result.x.to(dtype=adv.dtype, device=adv.device).reshape(adv.shape)
+        require_finite(
+            "the transformed advantages A~",
+            advantages,
+            f"largest |A~| = {float(result.x.abs().max()):.3g} overflows adv's dtype "
+            f"{str(adv.dtype).removeprefix('torch.')}",
+        )
         self.diagnostics = Diagnostics(
             solver=solver_used,
             backend=operator.backend,
             score_path=scores.path,
             residual=result.residual,
             iterations=result.iterations,
-            converged=result.residual <= self.tol,
+            converged=result.converged,
             seconds=time.perf_counter() - start,
             fallbacks=tuple(fallbacks),
             num_samples=n,
             num_params=scores.num_params,
             compiled=compiled,
+            direction_error=result.direction_error,
+            condition=result.condition,
+            precision=result.precision,
         )
         return advantages, v, result, scores
 
@@ -339,11 +369,11 @@ class RATNaturalGradient(SolverSettingsView):
             )
             if operator is not None:
                 return operator, ""
-            if self.backend == "factored":
+            if self.backend == "factored" or reason.startswith(FACTORED_MISMATCH):
                 note = f"backend='factored' unavailable ({reason}); used the generic scores"
         if self.backend == "materialized" or (self.backend != "streaming" and fits):
             return MaterializedScores.from_policy(scores, self._chunk_size(scores)), note
-        return StreamingScores(scores, self.block_size), note
+        return StreamingScores(scores, self._chunk_size(scores)), note
 
     def _chunk_size(self, scores: PolicyScores) -> int:
         """Samples per vectorized score computation: large (fewer calls), within budget."""

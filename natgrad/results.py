@@ -29,7 +29,9 @@ class Diagnostics:
         Kaczmarz epochs, CG iterations, or 1 for Cholesky (of the requested solver; a
         fallback adds nothing here).
     converged
-        Whether ``residual <= tol``.
+        Whether the returned answer meets ``tol``: ``residual <= tol`` and, for the
+        iterative solvers, ``direction_error <= tol``. Cholesky is exact up to rounding
+        (see ``precision``).
     seconds
         Wall time of the whole call.
     fallbacks
@@ -38,6 +40,15 @@ class Diagnostics:
         ``N`` and ``P``.
     compiled
         Whether the iterative solver ran its ``torch.compile`` fused step.
+    direction_error
+        Guaranteed bound on ``|d - d*| / |d*|`` (``d*`` the exact solution of the damped
+        system) from the final residual; ``None`` for Cholesky.
+    condition
+        Estimate of ``cond(J J^T / N + lam I)``.
+    precision
+        Relative error that rounding alone may cause in ``A~`` and ``d`` (a worst-case
+        estimate from ``condition`` and the dtypes); a :class:`~natgrad.PrecisionWarning`
+        is issued when it exceeds ``tol``.
     """
 
     solver: str
@@ -51,11 +62,14 @@ class Diagnostics:
     num_samples: int
     num_params: int
     compiled: bool = False
+    direction_error: float | None = None
+    condition: float | None = None
+    precision: float | None = None
 
 
 @dataclass(frozen=True)
 class NaturalGradient:
-    """The natural-gradient direction and its free by-products (DESIGN section 1).
+    """The natural-gradient direction and its free by-products (see the derivation page).
 
     Attributes
     ----------

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from natgrad._tree import Tree, take, unsqueeze
+from natgrad.errors import SampleCouplingError
 
 LogProbFn = Callable[[nn.Module, Tree, Tree], Tensor]
 
@@ -136,8 +137,10 @@ class PolicyScores:
         self.num_params = int(sum(self.numels))
         self.path = "vmap"
         self.fallback_reason: str | None = None
-        tolerance_scale = 1e-7 if self.dtype == torch.float64 else 2e-3
-        self._consistency_tol = tolerance_scale
+        # Batched and per-sample evaluation round differently: allow that, and no more.
+        self._consistency_tol = (
+            1e-7 if self.dtype == torch.float64 else max(2e-3, 32 * torch.finfo(self.dtype).eps)
+        )
 
     # -- single-sample log-probability -------------------------------------------------
     def _log_prob_single(self, params: dict[str, Tensor], obs_i: Tree, acts_i: Tree) -> Tensor:
@@ -185,19 +188,33 @@ class PolicyScores:
                     ) from error
                 self.path = "loop"
                 self.fallback_reason = f"vmap failed ({type(error).__name__}: {error})"
-                rows, values = self._rows_loop(obs_s, acts_s, len(index))
+                rows, values = self._rows_loop_checked(obs_s, acts_s, index)
         else:
-            rows, values = self._rows_loop(obs_s, acts_s, len(index))
+            rows, values = self._rows_loop_checked(obs_s, acts_s, index)
         self._check(rows, values, index)
         return rows
+
+    def _rows_loop_checked(self, obs_s: Tree, acts_s: Tree, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-sample loop; a failure on one sample alone is natgrad's error."""
+        try:
+            return self._rows_loop(obs_s, acts_s, len(index))
+        except Exception as error:  # noqa: BLE001 - re-raised with the diagnosis
+            raise SampleCouplingError(
+                "log_prob_fn fails on a single sample although it works on the batch "
+                f"({type(error).__name__}: {str(error)[:200]}), so the policy couples samples "
+                "within a batch (e.g. it normalizes observations with batch statistics such "
+                "as obs.std(0), which is NaN for one sample; BatchNorm in train mode); make "
+                "each sample's log-probability depend on that sample only (running "
+                "statistics held fixed, policy.eval())"
+            ) from error
 
     def _check(self, rows: Tensor, values: Tensor, index: Tensor) -> None:
         expected = self.log_probs[index]
         gap = (values.detach() - expected).abs()
         allowed = self._consistency_tol * (1.0 + expected.abs())
-        if bool((gap > allowed).any()):
-            worst = int(torch.argmax(gap - allowed))
-            raise ValueError(
+        if not bool((gap <= allowed).all()):  # NaN != NaN: written so that NaN fails too
+            worst = int(torch.argmax(torch.nan_to_num(gap - allowed, nan=torch.inf)))
+            raise SampleCouplingError(
                 "per-sample log-probabilities differ from the batched ones (sample "
                 f"{int(index[worst])}: {float(values[worst]):.6g} alone vs "
                 f"{float(expected[worst]):.6g} in the batch), so the policy couples samples "
@@ -335,6 +352,35 @@ class ScoreOperator(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no cross_gram")
 
+    def squared_norms(self) -> Tensor:
+        """Squared row norms ``|psi_i|^2``, the diagonal of ``K`` (shape ``(N,)``).
+
+        The default forms ``K``; backends override it with something cheaper.
+        """
+        return self.gram().diagonal()
+
+    @property
+    def score_dtype(self) -> torch.dtype:
+        """The dtype the scores were computed in (rounding level of ``J``).
+
+        Equals :attr:`dtype` except for half-precision policies, whose scores are stored
+        and multiplied in float32 (see :func:`working_dtype`).
+        """
+        return self.__dict__.get("_score_dtype", self.dtype)
+
+    @score_dtype.setter
+    def score_dtype(self, dtype: torch.dtype) -> None:
+        self.__dict__["_score_dtype"] = dtype
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype that score rows are stored and multiplied in: at least float32.
+
+    Gram matrices and products of float16/bfloat16 rows would round every sum to 3 or 2
+    significant digits; accumulating in float32 keeps only the scores' own rounding.
+    """
+    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
+
 
 class MaterializedScores(ScoreOperator):
     """``J`` held in memory as an ``(N, P)`` tensor.
@@ -364,11 +410,16 @@ class MaterializedScores(ScoreOperator):
         """
         index = torch.arange(scores.num_samples, device=scores.device)
         matrix = torch.empty(
-            scores.num_samples, scores.num_params, dtype=scores.dtype, device=scores.device
+            scores.num_samples,
+            scores.num_params,
+            dtype=working_dtype(scores.dtype),
+            device=scores.device,
         )
         for chunk in index.split(chunk_size):
             matrix[chunk[0] : chunk[-1] + 1] = scores.rows(chunk)
-        return cls(matrix)
+        operator = cls(matrix)
+        operator.score_dtype = scores.dtype
+        return operator
 
     def rows(self, index: Tensor) -> Tensor:
         """Rows ``J[index]`` (shape ``(len(index), P)``)."""
@@ -392,6 +443,9 @@ class MaterializedScores(ScoreOperator):
     def cross_gram(self, index: Tensor) -> Tensor:
         return self.matrix @ self.matrix[index].T
 
+    def squared_norms(self) -> Tensor:
+        return torch.linalg.vector_norm(self.matrix, dim=1).to(torch.float64) ** 2
+
 
 class StreamingScores(ScoreOperator):
     """``J`` recomputed block by block; never holds more than ``chunk_size`` rows.
@@ -411,17 +465,21 @@ class StreamingScores(ScoreOperator):
         self.chunk_size = chunk_size
         self.num_samples = scores.num_samples
         self.num_params = scores.num_params
-        self.dtype = scores.dtype
+        self.dtype = working_dtype(scores.dtype)
         self.device = scores.device
+        self.score_dtype = scores.dtype
 
     def _chunks(self) -> list[Tensor]:
         return list(torch.arange(self.num_samples, device=self.device).split(self.chunk_size))
 
+    def _rows(self, index: Tensor) -> Tensor:
+        return self.scores.rows(index).to(self.dtype)
+
     def block(self, index: Tensor) -> ScoreBlock:
-        return DenseBlock(self.scores.rows(index))
+        return DenseBlock(self._rows(index))
 
     def matvec(self, v: Tensor) -> Tensor:
-        return torch.cat([self.scores.rows(chunk) @ v for chunk in self._chunks()])
+        return torch.cat([self._rows(chunk) @ v for chunk in self._chunks()])
 
     def rmatvec(self, x: Tensor) -> Tensor:
         total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
@@ -430,17 +488,25 @@ class StreamingScores(ScoreOperator):
         return total
 
     def cross_gram(self, index: Tensor) -> Tensor:
-        selected = self.scores.rows(index)
-        return torch.cat([self.scores.rows(chunk) @ selected.T for chunk in self._chunks()])
+        selected = self._rows(index)
+        return torch.cat([self._rows(chunk) @ selected.T for chunk in self._chunks()])
+
+    def squared_norms(self) -> Tensor:
+        return (
+            torch.cat([torch.linalg.vector_norm(self._rows(c), dim=1) for c in self._chunks()]).to(
+                torch.float64
+            )
+            ** 2
+        )
 
     def gram(self) -> Tensor:
         chunks = self._chunks()
         n = self.num_samples
         kernel = torch.empty(n, n, dtype=self.dtype, device=self.device)
         for i, rows_i in enumerate(chunks):
-            block_i = self.scores.rows(rows_i)
+            block_i = self._rows(rows_i)
             for rows_j in chunks[i:]:
-                block_j = block_i if rows_j is rows_i else self.scores.rows(rows_j)
+                block_j = block_i if rows_j is rows_i else self._rows(rows_j)
                 product = block_i @ block_j.T
                 kernel[rows_i[:, None], rows_j[None, :]] = product
                 kernel[rows_j[:, None], rows_i[None, :]] = product.T

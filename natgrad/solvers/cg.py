@@ -8,7 +8,12 @@ import torch
 from torch import Tensor
 
 from natgrad.scores import ScoreOperator
-from natgrad.solvers._base import SolveResult, apply_kernel, relative_residual
+from natgrad.solvers._base import (
+    SolveResult,
+    apply_kernel,
+    direction_error,
+    relative_residual,
+)
 
 _MAX_RESTARTS = 3  # residual replacements when the CG recurrence drifts (float32)
 
@@ -21,12 +26,16 @@ def cg_solve(
     max_iters: int,
     compiled: bool = False,
     preconditioner: Callable[[Tensor], Tensor] | None = None,
+    *,
+    direction_offset: Tensor | None = None,
 ) -> SolveResult:
     """Solve ``(K / N + lam I) x = rhs`` by (preconditioned) conjugate gradient, matrix-free.
 
     Each iteration costs one ``J^T x`` and one ``J v``; the kernel is never formed.
-    The relative residual ``|rhs - M x| / |rhs|`` is tracked by the CG recurrence and
-    checked exactly (one extra product) before returning.
+    CG stops once both the relative residual ``|rhs - M x| / |rhs|`` and the bound on the
+    direction's relative error (:func:`~natgrad.solvers._base.direction_error`) are at most
+    ``tol``; both are tracked by the recurrence and checked exactly (one extra product)
+    before returning.
 
     Parameters
     ----------
@@ -37,7 +46,7 @@ def cg_solve(
     damping
         ``lam > 0``.
     tol
-        Stop once ``|rhs - M x| / |rhs| <= tol``.
+        Target relative residual and relative direction error.
     max_iters
         Iteration cap.
     compiled
@@ -45,18 +54,22 @@ def cg_solve(
     preconditioner
         ``y -> P^{-1} y`` for a symmetric positive definite ``P ~ M`` (see
         :func:`~natgrad.solvers.nystrom.nystrom_preconditioner`); ``None`` is plain CG.
+    direction_offset
+        ``v0`` when the direction is proportional to ``v - v0`` (supervised push-through
+        form); ``None`` for ``d = v``.
     """
+    n = operator.num_samples
     x = torch.zeros_like(rhs)
+    v = torch.zeros(operator.num_params, dtype=torch.float64, device=rhs.device)
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     if rhs_norm == 0.0:
-        return SolveResult(
-            x,
-            torch.zeros(operator.num_params, dtype=torch.float64, device=rhs.device),
-            torch.zeros_like(rhs),
-            0.0,
-            0,
-            True,
+        return SolveResult(x, v, torch.zeros_like(rhs), 0.0, 0, True, 0.0)
+
+    def accurate(residual_norm: float) -> bool:
+        return residual_norm <= tol * rhs_norm and (
+            direction_error(residual_norm, v, damping, n, direction_offset) <= tol
         )
+
     precondition = preconditioner or (lambda y: y)
     residual_vec = rhs.clone()
     iterations = 0
@@ -65,11 +78,12 @@ def cg_solve(
         direction = z.clone()
         rz = float(residual_vec @ z)
         rr = float(residual_vec @ residual_vec)
-        while iterations < max_iters and rr**0.5 / rhs_norm > tol:
-            _, jv_dir = apply_kernel(operator, direction, compiled)
+        while iterations < max_iters and not accurate(rr**0.5):
+            v_dir, jv_dir = apply_kernel(operator, direction, compiled)
             m_dir = jv_dir + damping * direction
             alpha = rz / float(direction @ m_dir)
             x += alpha * direction
+            v += alpha * v_dir
             residual_vec -= alpha * m_dir
             rr = float(residual_vec @ residual_vec)
             z = precondition(residual_vec)
@@ -78,9 +92,10 @@ def cg_solve(
             rz = rz_new
             iterations += 1
         v, jv = apply_kernel(operator, x, compiled)
-        residual = relative_residual(rhs, jv, x, damping)
-        if residual <= tol or iterations >= max_iters:
+        residual_vec = rhs - jv - damping * x
+        if accurate(float(torch.linalg.vector_norm(residual_vec))) or iterations >= max_iters:
             break
         # The recurrence drifted from the true residual (float32 scores): restart from it.
-        residual_vec = rhs - jv - damping * x
-    return SolveResult(x, v, jv, residual, iterations, residual <= tol)
+    residual = relative_residual(rhs, jv, x, damping)
+    error = direction_error(residual * rhs_norm, v, damping, n, direction_offset)
+    return SolveResult(x, v, jv, residual, iterations, residual <= tol and error <= tol, error)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from natgrad.scores import ScoreOperator
-from natgrad.solvers._base import SolveResult, relative_residual
+from natgrad.solvers._base import SolveResult, cholesky_factor, relative_residual
 
 
 def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> SolveResult:
@@ -24,6 +24,11 @@ def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> Solv
     damping
         ``lam > 0``.
 
+    Raises
+    ------
+    IllConditionedError
+        If ``K / N + lam I`` is not numerically positive definite.
+
     Returns
     -------
     SolveResult
@@ -32,7 +37,7 @@ def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> Solv
     n = operator.num_samples
     kernel = operator.gram().to(torch.float64) / n
     kernel.diagonal().add_(damping)
-    factor = torch.linalg.cholesky(kernel)
+    factor = cholesky_factor(kernel, damping, operator.score_dtype)
     x = torch.cholesky_solve(rhs.unsqueeze(1), factor).squeeze(1)
     jv = (kernel @ x) - damping * x
     residual = relative_residual(rhs, jv, x, damping)

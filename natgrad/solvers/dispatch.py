@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -17,11 +17,17 @@ from natgrad._checks import (
     check_positive_float,
     check_positive_int,
 )
-from natgrad.errors import NotConvergedError, NotConvergedWarning
+from natgrad.errors import (
+    IllConditionedError,
+    NotConvergedError,
+    NotConvergedWarning,
+    PrecisionWarning,
+)
 from natgrad.scores import ScoreOperator
 from natgrad.solvers._base import SolveResult
 from natgrad.solvers.cg import cg_solve
 from natgrad.solvers.cholesky import cholesky_solve
+from natgrad.solvers.conditioning import Conditioning, estimate_conditioning
 from natgrad.solvers.kaczmarz import kaczmarz_solve
 from natgrad.solvers.nystrom import nystrom_preconditioner
 
@@ -132,31 +138,115 @@ def solve(
     rhs: Tensor,
     settings: SolverSettings,
     generator: torch.Generator,
+    *,
+    direction_offset: Tensor | None = None,
 ) -> tuple[SolveResult, str, list[str]]:
     """Solve ``(K / N + lam I) x = rhs`` with the configured solver.
+
+    The system is solved for ``rhs / max|rhs|`` and the solution scaled back, so that no
+    scale of the right-hand side (1e-300 to 1e300) underflows or overflows inside a solver.
+    Before solving, the conditioning is estimated against the scores' precision
+    (:func:`~natgrad.solvers.conditioning.estimate_conditioning`).
+
+    Parameters
+    ----------
+    operator, rhs, settings, generator
+        The score operator, the float64 right-hand side, the options and the source of
+        randomness.
+    direction_offset
+        ``v0`` when the direction is proportional to ``v - v0`` (in the units of ``rhs``);
+        used by the stopping rule's direction-error bound.
 
     Returns
     -------
     result, solver_used, notes
-        The solve; the solver that produced it (``"cholesky"`` after a fallback); and
-        human-readable notes on fallbacks or warnings.
+        The solve (with ``condition`` and ``precision`` set); the solver that produced it
+        (``"cholesky"`` after a fallback); and human-readable notes on fallbacks or warnings.
 
     Raises
     ------
     NotConvergedError
         If an iterative solver stops above ``tol`` and ``on_nonconvergence="raise"``.
+    IllConditionedError
+        If rounding of the scores alone can make the answer wrong by 100% or more
+        (``cond(M) * eps >= 1``), or ``M`` is numerically singular.
     """
     s = settings
     name = resolve_solver(s.solver, operator)
+    scale = float(rhs.abs().max())
+    if scale == 0.0:
+        zero = torch.zeros_like(rhs)
+        v = torch.zeros(operator.num_params, dtype=torch.float64, device=rhs.device)
+        return SolveResult(zero, v, zero, 0.0, 0, True, 0.0, 1.0, 0.0), name, []
+    conditioning = estimate_conditioning(operator, s.damping, s.tol, s.compile)
+    notes = _precision_notes(operator, conditioning, s)
+    unit_rhs = rhs / scale
+    offset = None if direction_offset is None else direction_offset / scale
+    result, name, more = _solve_unit(operator, unit_rhs, s, generator, name, offset)
+    result = replace(
+        result.scaled(scale),
+        condition=conditioning.condition,
+        precision=conditioning.precision,
+    )
+    return result, name, notes + more
+
+
+def _precision_notes(
+    operator: ScoreOperator, conditioning: Conditioning, settings: SolverSettings
+) -> list[str]:
+    """Refuse (rounded products >= 100% off) or warn (precision > tol) when rounding limits."""
+    if conditioning.product_error < 1.0 and conditioning.precision <= settings.tol:
+        return []
+    eps_work = torch.finfo(operator.dtype).eps
+    eps_score = torch.finfo(operator.score_dtype).eps
+    dtype = str(operator.score_dtype).removeprefix("torch.")
+    where = (
+        f"cond(K/N + damping I) ~ {conditioning.condition:.2g} with {dtype} scores "
+        f"(largest eigenvalue of K/N ~ {conditioning.largest_eigenvalue:.3g}, "
+        f"damping={settings.damping:g})"
+    )
+    target = min(settings.tol, 0.5)
+    fix = f"use damping >= {conditioning.minimum_damping(eps_work, eps_score, target):.2g}" + (
+        "" if operator.score_dtype == torch.float64 else " or float64 parameters"
+    )
+    if not conditioning.product_error < 1.0:
+        raise IllConditionedError(
+            f"{where}: rounding alone can make A~ and the direction wrong by 100% or more, "
+            f"so natgrad refuses to solve; {fix}"
+        )
+    message = (
+        f"{where}: rounding alone may leave a relative error up to "
+        f"{conditioning.precision:.2g} > tol={settings.tol:g} in A~ and the direction; {fix}"
+    )
+    warnings.warn(message, PrecisionWarning, stacklevel=4)
+    return [message]
+
+
+def _solve_unit(
+    operator: ScoreOperator,
+    rhs: Tensor,
+    s: SolverSettings,
+    generator: torch.Generator,
+    name: str,
+    offset: Tensor | None,
+) -> tuple[SolveResult, str, list[str]]:
+    """Run solver ``name`` on a right-hand side of order one, then apply the policy."""
     if name == "cholesky":
         return cholesky_solve(operator, rhs, s.damping), "cholesky", []
     if name == "cg":
-        preconditioner = (
-            nystrom_preconditioner(operator, s.damping, s.preconditioner_rank, generator)
-            if bool(rhs.any())
-            else None
+        preconditioner = nystrom_preconditioner(
+            operator, s.damping, s.preconditioner_rank, generator
         )
-        result = cg_solve(operator, rhs, s.damping, s.tol, s.max_iters, s.compile, preconditioner)
+        result = cg_solve(
+            operator,
+            rhs,
+            s.damping,
+            s.tol,
+            s.max_iters,
+            s.compile,
+            preconditioner,
+            direction_offset=offset,
+        )
     else:
         result = kaczmarz_solve(
             operator,
@@ -168,13 +258,15 @@ def solve(
             generator,
             s.resample_blocks,
             s.compile,
+            direction_offset=offset,
         )
     if result.converged:
         return result, name, []
     unit = "epochs" if name == "kaczmarz" else "iterations"
     message = (
-        f"solver={name!r} stopped at relative residual {result.residual:.3g} > "
-        f"tol={s.tol:g} after {result.iterations} {unit}"
+        f"solver={name!r} stopped after {result.iterations} {unit} at relative residual "
+        f"{result.residual:.3g} and direction error bound {result.direction_error:.3g} "
+        f"(tol={s.tol:g})"
     )
     if s.on_nonconvergence == "raise":
         raise NotConvergedError(
@@ -182,8 +274,8 @@ def solve(
             "solver='cholesky'"
         )
     if s.on_nonconvergence == "warn":
-        warnings.warn(message, NotConvergedWarning, stacklevel=4)
+        warnings.warn(message, NotConvergedWarning, stacklevel=5)
         return result, name, [message]
     exact = cholesky_solve(operator, rhs, s.damping)
-    exact = SolveResult(exact.x, None, exact.jv, exact.residual, result.iterations, True)
+    exact = replace(exact, iterations=result.iterations)
     return exact, "cholesky", [message + "; solved exactly with cholesky instead"]

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from natgrad.scores import ScoreBlock, ScoreOperator
-from natgrad.solvers._base import SolveResult, operator_matvec, relative_residual
+from natgrad.solvers._base import (
+    SolveResult,
+    cholesky_factor,
+    direction_error,
+    operator_matvec,
+    operator_rmatvec,
+    relative_residual,
+)
 from natgrad.solvers.fused import fused_block_factor, fused_block_step
 
 
@@ -51,10 +58,13 @@ def block_factor(
     """
     functional = block.functional() if compiled else None
     if functional is not None:
-        return fused_block_factor(*functional, damping, 1.0 / num_samples)
+        try:
+            return fused_block_factor(*functional, damping, 1.0 / num_samples)
+        except torch.linalg.LinAlgError:
+            pass  # redo it eagerly for natgrad's own error
     matrix = block.gram().to(torch.float64) / num_samples
     matrix.diagonal().add_(damping)
-    return torch.linalg.cholesky(matrix)
+    return cholesky_factor(matrix, damping, block.dtype)
 
 
 def kaczmarz_step(
@@ -115,6 +125,8 @@ def kaczmarz_solve(
     generator: torch.Generator,
     resample_blocks: bool = False,
     compiled: bool = False,
+    *,
+    direction_offset: Tensor | None = None,
 ) -> SolveResult:
     """Solve ``(K / N + lam I) x = rhs`` by randomized block Kaczmarz.
 
@@ -122,8 +134,11 @@ def kaczmarz_solve(
     epoch visits every block once in a fresh random order. The block factors are
     cached across epochs unless ``resample_blocks`` re-draws the paving every epoch.
 
-    Convergence is checked cheaply from the residuals seen during a sweep and confirmed
-    with one exact product ``J v`` before stopping.
+    Convergence (relative residual and the bound on the direction's relative error, see
+    :func:`~natgrad.solvers._base.direction_error`, both at most ``tol``) is checked
+    cheaply from the residuals seen during a sweep and confirmed exactly before stopping:
+    ``v = J^T x / N`` is recomputed from ``x`` (the tracked ``v`` accumulates rounding,
+    which matters at tiny damping) and then ``J v``.
 
     Parameters
     ----------
@@ -145,13 +160,21 @@ def kaczmarz_solve(
         Draw a new paving each epoch instead of reusing one.
     compiled
         Use the ``torch.compile`` fused block step (see :func:`kaczmarz_step`).
+    direction_offset
+        ``v0`` when the direction is proportional to ``v - v0``; ``None`` for ``d = v``.
     """
     num_samples = operator.num_samples
     device = rhs.device
     state = KaczmarzState.zeros(operator, device)
     rhs_norm = float(torch.linalg.vector_norm(rhs))
     if rhs_norm == 0.0:
-        return SolveResult(state.x, state.v, torch.zeros_like(rhs), 0.0, 0, True)
+        return SolveResult(state.x, state.v, torch.zeros_like(rhs), 0.0, 0, True, 0.0)
+
+    def accurate(residual_norm: float) -> bool:
+        return residual_norm <= tol * rhs_norm and (
+            direction_error(residual_norm, state.v, damping, num_samples, direction_offset) <= tol
+        )
+
     blocks: list[Tensor] = []
     factors: list[Tensor | None] = []
     jv = torch.zeros_like(rhs)
@@ -171,9 +194,13 @@ def kaczmarz_solve(
             r = kaczmarz_step(state, block, blocks[k], rhs, damping, factors[k], compiled)
             swept += r @ r  # stays on the device: one synchronization per epoch
             del block  # streaming: free these rows before the next block's are computed
-        if float(swept) ** 0.5 / rhs_norm <= tol or epoch == max_epochs:
+        if accurate(float(swept) ** 0.5) or epoch == max_epochs:
+            state.v = operator_rmatvec(operator, state.x) / num_samples
             jv = operator_matvec(operator, state.v, compiled)
             residual = relative_residual(rhs, jv, state.x, damping)
-            if residual <= tol:
+            if accurate(residual * rhs_norm):
                 break
-    return SolveResult(state.x, state.v, jv, residual, epoch, residual <= tol)
+    error = direction_error(residual * rhs_norm, state.v, damping, num_samples, direction_offset)
+    return SolveResult(
+        state.x, state.v, jv, residual, epoch, residual <= tol and error <= tol, error
+    )

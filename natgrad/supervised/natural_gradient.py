@@ -14,13 +14,17 @@ from torch import Tensor, nn
 from natgrad._checks import (
     check_batch,
     check_choice,
+    check_finite_parameters,
     check_policy,
     check_positive_int,
+    require_finite,
     select_parameters,
 )
+from natgrad._guard import unchanged_module
 from natgrad._tree import Tree, tree_leaves
+from natgrad.errors import NonFiniteError
 from natgrad.results import Diagnostics
-from natgrad.scores import MaterializedScores
+from natgrad.scores import MaterializedScores, working_dtype
 from natgrad.solvers import (
     OnNonConvergence,
     SolveResult,
@@ -223,12 +227,14 @@ class SupervisedNaturalGradient(SolverSettingsView):
         device, dtype = first.device, first.dtype
         if not dtype.is_floating_point:
             raise TypeError(f"model parameters must be floating point, got {dtype}")
+        check_finite_parameters(model, "model")
         n = _check_inputs(inputs, device, dtype)
-        with torch.no_grad():
-            raw = model(inputs)
-        outputs = _check_outputs(raw, n, self.loss)
-        _check_targets(targets, outputs, raw, self.loss)
-        jac = output_jacobians(model, inputs, names, outputs, self.chunk_size)
+        with unchanged_module(model, "model"):
+            with torch.no_grad():
+                raw = model(inputs)
+            outputs = _check_outputs(raw, n, self.loss)
+            _check_targets(targets, outputs, raw, self.loss)
+            jac = output_jacobians(model, inputs, names, outputs, self.chunk_size)
         if self.loss == "mse":
             targets = targets.reshape(outputs.shape)
         built = fisher_rows(
@@ -247,11 +253,21 @@ class SupervisedNaturalGradient(SolverSettingsView):
             score_path=jac.path,
             residual=result.residual,
             iterations=result.iterations,
-            converged=result.residual <= self.tol,
+            converged=result.converged,
             seconds=time.perf_counter() - start,
             fallbacks=tuple(fallbacks),
             num_samples=n,
             num_params=int(sum(numels)),
+            direction_error=result.direction_error,
+            condition=result.condition,
+            precision=result.precision,
+        )
+        require_finite("the natural-gradient direction", direction, "it overflows float64")
+        require_finite(
+            "the natural-gradient direction",
+            direction.to(dtype),
+            f"largest |d| = {float(direction.abs().max()):.3g} overflows "
+            f"{str(dtype).removeprefix('torch.')}",
         )
         return SupervisedResult(
             direction=_unflatten(direction.to(dtype), numels, shapes),
@@ -273,14 +289,18 @@ class SupervisedNaturalGradient(SolverSettingsView):
         # The solvers normalize by their row count R, the Fisher by N: rows scaled by
         # sqrt(R / N) make the operator's J^T J / R equal F = W^T W / N.
         scale = math.sqrt(num_rows / n)
-        operator = MaterializedScores(built.rows * scale)
+        operator = MaterializedScores((built.rows * scale).to(working_dtype(built.rows.dtype)))
+        operator.score_dtype = built.rows.dtype
         if built.coefficients is not None:
             form: Form = "kernel"
             rhs = built.coefficients * scale
         else:
             form = "push_through"
             rhs = built.rows.to(torch.float64) @ built.gradient
-        result, solver_used, fallbacks = solve(operator, rhs, self.settings, self.generator)
+        offset = None if form == "kernel" else built.gradient / scale
+        result, solver_used, fallbacks = solve(
+            operator, rhs, self.settings, self.generator, direction_offset=offset
+        )
         v = result.v
         if v is None:
             v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / num_rows
@@ -421,7 +441,9 @@ def _check_outputs(raw: object, n: int, loss: str) -> Tensor:
     outputs = raw.reshape(n, -1)
     if not bool(torch.isfinite(outputs).all()):
         bad = int(torch.nonzero(~torch.isfinite(outputs))[0, 0])
-        raise ValueError(f"model(inputs) is not finite for sample {bad}; check the model/inputs")
+        raise NonFiniteError(
+            f"model(inputs) is not finite for sample {bad}; check the model and the inputs"
+        )
     return outputs
 
 
@@ -449,7 +471,9 @@ def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> 
                 "labels use loss='cross_entropy'"
             )
         if not bool(torch.isfinite(targets).all()):
-            raise ValueError("targets contains non-finite values (NaN or inf)")
+            raise NonFiniteError(
+                "targets contains NaN or inf; drop or repair those samples before the step"
+            )
         return
     if targets.is_floating_point() or targets.dtype == torch.bool:
         hint = "; for one-hot targets pass targets.argmax(1)" if targets.dim() == 2 else ""
