@@ -86,6 +86,38 @@ def test_levenberg_marquardt_increases_damping_when_the_ratio_is_poor():
     assert dampings[-1] <= 1e-5  # clamped at max_damping
 
 
+def test_levenberg_marquardt_damping_is_clamped_to_min_damping():
+    """An exact quadratic model divides lam by lm_factor (1e-2 -> 5e-3), clamped at 8e-3."""
+    model, x, y = linear_problem()
+    opt = NaturalGradientOptimizer(
+        model,
+        damping=1e-2,
+        damping_schedule="levenberg_marquardt",
+        solver="cholesky",
+        lm_factor=2.0,
+        min_damping=8e-3,
+    )
+    info = opt.step(x, y)
+    assert info.reduction_ratio > 0.75  # would divide lam by 2 ...
+    assert info.next_damping == opt.damping == 8e-3  # ... but not below min_damping
+
+
+def test_levenberg_marquardt_damping_is_clamped_to_max_damping():
+    """A poor ratio multiplies lam by lm_factor (1e-6 -> 1.5e-6), clamped at 1.2e-6."""
+    model = Cubic()
+    x, y = torch.ones(4, 1, dtype=torch.float64), torch.full((4, 1), 8.0, dtype=torch.float64)
+    opt = NaturalGradientOptimizer(
+        model,
+        damping=1e-6,
+        damping_schedule="levenberg_marquardt",
+        solver="cholesky",
+        max_damping=1.2e-6,
+    )
+    info = opt.step(x, y)
+    assert info.reduction_ratio < 0.25  # would multiply lam by 1.5 ...
+    assert info.next_damping == opt.damping == 1.2e-6  # ... but not above max_damping
+
+
 def test_callable_schedule_and_momentum_base_optimizer():
     model, x, y = linear_problem()
     used = []
