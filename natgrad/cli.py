@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.subparser  # errors are reported in its usage
     from natgrad.errors import NatgradError
-    from natgrad.rl._errors import ConfigError, MissingExtraError, first_line
+    from natgrad.rl._errors import ConfigError, MissingExtraError
 
     try:
         with warnings.catch_warnings():
@@ -249,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MissingExtraError) as error:
         sub.exit(2, f"{sub.prog}: error: {error}\n")
     except NatgradError as error:  # e.g. training stopped by repeated faulty updates
-        sub.exit(1, f"{sub.prog}: error: {first_line(error)}\n")
+        message = " ".join(str(error).split())  # one line
+        sub.exit(1, f"{sub.prog}: error: {message}\n")
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact, continue with --resume",
               file=sys.stderr)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +24,61 @@ def _error(capsys, argv):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "--steps", "256", "--out", str(run), *TINY]) == 0
+    return run
+
+
+def _files(root):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()}
+
+
+# Each misuse: one line on stderr, exit status 2, nothing written. RUN is a finished run
+# of 256 steps, OUT a fresh directory.
+MISUSES = [
+    (["train", "--threads", "-1", "--out", "OUT"], "--threads must be >= 1, or 0"),
+    (["train", "--num-envs", "1", "--num-steps", "1", "--out", "OUT"],
+     "--num-envs 1 x --num-steps 1 gives 1 sample per update"),
+    (["train", "--steps", "0", "--out", "OUT"], "--steps must be > 0"),
+    (["train", "--num-envs", "0", "--out", "OUT"], "--num-envs must be > 0"),
+    (["train", "--checkpoint-every", "0", "--out", "OUT"], "--checkpoint-every must be > 0"),
+    (["train", "--max-grad-norm", "0", "--out", "OUT"], "--max-grad-norm must be > 0"),
+    (["train", "--max-rejections", "0", "--out", "OUT"], "--max-rejections must be > 0"),
+    (["train", "--kl-reject", "0.5", "--out", "OUT"], "--kl-reject must be 0 (off) or >= 1"),
+    (["train", "--cg-damping", "-1", "--out", "OUT"], "--cg-damping must be >= 0"),
+    (["train", "--gamma", "nan", "--out", "OUT"], "--gamma must be in [0, 1]"),
+    (["train", "--trust-env-state", "--out", "OUT"], "--trust-env-state applies to --resume"),
+    (["train", "--resume", "--out", "OUT"], "no checkpoint.pt in"),
+    (["train", "--resume"], "--resume needs --out DIR"),
+    (["train", "--resume", "--out", "RUN", "--steps", "128"],
+     "--steps 128 is below the 256 steps this run has already taken; pass --steps 256 or more"),
+    (["plot", "RUN", "--out", "/proc/x.png"], "--out '/proc/x.png'"),
+    (["plot", "RUN", "--out", "OUT/x.png"], "the directory"),
+    (["plot", "RUN", "--out", "RUN/x.foo"], "unknown image format '.foo'"),
+    (["plot", "RUN", "--y", "nope"], "--y 'nope' is not a column"),
+    (["plot", "OUT"], "has no progress.csv"),
+    (["eval", "RUN", "--episodes", "0"], "--episodes must be >= 1"),
+    (["eval", "RUN", "--seed", "-1"], "--seed must be >= 0"),
+    (["eval", "RUN", "--gif", "OUT/x.gif"], "--gif"),
+    (["eval", "OUT"], "no checkpoint.pt in"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("argv", "message"), MISUSES, ids=lambda v: " ".join(v)[:40])
+def test_misuse_is_one_line_exit_2_nothing_written(capsys, tmp_path, finished_run, argv, message):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    paths = {"RUN": str(run), "OUT": str(tmp_path / "out")}
+    argv = [a.replace("RUN", paths["RUN"]).replace("OUT", paths["OUT"]) for a in argv]
+    before = _files(tmp_path)
+    err = _error(capsys, [*argv, "--no-progress"] if argv[0] == "train" else argv)
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert _files(tmp_path) == before
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_env(capsys, tmp_path):

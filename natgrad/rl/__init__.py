@@ -6,7 +6,7 @@ policy update (see :data:`ALGORITHMS`). Requires the ``rl`` extra
 (``pip install "natgrad[rl]"``).
 """
 
-from natgrad.rl._errors import ConfigError, MissingExtraError
+from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError, TrainingError
 from natgrad.rl.algorithms import ALGORITHMS, PolicyUpdate
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.evaluate import EvalResult, evaluate
@@ -15,6 +15,7 @@ from natgrad.rl.train import Trainer, TrainResult, default_out_dir, train
 
 __all__ = [
     "ALGORITHMS",
+    "CheckpointError",
     "ConfigError",
     "EvalResult",
     "MissingExtraError",
@@ -22,6 +23,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "TrainingError",
     "default_out_dir",
     "evaluate",
     "plot_runs",

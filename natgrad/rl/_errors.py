@@ -45,6 +45,14 @@ def import_gymnasium() -> ModuleType:
 
 
 def first_line(error: BaseException) -> str:
-    """``"TypeName: first line of the message"``, for one-line error reports."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200] if lines else ''}".rstrip(": ")
+    """``"TypeName: message"`` on one line, for one-line error reports.
+
+    natgrad's own messages are kept whole (they end with the fix); others (e.g. torch's
+    multi-paragraph load errors) are cut to their first line.
+    """
+    if isinstance(error, NatgradError):
+        text = " ".join(str(error).split())
+    else:
+        lines = str(error).strip().splitlines()
+        text = lines[0][:200] if lines else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -203,6 +203,7 @@ class Trainer:
         self.rejected_updates = 0
         self.consecutive_rejections = 0
         self.last_fault: str | None = None
+        self.saved_step: int | None = None
         self._warned: set[type[Warning]] = set()
         self._registry: dict[Any, Any] = {}
         self._policy_export = True
@@ -238,7 +239,7 @@ class Trainer:
         }
 
     def _load(self, state: dict[str, Any], env_seed: int, trust_env_state: bool) -> None:
-        self.global_step = int(state["global_step"])
+        self.global_step = self.saved_step = int(state["global_step"])
         self.iteration = int(state["iteration"])
         self.wall_time = float(state["wall_time"])
         self.best_return = float(state["best_return"])
@@ -274,6 +275,7 @@ class Trainer:
         """Write ``checkpoint.pt`` (and the environments, and ``policy.safetensors``)."""
         path = self.out_dir / CHECKPOINT_NAME
         save_checkpoint(path, self.state_dict(), env_state=env_state(self.env))
+        self.saved_step = self.global_step
         if not self._policy_export:
             return
         norm = self.collector.obs_norm
@@ -294,6 +296,11 @@ class Trainer:
         except MissingExtraError as error:
             self._policy_export = False
             warnings.warn(f"{error}; {POLICY_NAME} is not written", RuntimeWarning, stacklevel=2)
+
+    def _checkpoint_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint (step {self.saved_step}) is intact"
 
     # -- fault handling -----------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, Any], ...]:
@@ -468,7 +475,7 @@ class Trainer:
                         f"training stopped at step {self.global_step}: "
                         f"{self.consecutive_rejections} consecutive policy updates were rejected "
                         f"(--max-rejections {cfg.max_rejections}; the last: {self.last_fault}); "
-                        "the last checkpoint is intact; fix the cause "
+                        f"{self._checkpoint_note()}; fix the cause "
                         "(e.g. a larger --damping or a smaller --max-kl) in a new run"
                     )
                 done = self.global_step >= cfg.steps

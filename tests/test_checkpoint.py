@@ -1,0 +1,162 @@
+"""Checkpoints: no code runs on load, damaged files give one line, the previous one is kept."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+
+from natgrad.cli import main  # noqa: E402
+from natgrad.rl.checkpoint import load_checkpoint, load_policy  # noqa: E402
+
+TINY = ["--num-envs", "2", "--num-steps", "32", "--hidden", "8", "--critic-epochs", "1",
+        "--checkpoint-every", "1", "--no-progress", "--no-tensorboard"]  # fmt: skip
+RESUME = ["--no-progress", "--no-tensorboard"]
+
+
+class Payload:
+    """Unpickling this creates ``path``: proof that code from the file ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "--steps", "128", "--out", str(run), *TINY]) == 0
+    return run
+
+
+@pytest.fixture
+def run(finished_run, tmp_path, capsys):
+    capsys.readouterr()
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def _error(capsys, argv, code=2):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _tree(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _record(run, name):
+    """Record ``name``'s current digest in checkpoint.json, as a forger could."""
+    sidecar = run / "checkpoint.json"
+    data = json.loads(sidecar.read_text())
+    digest = hashlib.sha256((run / name).read_bytes()).hexdigest()
+    data["files"].append({"file": name, "sha256": digest})
+    sidecar.write_text(json.dumps(data))
+
+
+def test_checkpoint_holds_only_tensors_and_plain_data(finished_run):
+    state = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 128 and state["iteration"] == 2
+    assert load_checkpoint(finished_run / "checkpoint.pt")["global_step"] == 128
+    assert (finished_run / "checkpoint.prev.pt").exists()
+    assert torch.load(finished_run / "checkpoint.prev.pt", weights_only=True)["iteration"] == 1
+    tensors, meta = load_policy(finished_run / "policy.safetensors")
+    assert json.loads(meta["config"])["hidden"] == [8] and meta["global_step"] == "128"
+    for name, value in state["policy"].items():
+        assert torch.equal(tensors[f"policy.{name}"], value)
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["digest-mismatch", "digest-forged"])
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_crafted_checkpoint_runs_no_code(capsys, run, tmp_path, record, command):
+    marker = tmp_path / "pwned"
+    torch.save({"format": 2, "policy": Payload(marker)}, run / "checkpoint.pt")
+    if record:
+        _record(run, "checkpoint.pt")
+    (run / "policy.safetensors").unlink()  # eval falls back to checkpoint.pt
+    before = _tree(run)
+    argv = ["eval", str(run)] if command == "eval" else ["train", "--resume", "--out", str(run)]
+    err = _error(capsys, argv + (RESUME if command == "resume" else []))
+    assert not marker.exists()
+    expected = "holds more than tensors" if record else "truncated, corrupted or was replaced"
+    assert expected in err and "checkpoint.prev.pt" in err
+    assert _tree(run) == before
+
+
+def test_crafted_env_state_is_never_loaded_unless_trusted(capsys, run, tmp_path):
+    marker = tmp_path / "pwned"
+    (run / "checkpoint.env.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    # Trusted, the file is still checked against the digest the checkpoint recorded.
+    err = _error(capsys, ["train", "--resume", "--trust-env-state", "--out", str(run), *RESUME])
+    assert "does not match the SHA-256" in err and "without --trust-env-state" in err
+    assert main(["train", "--resume", "--out", str(run), "--steps", "192", *RESUME]) == 0
+    assert "re-seeded at step 128" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "old-format"])
+def test_damaged_checkpoint_offers_the_previous_one(capsys, run, damage):
+    path = run / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 100)
+    else:  # natgrad 0.1 stored NumPy arrays: refused even with a matching digest
+        torch.save({"global_step": 1, "obs": np.zeros(3)}, path)
+        _record(run, "checkpoint.pt")
+    before = _tree(run)
+    for argv in (["train", "--resume", "--out", str(run), *RESUME], ["eval", str(run)]):
+        if argv[0] == "eval":
+            (run / "policy.safetensors").unlink()
+            before.pop("policy.safetensors")
+        err = _error(capsys, argv)
+        assert str(path) in err
+        assert f"the previous checkpoint (step 64) is intact: cp {run}/checkpoint.prev.pt" in err
+        assert _tree(run) == before  # nothing written, config.json and progress.csv included
+    # The advice works: the previous checkpoint resumes.
+    shutil.copy(run / "checkpoint.prev.pt", path)
+    assert main(["train", "--resume", "--out", str(run), "--steps", "128", *RESUME]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 128
+
+
+def test_damaged_policy_file(capsys, run):
+    path = run / "policy.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    err = _error(capsys, ["eval", str(run)])
+    assert "policy.safetensors is truncated, corrupted or was replaced" in err
+    # Shared alone (no checkpoint.json beside it), it is still parsed safely.
+    alone = run.parent / "alone"
+    alone.mkdir()
+    shutil.copy(path, alone / "policy.safetensors")
+    err = _error(capsys, ["eval", str(alone / "policy.safetensors")])
+    assert "not a valid safetensors file" in err
+
+
+def test_eval_a_shared_policy_file(capsys, run):
+    shared = run.parent / "shared.safetensors"
+    shutil.copy(run / "policy.safetensors", shared)
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(shared), "--episodes", "2"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert from_file["returns"] == from_run["returns"] and from_file["step"] == 128
+    (run / "policy.safetensors").unlink()  # the checkpoint gives the same policy
+    assert main(["eval", str(run), "--episodes", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["returns"] == from_run["returns"]
