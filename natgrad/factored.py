@@ -65,11 +65,14 @@ class LinearFactor:
     positions
         Indices into the flat parameter vector of the ``(out, in[+1])`` matrix ``[W | b]``,
         row-major.
+    param_names
+        Names of the weight and (if any) the bias, as in ``named_parameters()``.
     """
 
     inputs: Tensor
     output_grads: Tensor
     positions: Tensor
+    param_names: tuple[str, ...] = ()
 
 
 def _factored_gram(payload: tuple) -> Tensor:
@@ -310,20 +313,23 @@ def build_factored_scores(
     for name, numel in zip(names, scores.numels, strict=True):
         offsets[name] = torch.arange(start, start + numel, device=scores.device)
         start += numel
-    covered: set[str] = set()
+    covered: list[str] = []
     factors = []
+    work = working_dtype(scores.dtype)
     for layer, (inputs, grads) in captured.items():
         prefix = f"{layer}." if layer else ""
         out_features, in_features = grads.shape[1], inputs.shape[1]
         weight = offsets[f"{prefix}weight"].reshape(out_features, in_features)
-        covered.add(f"{prefix}weight")
-        if f"{prefix}bias" in offsets and f"{prefix}bias" in names:
+        layer_names = [f"{prefix}weight"]
+        if f"{prefix}bias" in offsets:
             bias = offsets[f"{prefix}bias"].reshape(out_features, 1)
             weight = torch.cat([weight, bias], dim=1)
             inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
-            covered.add(f"{prefix}bias")
-        work = working_dtype(scores.dtype)
-        factors.append(LinearFactor(inputs.to(work), grads.to(work), weight.reshape(-1)))
+            layer_names.append(f"{prefix}bias")
+        covered += layer_names
+        factors.append(
+            LinearFactor(inputs.to(work), grads.to(work), weight.reshape(-1), tuple(layer_names))
+        )
     rest_names = [n for n in names if n not in covered]
     rest = rest_positions = None
     if rest_names:
@@ -336,7 +342,9 @@ def build_factored_scores(
     operator.score_dtype = scores.dtype
     # Per-sample evaluation of a few random samples: catches policies that couple samples.
     scores.rows(_random_samples(scores.num_samples, check_samples, scores.device))
-    mismatch = verify_on_batch(operator, scores, offsets)
+    factored_names = [n for n in names if n in covered]
+    factored_scores = PolicyScores(policy, log_prob_fn, obs, acts, factored_names, scores.log_probs)
+    mismatch = verify_on_batch(operator, factored_scores)
     if mismatch is not None:
         return None, (
             f"{FACTORED_MISMATCH} {mismatch} disagree with autograd on the whole "
@@ -351,17 +359,23 @@ def _random_samples(num_samples: int, count: int, device: torch.device) -> Tenso
     return torch.randperm(num_samples, generator=generator)[:count].sort().values.to(device)
 
 
-def verify_on_batch(
-    operator: FactoredScores, scores: PolicyScores, offsets: dict[str, Tensor]
-) -> str | None:
-    """Check ``J^T w`` of the factored operator against autograd for random weights ``w``.
+def verify_on_batch(operator: FactoredScores, scores: PolicyScores) -> str | None:
+    """Check the factored layers' ``J^T w`` against autograd for random weights ``w``.
 
     A randomized identity over the whole batch (Freivalds, 1977): with ``w`` Gaussian, the
     factored ``J^T w`` equals the gradient of ``sum_i w_i log pi_i`` -- one ordinary
     backward pass of the batched log-probability -- for every ``w`` exactly when the
-    factored ``J`` is the true ``J`` (a mismatch passes with probability 0). Each
-    parameter tensor is compared separately, against the rounding level of its own terms,
-    so a small layer is not hidden behind a large one.
+    factored rows are the true rows (a mismatch passes with probability 0). Only the
+    factored layers are checked (the other scores come from ``torch.func`` per sample), so
+    the backward pass stops at them. Each parameter tensor is compared separately, against
+    the rounding level of its own terms, so a small layer is not hidden behind a large one.
+
+    Parameters
+    ----------
+    operator
+        The factored operator.
+    scores
+        Per-sample scores of exactly the factored layers' parameters (for the autograd side).
 
     Returns
     -------
@@ -372,28 +386,24 @@ def verify_on_batch(
     generator = torch.Generator().manual_seed(_CHECK_SEED)
     weights = torch.randn(n, generator=generator, dtype=torch.float64).to(operator.device)
     index = torch.arange(n, device=operator.device)
-    reference = scores.vjp(index, weights).to(torch.float64)
-    factored = operator.rmatvec(weights.to(operator.dtype)).to(torch.float64)
-    # |J|^T |w|: the size of the summed terms, hence of their rounding. Compared per
-    # parameter tensor (norms), so entries whose exact gradient is zero (a key-projection
-    # bias in attention) are judged by their tensor's scale, not by their own rounding noise.
-    magnitude = _absolute_rmatvec(operator, weights.abs())
+    reference = scores.vjp(index, weights).to(torch.float64).split(scores.numels)
+    expected = dict(zip(scores.param_names, reference, strict=True))
+    work = weights.to(operator.dtype)
     eps = torch.finfo(scores.dtype).eps
-    floor = eps * float(torch.linalg.vector_norm(magnitude))
-    for name, positions in offsets.items():
-        gap = float(torch.linalg.vector_norm(factored[positions] - reference[positions]))
-        size = float(torch.linalg.vector_norm(magnitude[positions]))
-        if not gap <= 64 * eps * n**0.5 * (size + floor):
-            return name
-    return None
-
-
-def _absolute_rmatvec(operator: FactoredScores, x: Tensor) -> Tensor:
-    """``|J|^T x`` (elementwise absolute scores) in float64."""
-    result = x.new_zeros(operator.num_params, dtype=torch.float64)
     for factor in operator.factors:
-        a, g = factor.inputs.abs().to(torch.float64), factor.output_grads.abs().to(torch.float64)
-        result[factor.positions] = ((g * x[:, None]).T @ a).reshape(-1)
-    if operator.rest is not None:
-        result[operator.rest_positions] = operator.rest.abs().to(torch.float64).T @ x
-    return result
+        g, a = factor.output_grads, factor.inputs
+        factored = ((g * work[:, None]).T @ a).to(torch.float64)
+        # |G|^T |w| |A|: the size of the summed terms, hence of their rounding. Compared as
+        # norms over the tensor, so entries whose exact gradient is zero are judged by the
+        # tensor's scale, not by their own rounding noise.
+        size = ((g.abs() * work.abs()[:, None]).T @ a.abs()).to(torch.float64)
+        allowed = 64 * eps * n**0.5
+        weight, *bias = factor.param_names
+        width = a.shape[1] - len(bias)
+        layer = [(weight, slice(0, width))] + [(b, slice(width, width + 1)) for b in bias]
+        for name, columns in layer:
+            mine = factored[:, columns]
+            gap = torch.linalg.vector_norm(mine - expected[name].reshape(mine.shape))
+            if not float(gap) <= allowed * float(torch.linalg.vector_norm(size[:, columns])):
+                return name
+    return None

@@ -84,9 +84,12 @@ class RATNaturalGradient(SolverSettingsView):
     max_epochs
         Kaczmarz sweeps over all blocks before giving up.
     tol
-        Stop iterative solvers once ``|A - (K/N + lam I) A~| / |A| <= tol``. The default
-        ``5e-2`` gave a cosine >= 0.999 with the exact direction on the reference problems;
-        use ``1e-8`` or below for verification.
+        Accuracy target of the iterative solvers. They stop once both the relative
+        residual ``|A - (K/N + lam I) A~| / |A|`` and a guaranteed bound on the relative
+        error of the direction (``diagnostics.direction_error``) are at most ``tol``, so
+        ``diagnostics.converged`` means ``|d - d*| <= tol |d*|`` for the exact solution
+        ``d*`` of the damped system, rounding aside (``diagnostics.precision``). The
+        default ``5e-2`` is a cheap setting for RL updates; use ``1e-8`` for verification.
     max_iters
         CG iteration cap.
     seed
@@ -111,17 +114,16 @@ class RATNaturalGradient(SolverSettingsView):
         the first one (reusing lets block factorizations be cached).
     preconditioner_rank
         Rank ``r`` of the Nystrom preconditioner of CG: ``r`` kernel columns ``K[:, S]`` of
-        random samples make the few large eigenvalues of ``K`` cheap for CG (on the
-        Hopper-sized MLP: 31 -> 3 iterations at damping 1e-2, 109 -> 8 at 1e-3). It holds
-        an ``N x r`` float64 matrix. ``0`` turns it off; ``r >= N`` uses every sample (then
+        random samples make the few large eigenvalues of ``K`` cheap for CG (see the
+        performance page for iteration counts). It holds an ``N x r`` float64 matrix. ``0`` turns it off; ``r >= N`` uses every sample (then
         CG converges in one iteration).
     compile
         Run the iterative solvers' inner step (Kaczmarz: the whole per-block projection;
         CG: the kernel product ``J (J^T x) / N``) as one ``torch.compile`` graph. Same
         results as eager within floating-point tolerance; the first call pays the
         compilation. Used with the factored and materialized backends (the streaming
-        backend runs eagerly, noted in ``diagnostics.fallbacks``). Pays off on GPUs, where
-        it removes kernel launches; see the performance page for measurements.
+        backend runs eagerly, noted in ``diagnostics.fallbacks``). Whether it is faster
+        depends on the device and problem; see the performance page for measurements.
 
     Attributes
     ----------
