@@ -158,5 +158,6 @@ def test_eval_a_shared_policy_file(capsys, run):
     from_file = json.loads(capsys.readouterr().out)
     assert from_file["returns"] == from_run["returns"] and from_file["step"] == 128
     (run / "policy.safetensors").unlink()  # the checkpoint gives the same policy
-    assert main(["eval", str(run), "--episodes", "2"]) == 0
-    assert json.loads(capsys.readouterr().out)["returns"] == from_run["returns"]
+    for target in (run, run / "checkpoint.pt"):
+        assert main(["eval", str(target), "--episodes", "2"]) == 0
+        assert json.loads(capsys.readouterr().out)["returns"] == from_run["returns"]

@@ -130,6 +130,7 @@ def _rows(run):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_progress(run)]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_bit_for_bit(tmp_path):
     args = ["train", "--steps", "3072", "--num-envs", "2", "--num-steps", "64", "--hidden", "8",
             "--critic-epochs", "1", "--checkpoint-every", "2", "--no-progress",

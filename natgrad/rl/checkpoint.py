@@ -43,7 +43,6 @@ __all__ = [
     "load_env_state",
     "load_policy",
     "save_checkpoint",
-    "save_policy",
     "writable_file",
     "write_output",
 ]
@@ -141,19 +140,19 @@ def _read_digests(directory: Path) -> list[dict[str, Any]] | None:
         ) from None
 
 
-def _record_digest(path: Path, digest: str, info: dict[str, Any]) -> None:
-    """Add ``path``'s digest to ``checkpoint.json`` (before ``path`` itself is replaced)."""
+def _record_digests(directory: Path, files: dict[str, str], info: dict[str, Any]) -> None:
+    """Add ``{file name: digest}`` to ``checkpoint.json``, before the files are replaced."""
     try:
-        records = _read_digests(path.parent) or []
+        records = _read_digests(directory) or []
     except CheckpointError:  # a damaged record must not stop training: start it afresh
         records = []
-    records.append({"file": path.name, "sha256": digest, **info})
+    records += [{"file": name, "sha256": digest, **info} for name, digest in files.items()]
     kept: list[dict[str, Any]] = []
     for record in reversed(records):
         if sum(r.get("file") == record.get("file") for r in kept) < _KEEP_PER_FILE:
             kept.append(record)
     text = json.dumps({"format": CHECKPOINT_FORMAT, "files": kept[::-1]}, indent=1)
-    atomic_write_text(path.parent / DIGESTS_NAME, text + "\n")
+    atomic_write_text(directory / DIGESTS_NAME, text + "\n")
 
 
 def _keep_previous(path: Path) -> None:
@@ -170,18 +169,19 @@ def _keep_previous(path: Path) -> None:
     os.replace(tmp, previous)
 
 
-def _write_rotated(path: Path, data: bytes, info: dict[str, Any]) -> str:
-    digest = _sha256(data)
-    _record_digest(path, digest, info)
-    _keep_previous(path)
-    atomic_write(path, lambda handle: handle.write(data))
-    return digest
+def _encode_policy(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    st = _safetensors()
+    contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return st.save(contiguous, metadata=metadata)
 
 
 def save_checkpoint(
-    path: str | os.PathLike, state: dict[str, Any], env_state: bytes | None = None
+    path: str | os.PathLike,
+    state: dict[str, Any],
+    env_state: bytes | None = None,
+    policy: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None,
 ) -> None:
-    """Write a checkpoint, keeping the previous one and recording both digests.
+    """Write a checkpoint, keeping the previous one and recording every digest.
 
     Parameters
     ----------
@@ -193,15 +193,31 @@ def save_checkpoint(
     env_state
         Pickled environments for exact resume, written to ``checkpoint.env.pkl``; the
         checkpoint records its SHA-256 (``"env_state_sha256"``).
+    policy
+        ``(tensors, metadata)`` to write as ``DIR/policy.safetensors`` (metadata: strings).
+
+    Raises
+    ------
+    MissingExtraError
+        ``policy`` is given and ``safetensors`` is not installed (nothing is written).
     """
     path = Path(path)
     info = {k: state[k] for k in ("global_step", "iteration") if k in state}
-    env_digest = None
+    # Everything is encoded first, so a failure leaves the directory untouched.
+    files: dict[Path, bytes] = {}
     if env_state is not None:
-        env_digest = _write_rotated(_env_path(path), env_state, info)
+        files[_env_path(path)] = env_state
+    if policy is not None:
+        files[path.parent / POLICY_NAME] = _encode_policy(*policy)
+    env_digest = None if env_state is None else _sha256(env_state)
     buffer = io.BytesIO()
     torch.save({**state, "format": CHECKPOINT_FORMAT, "env_state_sha256": env_digest}, buffer)
-    _write_rotated(path, buffer.getvalue(), info)
+    files[path] = buffer.getvalue()
+    _record_digests(path.parent, {p.name: _sha256(d) for p, d in files.items()}, info)
+    for target, data in files.items():  # the environments before the checkpoint naming them
+        if target.name != POLICY_NAME:
+            _keep_previous(target)
+        atomic_write(target, lambda handle, data=data: handle.write(data))
 
 
 def _recorded(path: Path, records: list[dict[str, Any]], digest: str) -> dict[str, Any] | None:
@@ -319,39 +335,12 @@ def _safetensors() -> Any:
     return safetensors.torch
 
 
-def save_policy(
-    path: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
-    metadata: dict[str, str],
-    info: dict[str, Any] | None = None,
-) -> None:
-    """Write ``tensors`` and string ``metadata`` as a safetensors file, atomically.
-
-    Parameters
-    ----------
-    path
-        Target, normally ``DIR/policy.safetensors``.
-    tensors
-        Named tensors (copied to contiguous CPU memory first).
-    metadata
-        String key-value pairs stored in the file header.
-    info
-        Recorded with the file's SHA-256 in ``checkpoint.json`` (e.g. the step).
-    """
-    st = _safetensors()
-    contiguous = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    data = st.save(contiguous, metadata=metadata)
-    path = Path(path)
-    _record_digest(path, _sha256(data), info or {})
-    atomic_write(path, lambda handle: handle.write(data))
-
-
 def _policy_hint(path: Path) -> str:
     return f"remove it to evaluate {CHECKPOINT_NAME} instead, or resume the run to rewrite it"
 
 
 def load_policy(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a file written by :func:`save_policy`: ``(tensors, metadata)``.
+    """Read a ``policy.safetensors`` (see :func:`save_checkpoint`): ``(tensors, metadata)``.
 
     Beside a ``checkpoint.json`` (in a run directory) the file must match a recorded
     digest; a file shared on its own is parsed as is (safetensors runs no code).

@@ -70,7 +70,7 @@ def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], i
     """
     policy_file = run if run.suffix == ".safetensors" else run / POLICY_NAME
     if not policy_file.exists():
-        state = load_checkpoint(run / CHECKPOINT_NAME)
+        state = load_checkpoint(run if run.suffix == ".pt" else run / CHECKPOINT_NAME)
         config = TrainConfig.from_dict(state["config"])
         return config, state["policy"], state["collector"]["obs_norm"], int(state["global_step"])
     tensors, meta = load_policy(policy_file)
@@ -110,8 +110,8 @@ def evaluate(
     ----------
     run_dir
         Output directory of ``natgrad train`` (its ``policy.safetensors``, or its
-        ``checkpoint.pt`` if there is none), or a ``policy.safetensors`` file. Neither is
-        unpickled: loading runs no code from the files.
+        ``checkpoint.pt`` if there is none), or a ``.safetensors`` or ``.pt`` file written
+        by it. Nothing is unpickled: loading runs no code from the files.
     episodes
         Number of episodes.
     seed

@@ -25,7 +25,6 @@ from natgrad.rl.checkpoint import (
     load_checkpoint,
     load_env_state,
     save_checkpoint,
-    save_policy,
 )
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.critic import CriticTrainer
@@ -272,12 +271,21 @@ class Trainer:
         self.collector.reset(seed)
 
     def save(self) -> None:
-        """Write ``checkpoint.pt`` (and the environments, and ``policy.safetensors``)."""
+        """Write ``checkpoint.pt``, the environments and ``policy.safetensors``."""
         path = self.out_dir / CHECKPOINT_NAME
-        save_checkpoint(path, self.state_dict(), env_state=env_state(self.env))
+        state, envs = self.state_dict(), env_state(self.env)
+        try:
+            save_checkpoint(path, state, env_state=envs, policy=self._policy_file())
+        except MissingExtraError as error:  # safetensors missing: the checkpoint still counts
+            self._policy_export = False
+            warnings.warn(f"{error}; {POLICY_NAME} is not written", RuntimeWarning, stacklevel=2)
+            save_checkpoint(path, state, env_state=envs)
         self.saved_step = self.global_step
+
+    def _policy_file(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """Tensors and metadata of ``policy.safetensors``: all ``natgrad eval`` needs."""
         if not self._policy_export:
-            return
+            return None
         norm = self.collector.obs_norm
         tensors = {f"policy.{k}": v for k, v in self.policy.state_dict().items()}
         tensors["obs_norm.mean"] = as_tensor(norm.rms.mean)
@@ -290,12 +298,7 @@ class Trainer:
                 {"enabled": norm.enabled, "clip": norm.clip, "count": norm.rms.count}
             ),
         }
-        info = {"global_step": self.global_step, "iteration": self.iteration}
-        try:
-            save_policy(self.out_dir / POLICY_NAME, tensors, metadata, info)
-        except MissingExtraError as error:
-            self._policy_export = False
-            warnings.warn(f"{error}; {POLICY_NAME} is not written", RuntimeWarning, stacklevel=2)
+        return tensors, metadata
 
     def _checkpoint_note(self) -> str:
         if self.saved_step is None:
