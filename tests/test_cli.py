@@ -143,7 +143,11 @@ def test_train_eval_plot_resume(capsys, tmp_path):
     assert "--resume" in err
     assert main(["train", "--resume", "--out", str(run), "--steps", "256",
                  "--no-progress", "--no-tensorboard"]) == 0  # fmt: skip
-    assert json.loads(capsys.readouterr().out)["steps"] == 256
+    out, err = capsys.readouterr()
+    assert json.loads(out)["steps"] == 256
+    # Restored from the checkpoint at step 128 (a fresh start would end at 256 too).
+    assert "natgrad: warning: the saved environments are pickled" in err
+    assert "re-seeded at step 128" in err
     assert main(["eval", str(run), "--episodes", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["episodes"] == 2 and report["step"] == 256 and report["return_mean"] > 0
