@@ -19,19 +19,19 @@ except ImportError:  # pragma: no cover
     np_bool = bool
 
 
-def _is_integer(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
     """Python and NumPy integers (``np.int64``), not bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool))
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """Python and NumPy real numbers (``np.float32``), not bools."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
 
 
 def check_nonnegative_int(name: str, value: Any, hint: str = "") -> int:
     """Return ``value`` as an ``int`` if it is an integer >= 0."""
-    if not _is_integer(value):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an integer >= 0, got {value!r}{hint}")
     if value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}{hint}")
@@ -55,7 +55,7 @@ def check_bool(name: str, value: Any) -> bool:
 
 def check_positive_float(name: str, value: Any, hint: str = "") -> float:
     """Return ``value`` as a float if it is a real number (NumPy's too), finite and > 0."""
-    if not _is_real(value):
+    if not is_real(value):
         raise TypeError(f"{name} must be a finite float > 0, got {value!r}{hint}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}{hint}")
@@ -64,7 +64,7 @@ def check_positive_float(name: str, value: Any, hint: str = "") -> float:
 
 def check_positive_int(name: str, value: Any, hint: str = "") -> int:
     """Return ``value`` as an ``int`` if it is an integer (NumPy's too) >= 1."""
-    if not _is_integer(value):
+    if not is_integer(value):
         raise TypeError(f"{name} must be an integer >= 1, got {value!r}{hint}")
     if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")

@@ -115,8 +115,9 @@ class RATNaturalGradient(SolverSettingsView):
     preconditioner_rank
         Rank ``r`` of the Nystrom preconditioner of CG: ``r`` kernel columns ``K[:, S]`` of
         random samples make the few large eigenvalues of ``K`` cheap for CG (see the
-        performance page for iteration counts). It holds an ``N x r`` float64 matrix. ``0`` turns it off; ``r >= N`` uses every sample (then
-        CG converges in one iteration).
+        performance page for iteration counts). It holds an ``N x r`` float64 matrix.
+        ``0`` turns it off; ``r >= N`` uses every sample (then CG converges in one
+        iteration).
     compile
         Run the iterative solvers' inner step (Kaczmarz: the whole per-block projection;
         CG: the kernel product ``J (J^T x) / N``) as one ``torch.compile`` graph. Same

@@ -16,6 +16,7 @@ from natgrad._checks import (
     check_nonnegative_int,
     check_positive_float,
     check_positive_int,
+    is_integer,
 )
 from natgrad.errors import (
     IllConditionedError,
@@ -110,8 +111,10 @@ class SolverSettingsView:
 
 def seeded_generator(seed: int | None) -> torch.Generator:
     """A CPU generator seeded with ``seed``, or from the operating system when ``None``."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None:
+        if not is_integer(seed):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        seed = int(seed)
     generator = torch.Generator()
     generator.manual_seed(
         seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
