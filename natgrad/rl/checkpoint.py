@@ -261,7 +261,8 @@ def _read_verified(path: Path, hint: Callable[[Path], str], required: bool) -> b
             return data
         raise CheckpointError(
             f"{path} cannot be verified: {DIGESTS_NAME}, which records its SHA-256, is "
-            f"missing from {str(path.parent)!r}; restore it, or start a new run"
+            f"missing from {str(path.parent)!r} (natgrad 0.1 wrote none: continue such runs "
+            "with that version); restore it, or start a new run"
         )
     if _recorded(path, records, _sha256(data)) is None:
         raise CheckpointError(
