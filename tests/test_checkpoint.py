@@ -109,7 +109,7 @@ def test_crafted_env_state_is_never_loaded_unless_trusted(capsys, run, tmp_path)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "old-format"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "old-format", "incomplete"])
 def test_damaged_checkpoint_offers_the_previous_one(capsys, run, damage):
     path = run / "checkpoint.pt"
     if damage == "truncated":
@@ -118,8 +118,11 @@ def test_damaged_checkpoint_offers_the_previous_one(capsys, run, damage):
         path.write_bytes(b"")
     elif damage == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 100)
-    else:  # natgrad 0.1 stored NumPy arrays: refused even with a matching digest
+    elif damage == "old-format":  # natgrad 0.1 stored NumPy arrays: refused
         torch.save({"global_step": 1, "obs": np.zeros(3)}, path)
+        _record(run, "checkpoint.pt")
+    else:  # plain data, recorded digest, but fields missing
+        torch.save({"format": 2, "config": {"hidden": "x"}}, path)
         _record(run, "checkpoint.pt")
     before = _tree(run)
     for argv in (["train", "--resume", "--out", str(run), *RESUME], ["eval", str(run)]):

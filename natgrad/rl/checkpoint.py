@@ -28,17 +28,20 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from natgrad.errors import NatgradError
 from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError, first_line
 
 __all__ = [
     "atomic_write",
     "atomic_write_text",
+    "checkpoint_content",
     "load_checkpoint",
     "load_env_state",
     "load_policy",
@@ -301,6 +304,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{found}); continue it with the natgrad version that wrote it, or start a new run"
         )
     return state
+
+
+@contextmanager
+def checkpoint_content(path: str | os.PathLike) -> Iterator[None]:
+    """Report a loaded checkpoint whose fields are missing or malformed as one line.
+
+    Wrap the code that unpacks the dict from :func:`load_checkpoint`: a file that passed
+    the checks but was not written by this natgrad for this run raises
+    :class:`~natgrad.rl.CheckpointError` instead of a ``KeyError`` deep in a loader.
+    """
+    try:
+        yield
+    except NatgradError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        path = Path(path)
+        raise CheckpointError(
+            f"{path} does not fit this run: {first_line(error)}; {_previous_hint(path)}"
+        ) from None
 
 
 def load_env_state(path: str | os.PathLike, digest: str) -> bytes:

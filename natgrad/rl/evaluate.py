@@ -15,6 +15,7 @@ from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError
 from natgrad.rl.checkpoint import (
     CHECKPOINT_NAME,
     POLICY_NAME,
+    checkpoint_content,
     load_checkpoint,
     load_policy,
     writable_file,
@@ -70,9 +71,12 @@ def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], i
     """
     policy_file = run if run.suffix == ".safetensors" else run / POLICY_NAME
     if not policy_file.exists():
-        state = load_checkpoint(run if run.suffix == ".pt" else run / CHECKPOINT_NAME)
-        config = TrainConfig.from_dict(state["config"])
-        return config, state["policy"], state["collector"]["obs_norm"], int(state["global_step"])
+        path = run if run.suffix == ".pt" else run / CHECKPOINT_NAME
+        state = load_checkpoint(path)
+        with checkpoint_content(path):
+            config = TrainConfig.from_dict(state["config"])
+            step = int(state["global_step"])
+            return config, state["policy"], state["collector"]["obs_norm"], step
     tensors, meta = load_policy(policy_file)
     try:
         config = TrainConfig.from_dict(json.loads(meta["config"]))

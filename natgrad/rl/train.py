@@ -22,6 +22,7 @@ from natgrad.rl.checkpoint import (
     CHECKPOINT_NAME,
     POLICY_NAME,
     atomic_write_text,
+    checkpoint_content,
     load_checkpoint,
     load_env_state,
     save_checkpoint,
@@ -146,8 +147,9 @@ class Trainer:
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         if resume:
             checkpoint = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
-            config = TrainConfig.from_dict(checkpoint["config"])
-            done = int(checkpoint["global_step"])
+            with checkpoint_content(self.out_dir / CHECKPOINT_NAME):
+                config = TrainConfig.from_dict(checkpoint["config"])
+                done = int(checkpoint["global_step"])
             if steps is not None and steps < done:
                 raise ConfigError(
                     f"--steps {steps} is below the {done} steps this run has already taken; "
@@ -209,7 +211,8 @@ class Trainer:
         if checkpoint is None:
             self.collector.reset(seeds["envs"])
         else:
-            self._load(checkpoint, seeds["envs"], trust_env_state)
+            with checkpoint_content(self.out_dir / CHECKPOINT_NAME):
+                self._load(checkpoint, seeds["envs"], trust_env_state)
         atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
         self.logger = RunLogger(
             self.out_dir,
