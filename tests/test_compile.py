@@ -7,7 +7,7 @@ import torch
 from cases import CASES, build
 from reference import dense_natural_gradient, dense_scores, reference_log_prob
 
-from natgrad import RATNaturalGradient
+from natgrad import NotConvergedWarning, RATNaturalGradient
 
 N = 24
 CASE_NAMES = ("gaussian_mlp", "categorical_cnn", "dict_obs")
@@ -55,6 +55,34 @@ def test_compiled_equals_eager_and_reference(name, solver, backend):
     scale = torch.linalg.vector_norm(expected)
     assert torch.linalg.vector_norm(directions[True] - expected) <= 1e-8 * scale
     assert torch.linalg.vector_norm(directions[True] - directions[False]) <= 1e-8 * scale
+
+
+@pytest.mark.parametrize("backend", ["factored", "materialized"])
+def test_compiled_kaczmarz_is_the_same_iteration_as_eager(backend):
+    """Stopped after two epochs, far from the solution, the fused step gives the eager
+    iterate: the same projections, not merely a method with the same fixed point (a
+    relaxed step would converge to the same answer, only slower)."""
+    case = case_named("gaussian_mlp")
+    policy, obs, acts, adv = build(case, N)
+    iterates = []
+    for compiled in (False, True):
+        rat = RATNaturalGradient(
+            damping=0.5,
+            solver="kaczmarz",
+            block_size=12,
+            max_epochs=2,
+            tol=1e-13,  # far below what two epochs reach, above the rounding level
+            seed=0,
+            backend=backend,
+            compile=compiled,
+            on_nonconvergence="warn",
+        )
+        with pytest.warns(NotConvergedWarning):
+            iterates.append(rat(policy, obs, acts, adv))
+        assert rat.diagnostics.solver == "kaczmarz" and rat.diagnostics.iterations == 2
+        assert rat.diagnostics.compiled is compiled
+    scale = torch.linalg.vector_norm(iterates[0])
+    assert torch.linalg.vector_norm(iterates[1] - iterates[0]) <= 1e-10 * scale
 
 
 @pytest.mark.parametrize("backend", ["materialized"])  # factored: +30 s of compilation
