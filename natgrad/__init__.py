@@ -14,6 +14,7 @@ from natgrad.errors import (
     PolicyMutationError,
     PrecisionWarning,
     SampleCouplingError,
+    UnderflowError,
 )
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
@@ -37,4 +38,5 @@ __all__ = [
     "PolicyMutationError",
     "PrecisionWarning",
     "SampleCouplingError",
+    "UnderflowError",
 ]

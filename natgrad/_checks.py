@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad._tree import Tree, tree_leaves
-from natgrad.errors import NonFiniteError
+from natgrad.errors import NonFiniteError, UnderflowError
 
 try:  # NumPy is a dependency, but keep the checks importable without it
     from numpy import bool_ as np_bool
@@ -244,6 +244,26 @@ def require_finite(what: str, value: Tensor, cause: str) -> None:
             "them to unit standard deviation: the transform is linear in them), raise "
             "damping, or use float32/float64 parameters"
         )
+
+
+def representable(what: str, exact: Tensor, dtype: torch.dtype) -> Tensor:
+    """``exact`` (float64) cast to ``dtype``, or natgrad's error if the cast loses it.
+
+    Overflow gives inf (:class:`NonFiniteError`); underflow to zero or to subnormals loses
+    digits silently (:class:`UnderflowError`), e.g. a float16 direction below 6e-5.
+    """
+    name = str(dtype).removeprefix("torch.")
+    cast = exact.to(dtype)
+    require_finite(what, cast, f"largest |value| = {float(exact.abs().max()):.3g} overflows {name}")
+    loss = float(torch.linalg.vector_norm(cast.to(exact.dtype) - exact))
+    if loss > 4 * torch.finfo(dtype).eps * float(torch.linalg.vector_norm(exact)):
+        raise UnderflowError(
+            f"{what} underflows {name} (largest |value| = {float(exact.abs().max()):.3g}, "
+            f"smallest normal {name} = {torch.finfo(dtype).tiny:.3g}), which would lose its "
+            "digits; scale the advantages (or targets) up -- the result is linear in them "
+            "-- or use float32/float64"
+        )
+    return cast
 
 
 def check_log_probs(log_probs: Any, num_samples: int) -> Tensor:

@@ -16,6 +16,7 @@ __all__ = [
     "PolicyMutationError",
     "PrecisionWarning",
     "SampleCouplingError",
+    "UnderflowError",
 ]
 
 
@@ -29,6 +30,13 @@ class NotConvergedError(NatgradError, RuntimeError):
 
 class NonFiniteError(NatgradError, ValueError):
     """An input or a result is NaN or infinite; the message names which and why."""
+
+
+class UnderflowError(NatgradError, ValueError):
+    """A result underflows the dtype it is returned in (it would lose its digits).
+
+    The transform is linear in the advantages, so scaling them up fixes it.
+    """
 
 
 class IllConditionedError(NatgradError, ValueError):

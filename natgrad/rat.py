@@ -17,6 +17,7 @@ from natgrad._checks import (
     check_log_probs,
     check_policy,
     check_positive_int,
+    representable,
     require_finite,
     select_parameters,
 )
@@ -258,14 +259,9 @@ class RATNaturalGradient(SolverSettingsView):
         n = scores.num_samples
         rhs = adv.detach().to(torch.float64)
         jd = result.jv
-        direction = scores.unflatten(v.to(scores.dtype))
-        for name, piece in zip(scores.param_names, direction, strict=True):
-            require_finite(
-                f"the natural-gradient direction for {name}",
-                piece,
-                f"it overflows {str(scores.dtype).removeprefix('torch.')} "
-                f"(largest |d| = {float(v.abs().max()):.3g})",
-            )
+        direction = scores.unflatten(
+            representable("the natural-gradient direction", v, scores.dtype)
+        )
         g_dot_d, d_fisher_d = float(rhs @ jd) / n, float(jd @ jd) / n
         require_finite("J d", jd, "it overflows float64")
         require_finite("g^T d and d^T F d", torch.tensor([g_dot_d, d_fisher_d]), "overflow")
@@ -309,7 +305,9 @@ class RATNaturalGradient(SolverSettingsView):
                 operator, backend_note = self._operator(scores, policy, obs, acts)
         rhs = adv.detach().to(device=device, dtype=torch.float64)
         with torch.no_grad():  # solvers only combine detached tensors
-            result, solver_used, notes = solve(operator, rhs, self.settings, self.generator)
+            result, solver_used, notes = solve(
+                operator, rhs, self.settings, self.generator, want_direction=want_direction
+            )
         fallbacks: list[str] = []
         if scores.fallback_reason is not None:
             fallbacks.append(
@@ -326,21 +324,14 @@ class RATNaturalGradient(SolverSettingsView):
                 "ran eagerly (solver='kaczmarz' compiles its block steps on every backend)"
             )
         v = result.v
-        if want_direction and v is None:
-            v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / n
         require_finite(
             "the transformed advantages A~",
             result.x,
             f"|A~| reaches |A| / damping = {float(rhs.abs().max()) / self.damping:.3g}, "
             "beyond float64",
         )
-        advantages = result.x.to(dtype=adv.dtype, device=adv.device).reshape(adv.shape)
-        require_finite(
-            "the transformed advantages A~",
-            advantages,
-            f"largest |A~| = {float(result.x.abs().max()):.3g} overflows adv's dtype "
-            f"{str(adv.dtype).removeprefix('torch.')}",
-        )
+        advantages = representable("the transformed advantages A~", result.x, adv.dtype)
+        advantages = advantages.to(adv.device).reshape(adv.shape)
         self.diagnostics = Diagnostics(
             solver=solver_used,
             backend=operator.backend,

@@ -25,7 +25,7 @@ from natgrad.errors import (
     PrecisionWarning,
 )
 from natgrad.scores import ScoreOperator
-from natgrad.solvers._base import SolveResult
+from natgrad.solvers._base import SolveResult, operator_rmatvec
 from natgrad.solvers.cg import cg_solve
 from natgrad.solvers.cholesky import cholesky_solve
 from natgrad.solvers.conditioning import Conditioning, estimate_conditioning
@@ -143,6 +143,7 @@ def solve(
     generator: torch.Generator,
     *,
     direction_offset: Tensor | None = None,
+    want_direction: bool = False,
 ) -> tuple[SolveResult, str, list[str]]:
     """Solve ``(K / N + lam I) x = rhs`` with the configured solver.
 
@@ -159,6 +160,8 @@ def solve(
     direction_offset
         ``v0`` when the direction is proportional to ``v - v0`` (in the units of ``rhs``);
         used by the stopping rule's direction-error bound.
+    want_direction
+        Also form ``v = J^T x / N`` when the solver did not (Cholesky), at unit scale.
 
     Returns
     -------
@@ -186,6 +189,8 @@ def solve(
     unit_rhs = rhs / scale
     offset = None if direction_offset is None else direction_offset / scale
     result, name, more = _solve_unit(operator, unit_rhs, s, generator, name, offset)
+    if want_direction and result.v is None:
+        result = replace(result, v=operator_rmatvec(operator, result.x) / operator.num_samples)
     result = replace(
         result.scaled(scale),
         condition=conditioning.condition,

@@ -17,6 +17,7 @@ from natgrad._checks import (
     check_finite_parameters,
     check_policy,
     check_positive_int,
+    representable,
     require_finite,
     select_parameters,
 )
@@ -263,12 +264,7 @@ class SupervisedNaturalGradient(SolverSettingsView):
             precision=result.precision,
         )
         require_finite("the natural-gradient direction", direction, "it overflows float64")
-        require_finite(
-            "the natural-gradient direction",
-            direction.to(dtype),
-            f"largest |d| = {float(direction.abs().max()):.3g} overflows "
-            f"{str(dtype).removeprefix('torch.')}",
-        )
+        representable("the natural-gradient direction", direction, dtype)
         return SupervisedResult(
             direction=_unflatten(direction.to(dtype), numels, shapes),
             gradient=_unflatten(built.gradient.to(dtype), numels, shapes),
@@ -299,11 +295,14 @@ class SupervisedNaturalGradient(SolverSettingsView):
             rhs = built.rows.to(torch.float64) @ built.gradient
         offset = None if form == "kernel" else built.gradient / scale
         result, solver_used, fallbacks = solve(
-            operator, rhs, self.settings, self.generator, direction_offset=offset
+            operator,
+            rhs,
+            self.settings,
+            self.generator,
+            direction_offset=offset,
+            want_direction=True,
         )
         v = result.v
-        if v is None:
-            v = operator.rmatvec(result.x.to(operator.dtype)).to(torch.float64) / num_rows
         if form == "kernel":
             return v, form, result, solver_used, fallbacks
         return (built.gradient - scale * v) / self.damping, form, result, solver_used, fallbacks
