@@ -267,13 +267,18 @@ def test_nystrom_is_exact_when_the_columns_span_a_low_rank_kernel():
 
 
 def test_rank_at_least_n_gives_the_exact_inverse():
-    """rank >= N uses every sample: P = K / N + lam I, so CG needs a single iteration."""
+    """rank >= N uses every sample: P = K / N + lam I, so one CG step is the exact solve.
+
+    (A second step may follow: the stopping rule also bounds the direction's error, which
+    the rounding left by the first step can exceed at tol=1e-9.)"""
     gen = torch.Generator().manual_seed(3)
     op = MaterializedScores(torch.randn(40, 300, generator=gen, dtype=torch.float64))
     rhs = torch.randn(40, generator=gen, dtype=torch.float64)
     apply = nystrom_preconditioner(op, 1e-4, 256, torch.Generator().manual_seed(0))
+    one = cg_solve(op, rhs, 1e-4, tol=1e-9, max_iters=1, preconditioner=apply)
+    assert one.residual <= 1e-9
     result = cg_solve(op, rhs, 1e-4, tol=1e-9, max_iters=50, preconditioner=apply)
-    assert result.converged and result.iterations == 1
+    assert result.converged and result.iterations <= 2
 
 
 def test_float32_near_duplicate_samples_keep_the_preconditioner_positive_definite():
@@ -290,6 +295,8 @@ def test_float32_near_duplicate_samples_keep_the_preconditioner_positive_definit
     values = torch.linalg.eigvalsh((inverse + inverse.T) / 2 * lam)
     assert float(values.min()) > 0 and float(values.max()) <= 1 + 1e-9
     rhs = torch.randn(n, generator=gen, dtype=torch.float64)
-    plain = cg_solve(op, rhs, lam, tol=1e-2, max_iters=500)
-    fast = cg_solve(op, rhs, lam, tol=1e-2, max_iters=500, preconditioner=apply)
+    # tol within what float32 products support here (the direction-error bound of a
+    # converged solve must hold): cond(M) ~ 4e4
+    plain = cg_solve(op, rhs, lam, tol=5e-2, max_iters=500)
+    fast = cg_solve(op, rhs, lam, tol=5e-2, max_iters=500, preconditioner=apply)
     assert fast.converged and fast.iterations < plain.iterations

@@ -271,11 +271,11 @@ def _solve_unit(
     if result.converged:
         return result, name, []
     unit = "epochs" if name == "kaczmarz" else "iterations"
-    message = (
-        f"solver={name!r} stopped after {result.iterations} {unit} at relative residual "
-        f"{result.residual:.3g} and direction error bound {result.direction_error:.3g} "
-        f"(tol={s.tol:g})"
-    )
+    if result.residual > s.tol:
+        what = f"relative residual {result.residual:.3g}"
+    else:
+        what = f"direction error bound {result.direction_error:.3g}"
+    message = f"solver={name!r} stopped at {what} > tol={s.tol:g} after {result.iterations} {unit}"
     if s.on_nonconvergence == "raise":
         raise NotConvergedError(
             message + "; raise max_epochs/max_iters, raise damping, loosen tol, or use "
