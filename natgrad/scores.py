@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
+from natgrad import distributions
 from natgrad._tree import Tree, take, unsqueeze
 from natgrad.errors import SampleCouplingError
 
@@ -53,10 +54,7 @@ def default_log_prob(policy: nn.Module, obs: Tree, acts: Tree) -> Tensor:
             f"Distribution, but it returned {type(dist).__name__}; pass "
             "log_prob_fn=lambda policy, obs, acts: ... returning log pi(acts | obs) of shape (N,)"
         )
-    log_prob = dist.log_prob(acts)
-    if log_prob.dim() > 1:
-        log_prob = log_prob.reshape(log_prob.shape[0], -1).sum(-1)
-    return log_prob
+    return distributions.log_prob(dist, acts)
 
 
 class _LogProbModule(nn.Module):

@@ -1,0 +1,119 @@
+"""Per-sample quantities of a batch of action distributions, summed over action dimensions.
+
+A policy returns one ``torch.distributions.Distribution`` for a batch of ``N``
+observations. A factorized distribution (``Normal`` with one scale per action dimension,
+a product of ``Categorical`` heads) reports ``log_prob``, ``entropy`` and KL per action
+dimension; the joint quantity of a sample is their sum, exactly what
+``torch.distributions.Independent`` would give. Every function here returns one value
+per sample, shape ``(N,)`` (or a scalar, for the means), so the sum over action
+dimensions is written once.
+
+Sampling takes an explicit ``torch.Generator``: ``Distribution.sample`` draws from the
+global RNG, which natgrad's library code never touches. Distribution types are looked up
+in :data:`SAMPLERS`; a new one needs one function and one line there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributions import Categorical, Distribution, Independent, Normal, kl_divergence
+
+__all__ = [
+    "SAMPLERS",
+    "entropy",
+    "kl",
+    "log_prob",
+    "mean_kl",
+    "mode",
+    "sample",
+    "sum_action_dims",
+]
+
+
+def sum_action_dims(values: Tensor) -> Tensor:
+    """Sum a per-dimension quantity ``(N, *action_shape)`` to one value per sample ``(N,)``.
+
+    A tensor that is already ``(N,)`` is returned as is.
+    """
+    return values.reshape(values.shape[0], -1).sum(-1) if values.dim() > 1 else values
+
+
+def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
+    """Joint log-probability ``log pi(a_i | s_i)`` of each sample, shape ``(N,)``."""
+    return sum_action_dims(dist.log_prob(acts))
+
+
+def entropy(dist: Distribution) -> Tensor:
+    """Joint entropy of each sample's action distribution, shape ``(N,)``."""
+    return sum_action_dims(dist.entropy())
+
+
+def kl(old: Distribution, new: Distribution) -> Tensor:
+    """``KL(old || new)`` of each sample, summed over action dimensions, shape ``(N,)``."""
+    return sum_action_dims(kl_divergence(old, new))
+
+
+def mean_kl(old: Distribution, new: Distribution) -> Tensor:
+    """Mean over samples of ``KL(old || new)``, summed over action dimensions (a scalar)."""
+    return kl(old, new).mean()
+
+
+def mode(dist: Distribution) -> Tensor:
+    """The most likely action of each sample (argmax for ``Categorical``, mean for ``Normal``).
+
+    Raises
+    ------
+    TypeError
+        If the distribution has no closed-form mode.
+    """
+    try:
+        return dist.mode
+    except NotImplementedError:
+        raise TypeError(
+            f"no deterministic action for {type(dist).__name__}: it has no closed-form mode; "
+            "evaluate it with sampled actions instead"
+        ) from None
+
+
+def _sample_categorical(dist: Categorical, generator: torch.Generator) -> Tensor:
+    probs = dist.probs
+    flat = probs.reshape(-1, probs.shape[-1])  # multinomial takes 1-D or 2-D only
+    return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+
+
+def _sample_normal(dist: Normal, generator: torch.Generator) -> Tensor:
+    noise = torch.randn(dist.loc.shape, generator=generator, dtype=dist.loc.dtype)
+    return dist.loc + dist.scale * noise
+
+
+def _sample_independent(dist: Independent, generator: torch.Generator) -> Tensor:
+    return sample(dist.base_dist, generator)
+
+
+SAMPLERS: dict[type[Distribution], Callable[[Any, torch.Generator], Tensor]] = {
+    Categorical: _sample_categorical,
+    Normal: _sample_normal,
+    Independent: _sample_independent,
+}
+"""``sample`` functions by distribution type: ``fn(dist, generator) -> actions``."""
+
+
+def sample(dist: Distribution, generator: torch.Generator) -> Tensor:
+    """Draw one action per sample from ``dist`` using ``generator`` (not the global RNG).
+
+    Raises
+    ------
+    TypeError
+        If the distribution type has no entry in :data:`SAMPLERS`.
+    """
+    for kind in type(dist).__mro__:
+        if kind in SAMPLERS:
+            return SAMPLERS[kind](dist, generator)
+    raise TypeError(
+        f"cannot sample from {type(dist).__name__} with an explicit generator; register a "
+        f"sampler: natgrad.distributions.SAMPLERS[{type(dist).__name__}] = fn(dist, generator)"
+    )
