@@ -1,8 +1,9 @@
 """The ``natgrad`` command: ``train``, ``plot`` and ``eval`` reinforcement-learning runs.
 
-Every hyperparameter of :class:`natgrad.rl.TrainConfig` is a ``train`` flag
-(``--max-kl 0.02``, ``--no-norm-reward``); ``natgrad train`` with no arguments trains
-CartPole-v1 with ``rat-npg``.
+Every field of :class:`natgrad.rl.TrainConfig` and of every algorithm's options dataclass
+is a ``train`` flag (``--max-kl 0.02``, ``--no-norm-reward``), with the field's ``help``
+metadata as its help text; ``natgrad train`` with no arguments trains CartPole-v1 with
+``rat-npg``.
 """
 
 from __future__ import annotations
@@ -18,35 +19,23 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-# Flags of `train` that are not TrainConfig fields.
-_RUN_FLAGS = ("out", "resume", "trust_env_state", "progress", "tensorboard", "solved_threshold")
 
+def _train_fields() -> list[tuple[dataclasses.Field, str]]:
+    """``(field, help)`` of every ``train`` option: the trainer's, then each algorithm's."""
+    from natgrad.rl.algorithms import ALGORITHMS
+    from natgrad.rl.config import TrainConfig, algorithm_option_fields
+    from natgrad.rl.options import help_of
 
-def _config_fields() -> list[dataclasses.Field]:
-    from natgrad.rl.config import TrainConfig
-
-    return list(dataclasses.fields(TrainConfig))
-
-
-def _field_help() -> dict[str, str]:
-    """Per-option help from the ``Attributes`` section of ``TrainConfig``'s docstring."""
-    from natgrad.rl.config import TrainConfig
-
-    doc = (TrainConfig.__doc__ or "").split("Attributes\n    ----------\n", 1)[-1]
-    helps: dict[str, str] = {}
-    names: list[str] = []
-    for line in doc.splitlines():
-        if line.startswith("    ") and not line.startswith("        "):
-            names = [n.strip() for n in line.split(",")]
-        elif line.strip() and names:
-            for name in names:
-                helps[name] = (helps.get(name, "") + " " + line.strip()).strip()
-    return helps
+    out = [(f, help_of(f)) for f in dataclasses.fields(TrainConfig) if f.name != "options"]
+    for name, field in algorithm_option_fields().items():
+        readers = [a for a, cls in ALGORITHMS.items() if name in cls.Options.names()]
+        out.append((field, f"{help_of(field)} [{', '.join(readers)}]"))
+    return out
 
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from natgrad.rl.algorithms import ALGORITHMS
-    from natgrad.rl.config import TrainConfig
+    from natgrad.rl.options import flag
 
     parser = sub.add_parser(
         "train",
@@ -54,30 +43,25 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "[--resume] [options]",
         help="train an agent (default: CartPole-v1 with rat-npg)",
         description="Train an on-policy agent on a Gymnasium environment. Every option "
-        "defaults to TrainConfig; the full configuration is printed and saved as "
-        "DIR/config.json.",
+        "defaults to TrainConfig and the algorithm's options (in [brackets]: the algorithms "
+        "that read it); the full configuration is printed and saved as DIR/config.json.",
     )
-    defaults = TrainConfig()
-    helps = _field_help()
-    for field in _config_fields():
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
+    for field, text in _train_fields():
+        default = field.default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
-        text = f"{helps.get(field.name, '')} (default: {shown})".replace("%", "%%")
-        kwargs: dict[str, Any] = {"default": None, "help": text.strip()}
+        kwargs: dict[str, Any] = {"default": None, "help": f"{text} (default: {shown})"}
+        kwargs["help"] = kwargs["help"].replace("%", "%%")
         if field.name == "algo":
             kwargs["help"] = f"one of {', '.join(ALGORITHMS)} (default: {default})"
-        if field.name == "solver":
-            from natgrad.solvers import SOLVERS
-
-            kwargs["choices"] = SOLVERS
+        if field.metadata.get("choices") is not None:
+            kwargs["choices"] = field.metadata["choices"]()
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
             kwargs.update(type=int, nargs="+", metavar="WIDTH")
         else:
             kwargs["type"] = type(default)
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag(field.name), **kwargs)
     parser.add_argument(
         "--out",
         type=Path,
@@ -156,7 +140,9 @@ def _train(args: argparse.Namespace) -> int:
     from natgrad.rl.train import Trainer, default_out_dir, summary_json
 
     given = {
-        f.name: getattr(args, f.name) for f in _config_fields() if getattr(args, f.name) is not None
+        f.name: getattr(args, f.name)
+        for f, _ in _train_fields()
+        if getattr(args, f.name) is not None
     }
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
@@ -175,7 +161,7 @@ def _train(args: argparse.Namespace) -> int:
     else:
         if args.trust_env_state:
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
-        config = TrainConfig(**given)
+        config = TrainConfig.from_dict(given)
         out = args.out if args.out is not None else default_out_dir(config)
         if (out / CHECKPOINT_NAME).exists():
             raise ConfigError(

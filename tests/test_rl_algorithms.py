@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("gymnasium")
 
+from natgrad.distributions import log_prob  # noqa: E402
 from natgrad.rl import ALGORITHMS, TrainConfig, Trainer  # noqa: E402
 from natgrad.rl.algorithms import backtracking_line_search, mean_kl  # noqa: E402
 from natgrad.rl.logger import read_progress  # noqa: E402
-from natgrad.rl.policies import log_prob  # noqa: E402
 
 # Small enough that the whole matrix runs in seconds.
 SMALL = dict(num_envs=4, num_steps=64, hidden=(16, 16), critic_epochs=2, tol_free=None)
@@ -24,7 +24,7 @@ KL_BAND = (0.7, 1.5)
 
 
 def _trainer(tmp_path, **overrides) -> Trainer:
-    config = TrainConfig(**{**SMALL, **overrides})
+    config = TrainConfig.from_dict({**SMALL, **overrides})
     return Trainer(config, tmp_path / "run", tensorboard=False)
 
 
@@ -231,13 +231,12 @@ def test_cg_trpo_fisher_vector_product_is_kl_hessian_plus_damping(monkeypatch):
     """cg-trpo solves ``(H + cg_damping I) s = g`` with ``H`` the Hessian of the mean KL."""
     from torch.func import functional_call
 
-    from natgrad.rl.algorithms import CGTRPO, trpo
+    from natgrad.rl.algorithms import CGTRPO, CGTRPOOptions, trpo
 
     torch.manual_seed(0)
     model = _Softmax(hidden=4)
     obs, acts, adv = _categorical_batch()
-    config = TrainConfig(**SMALL, algo="cg-trpo", cg_damping=0.3)
-    update = CGTRPO(model, config, seed=0)
+    update = CGTRPO(model, CGTRPOOptions(cg_damping=0.3), seed=0)
     named = [(n, p) for n, p in model.named_parameters()]
     shapes = [p.shape for _, p in named]
     theta = torch.cat([p.detach().reshape(-1) for _, p in named])
@@ -302,12 +301,11 @@ def _kfac_reference_direction(model, factors, obs, acts, adv, damping):
 def test_kfac_direction_uses_pi_damping_and_decayed_factors():
     """K-FAC: ``(G + sqrt(lam)/pi I)^{-1} grad_W (A + pi sqrt(lam) I)^{-1}`` with
     ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, factors averaged with ``kfac_decay``."""
-    from natgrad.rl.algorithms import KFAC
+    from natgrad.rl.algorithms import KFAC, KFACOptions
 
     torch.manual_seed(0)
     model = _Softmax(hidden=4)
-    config = TrainConfig(**SMALL, algo="kfac", kfac_damping=0.05, kfac_decay=0.8)
-    kfac = KFAC(model, config, seed=0)
+    kfac = KFAC(model, KFACOptions(kfac_damping=0.05, kfac_decay=0.8), seed=0)
     obs1, acts1, adv1 = _categorical_batch(seed=1)
     obs2, acts2, adv2 = _categorical_batch(seed=2)
     obs1, obs2 = 4.0 * obs1, 0.5 * obs2  # pi far from 1, and different per batch
@@ -350,8 +348,8 @@ def test_every_update_improves_the_surrogate_of_its_batch(algo):
     # Advantages that a better policy can actually exploit: favour action 1 when obs[0] > 0.
     adv = torch.where((acts == 1) == (obs[:, 0] > 0), 1.0, -1.0)
     adv = (adv - adv.mean()) / adv.std()
-    config = TrainConfig(**SMALL, algo=algo, max_kl=0.01, lr=1e-2, ppo_minibatch=32)
-    update = make_algorithm(algo, model, config, seed=0)
+    flat = {"algo": algo, "max_kl": 0.01, "lr": 1e-2, "ppo_minibatch": 32}
+    update = make_algorithm(algo, model, TrainConfig.from_dict({**SMALL, **flat}).options, seed=0)
     update.update(obs, acts, old_lp, adv)
     with torch.no_grad():
         new_dist = model(obs)

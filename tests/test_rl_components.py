@@ -13,14 +13,11 @@ pytest.importorskip("gymnasium")
 from gymnasium import spaces  # noqa: E402
 
 from natgrad import RATNaturalGradient  # noqa: E402
+from natgrad.distributions import log_prob, sample  # noqa: E402
 from natgrad.rl.checkpoint import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
 from natgrad.rl.gae import compute_gae  # noqa: E402
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, RunningMeanStd  # noqa: E402
-from natgrad.rl.policies import (  # noqa: E402
-    build_actor_critic,
-    log_prob,
-    sample_action,
-)
+from natgrad.rl.policies import build_actor_critic  # noqa: E402
 
 
 def _gae_reference(rewards, values, dones, last_value, gamma, lam):
@@ -103,8 +100,8 @@ def test_policies_sample_deterministically_and_support_rat(case):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     obs = torch.rand((32, *obs_space.shape), generator=torch.Generator().manual_seed(1))
     dist = policy(obs)
-    acts = sample_action(dist, torch.Generator().manual_seed(2))
-    torch.testing.assert_close(acts, sample_action(dist, torch.Generator().manual_seed(2)))
+    acts = sample(dist, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(acts, sample(dist, torch.Generator().manual_seed(2)))
     assert log_prob(dist, acts).shape == (32,)
     assert critic(obs).shape == (32,)
     rat = RATNaturalGradient(solver="cholesky", damping=1e-2)

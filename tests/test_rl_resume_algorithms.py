@@ -29,7 +29,7 @@ def _rows(run_dir):
 
 
 def _run(out, **overrides):
-    trainer = Trainer(TrainConfig(**{**SMALL, **overrides}), out, tensorboard=False)
+    trainer = Trainer(TrainConfig.from_dict({**SMALL, **overrides}), out, tensorboard=False)
     trainer.run(progress=False)
     trainer.close()
     return trainer

@@ -34,7 +34,7 @@ def _same(rows_a, rows_b):
 
 
 def _run(out, **overrides):
-    trainer = Trainer(TrainConfig(**{**SMALL, **overrides}), out, tensorboard=False)
+    trainer = Trainer(TrainConfig.from_dict({**SMALL, **overrides}), out, tensorboard=False)
     trainer.run(progress=False)
     trainer.close()
     return trainer

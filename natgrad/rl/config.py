@@ -1,164 +1,124 @@
-"""Every training hyperparameter in one dataclass, printed and saved as ``config.json``."""
+"""The options of one training run, printed and saved as ``config.json``.
+
+:class:`TrainConfig` holds what the trainer reads (environment, rollouts, critic, fault
+handling, checkpoints) and, in :attr:`TrainConfig.options`, the options dataclass of the
+chosen algorithm (``RatNPGOptions``, ``PPOOptions``, ...; each declared next to its update
+rule in ``natgrad/rl/algorithms/``). Every field carries its help text and check
+(:func:`natgrad.rl.options.option`); the ``natgrad train`` flags are generated from them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from natgrad._checks import check_nonnegative_int
 from natgrad.rl._errors import ConfigError
-from natgrad.solvers import SOLVERS
+from natgrad.rl.algorithms import ALGORITHMS
+from natgrad.rl.options import (
+    AlgorithmOptions,
+    at_least_one_or_off,
+    check_fields,
+    flag,
+    option,
+    positive,
+    unit_interval,
+)
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "algorithm_option_fields"]
 
 
-# Options that must be finite and > 0.
-_POSITIVE = (
-    "steps", "num_envs", "num_steps", "critic_lr", "critic_epochs", "critic_minibatch",
-    "max_kl", "damping", "block_size", "rat_max_epochs", "rat_tol", "backtrack_iters",
-    "cg_iters", "lr", "ppo_epochs", "ppo_minibatch", "clip_range", "kfac_damping",
-    "kfac_max_lr", "checkpoint_every", "max_grad_norm", "max_rejections",
-)  # fmt: skip
+def _known_algo(flag: str, value: Any) -> None:
+    if value not in ALGORITHMS:
+        raise ConfigError(
+            f"unknown algorithm {flag} {value!r}; choose one of {', '.join(ALGORITHMS)}"
+        )
+
+
+def _widths(flag: str, value: Any) -> None:
+    if not value or min(value) < 1:
+        raise ConfigError(f"{flag} must be positive widths, got {value!r}")
+
+
+def _seed(flag: str, value: Any) -> None:
+    if value < 0:
+        raise ConfigError(f"{flag} must be >= 0, got {value}")
+
+
+def _threads(flag: str, value: Any) -> None:
+    if value < 0:
+        raise ConfigError(f"{flag} must be >= 1, or 0 to keep torch's current setting; got {value}")
 
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one training run (shared machinery + every algorithm's knobs).
+    """Options of one training run: the trainer's, and the chosen algorithm's in ``options``.
 
-    Options that an algorithm does not use are ignored by it; ``docs/rl.md`` lists which
-    algorithm reads which. Defaults train CartPole-v1 to 475 with ``rat-npg``.
+    Defaults train CartPole-v1 to 475 with ``rat-npg``. Each field is a ``natgrad train``
+    flag (``num_envs`` is ``--num-envs``) whose help text is the field's ``help``
+    metadata; so are the fields of every algorithm's options dataclass.
 
-    Attributes
-    ----------
-    env
-        Gymnasium environment id, e.g. CartPole-v1, Pendulum-v1, Hopper-v5,
-        MinAtar/Breakout-v1.
-    algo
-        Update rule, a key of ``natgrad.rl.ALGORITHMS``.
-    steps
-        Environment steps to train for, summed over parallel envs (rounded up to whole
-        rollouts).
-    seed
-        Seed of every random stream of the run.
-    num_envs
-        Parallel environments; one update uses num_envs * num_steps samples.
-    num_steps
-        Steps per environment per rollout.
-    gamma
-        Discount factor.
-    gae_lambda
-        GAE(lambda) parameter.
-    norm_obs
-        Whiten vector observations with running statistics (images are left as is).
-    norm_reward
-        Divide rewards by the running std of the discounted return.
-    hidden
-        Hidden widths of the policy and critic MLPs (the CNN uses the last one).
-    critic_lr
-        Adam learning rate of the critic regression.
-    critic_epochs
-        Passes of the critic regression over each batch.
-    critic_minibatch
-        Minibatch size of the critic regression.
-    max_kl
-        KL trust region of rat-npg, rat-trpo, cg-trpo and kfac.
-    kl_guard
-        rat-npg: shrink a step whose measured KL exceeds kl_guard * max_kl (0 disables).
-    damping
-        RAT Tikhonov damping lambda, in units of F = J^T J / N.
-    solver
-        RAT solver for the N x N system: auto (CG on CPU, Cholesky on GPU for N <= 4096),
-        kaczmarz, cholesky or cg.
-    block_size
-        RAT Kaczmarz block size.
-    rat_max_epochs
-        RAT Kaczmarz epochs before falling back to Cholesky (CG is capped at 200 iterations).
-    rat_tol
-        RAT relative residual tolerance.
-    rat_preconditioner_rank
-        Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).
-    backtrack_iters
-        Candidates tried by the line search of rat-trpo and cg-trpo.
-    backtrack_coeff
-        Shrink factor between line-search candidates.
-    cg_iters
-        Conjugate-gradient iterations of cg-trpo.
-    cg_damping
-        Damping added to the Fisher-vector products of cg-trpo.
-    lr
-        Adam learning rate of vpg, a2c and ppo.
-    max_grad_norm
-        Gradient-norm clip of vpg, a2c and ppo.
-    ent_coef
-        Entropy bonus of vpg, a2c and ppo.
-    ppo_epochs
-        PPO optimization epochs per batch.
-    ppo_minibatch
-        PPO minibatch size.
-    clip_range
-        PPO ratio clip.
-    kfac_damping
-        K-FAC Tikhonov damping.
-    kfac_decay
-        Moving-average decay of the K-FAC factors.
-    kfac_max_lr
-        ACKTR's largest K-FAC step.
-    kl_reject
-        Reject an update whose measured KL exceeds kl_reject * max_kl (rat-npg, rat-trpo,
-        cg-trpo, kfac; 0 disables); updates with non-finite results or solver errors are
-        always rejected, with parameters and optimizer state restored.
-    max_rejections
-        Stop the run after this many consecutive rejected updates.
-    checkpoint_every
-        Save a checkpoint every this many updates (and always at the end).
-    threads
-        torch.set_num_threads while Trainer.run trains (0 leaves the current setting). One thread is
-        fastest for small policies, whose tiny matmuls lose more to thread hand-offs than
-        they gain.
+    Algorithm options given as flat keywords (``TrainConfig(algo="ppo", ppo_epochs=4)``,
+    natgrad 0.1's spelling) still work, with a ``DeprecationWarning``; write
+    ``TrainConfig(algo="ppo", options=PPOOptions(ppo_epochs=4))``. :meth:`from_dict`
+    accepts both layouts without a warning, so old ``config.json`` files and checkpoints
+    load.
     """
 
-    env: str = "CartPole-v1"
-    algo: str = "rat-npg"
-    steps: int = 100_000
-    seed: int = 0
-    num_envs: int = 8
-    num_steps: int = 256
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    norm_obs: bool = True
-    norm_reward: bool = True
-    hidden: tuple[int, ...] = (64, 64)
-    critic_lr: float = 1e-3
-    critic_epochs: int = 10
-    critic_minibatch: int = 256
-    max_kl: float = 0.02
-    kl_guard: float = 2.0
-    damping: float = 0.1
-    solver: str = "auto"
-    block_size: int = 256
-    rat_max_epochs: int = 20
-    rat_tol: float = 1e-3
-    rat_preconditioner_rank: int = 256
-    backtrack_iters: int = 10
-    backtrack_coeff: float = 0.5
-    cg_iters: int = 10
-    cg_damping: float = 0.1
-    lr: float = 3e-4
-    max_grad_norm: float = 0.5
-    ent_coef: float = 0.0
-    ppo_epochs: int = 10
-    ppo_minibatch: int = 64
-    clip_range: float = 0.2
-    kfac_damping: float = 1e-2
-    kfac_decay: float = 0.95
-    kfac_max_lr: float = 0.25
-    kl_reject: float = 10.0
-    max_rejections: int = 3
-    checkpoint_every: int = 10
-    threads: int = 1
+    env: str = option(
+        "CartPole-v1",
+        "Gymnasium environment id, e.g. CartPole-v1, Pendulum-v1, Hopper-v5, MinAtar/Breakout-v1.",
+    )
+    algo: str = option("rat-npg", "Update rule, a key of natgrad.rl.ALGORITHMS.", _known_algo)
+    steps: int = option(
+        100_000,
+        "Environment steps to train for, summed over parallel envs (rounded up to whole rollouts).",
+        positive,
+    )
+    seed: int = option(0, "Seed of every random stream of the run.", _seed)
+    num_envs: int = option(
+        8, "Parallel environments; one update uses num_envs * num_steps samples.", positive
+    )
+    num_steps: int = option(256, "Steps per environment per rollout.", positive)
+    gamma: float = option(0.99, "Discount factor.", unit_interval)
+    gae_lambda: float = option(0.95, "GAE(lambda) parameter.", unit_interval)
+    norm_obs: bool = option(
+        True, "Whiten vector observations with running statistics (images are left as is)."
+    )
+    norm_reward: bool = option(True, "Divide rewards by the running std of the discounted return.")
+    hidden: tuple[int, ...] = option(
+        (64, 64),
+        "Hidden widths of the policy and critic MLPs (the CNN uses the last one).",
+        _widths,
+    )
+    critic_lr: float = option(1e-3, "Adam learning rate of the critic regression.", positive)
+    critic_epochs: int = option(10, "Passes of the critic regression over each batch.", positive)
+    critic_minibatch: int = option(256, "Minibatch size of the critic regression.", positive)
+    kl_reject: float = option(
+        10.0,
+        "Reject an update whose measured KL exceeds kl_reject times its KL target (algorithms "
+        "with a max-kl; 0 disables); updates with non-finite results or solver errors are "
+        "always rejected, with parameters and optimizer state restored.",
+        at_least_one_or_off,
+    )
+    max_rejections: int = option(
+        3, "Stop the run after this many consecutive rejected updates.", positive
+    )
+    checkpoint_every: int = option(
+        10, "Save a checkpoint every this many updates (and always at the end).", positive
+    )
+    threads: int = option(
+        1,
+        "torch.set_num_threads while Trainer.run trains (0 leaves the current setting). One "
+        "thread is fastest for small policies, whose tiny matmuls lose more to thread "
+        "hand-offs than they gain.",
+        _threads,
+    )
+    options: AlgorithmOptions | None = None
+    """The chosen algorithm's options (``ALGORITHMS[algo].Options``); ``None``: its defaults."""
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -171,69 +131,140 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad option and its allowed range."""
-        from natgrad.rl.algorithms import ALGORITHMS
-
-        if self.algo not in ALGORITHMS:
-            raise ConfigError(
-                f"unknown algorithm --algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}"
-            )
-        for name in _POSITIVE:
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
-        for name in ("kl_guard", "kl_reject"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and (value == 0 or value >= 1)):
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be 0 (off) or >= 1 (a factor of "
-                    f"--max-kl), got {value!r}"
-                )
-        for name in ("cg_damping", "ent_coef"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value!r}")
+        _known_algo("--algo", self.algo)
+        check_fields(self)
         if self.batch_size < 2:
             raise ConfigError(
                 f"--num-envs {self.num_envs} x --num-steps {self.num_steps} gives "
                 f"{self.batch_size} sample per update, but advantages are normalized by "
                 "their standard deviation, which needs at least 2; raise --num-steps"
             )
-        for name in ("gamma", "gae_lambda", "kfac_decay", "backtrack_coeff"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {value!r}")
-        try:
-            check_nonnegative_int(
-                "--rat-preconditioner-rank", self.rat_preconditioner_rank, " (0 turns it off)"
-            )
-        except (TypeError, ValueError) as error:
-            raise ConfigError(str(error)) from None
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"--solver must be one of {', '.join(SOLVERS)}; got {self.solver!r}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ConfigError(f"--hidden must be positive widths, got {self.hidden!r}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
-        if self.threads < 0:
+        expected = ALGORITHMS[self.algo].Options
+        if self.options is None:
+            self.options = expected()
+        elif type(self.options) is not expected:
             raise ConfigError(
-                f"--threads must be >= 1, or 0 to keep torch's current setting; got {self.threads}"
+                f"--algo {self.algo} takes options of type {expected.__name__}, got "
+                f"{type(self.options).__name__}"
             )
+        else:
+            check_fields(self.options)
+
+    def options_for(self, cls: type[AlgorithmOptions]) -> AlgorithmOptions:
+        """The run's options if they are a ``cls``, else ``cls``'s defaults."""
+        return self.options if isinstance(self.options, cls) else cls()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every option (JSON-serializable)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Plain dict of every option (JSON-serializable); the algorithm's under ``options``."""
+        out = {name: getattr(self, name) for name in _shared_names()}
         out["hidden"] = list(self.hidden)
+        out["options"] = self.options.to_dict() if self.options is not None else {}
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from :meth:`to_dict` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        """Build from :meth:`to_dict` output or from natgrad 0.1's flat layout.
+
+        The flat layout (every option at the top level) is that of old ``config.json``
+        files and checkpoints, and of the command line. Flat algorithm options are checked,
+        and those the chosen algorithm does not read are dropped (they never had an
+        effect). Unknown keys are an error.
+        """
+        shared = {k: v for k, v in data.items() if k in _shared_names()}
+        flat = {k: v for k, v in data.items() if k not in shared and k != "options"}
+        unknown = sorted(set(flat) - set(algorithm_option_fields()))
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(names)}")
-        return cls(**data)
+            known = sorted({*_shared_names(), "options", *algorithm_option_fields()})
+            raise ConfigError(f"unknown config keys {unknown}; known: {known}")
+        algo = shared.get("algo", _DEFAULTS["algo"])
+        _known_algo("--algo", algo)
+        nested = data.get("options")
+        if isinstance(nested, AlgorithmOptions):
+            nested = nested.to_dict()
+        options = _algorithm_options(algo, {**(nested or {}), **flat})
+        return cls(**shared, options=options)
 
     def to_json(self) -> str:
         """Pretty JSON of :meth:`to_dict`."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not attributes: natgrad 0.1's flat options.
+        if name.startswith("_") or name == "options" or name not in algorithm_option_fields():
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        warnings.warn(
+            f"TrainConfig.{name} is deprecated; algorithm options live in "
+            f"TrainConfig.options (config.options.{name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        options = self.__dict__.get("options")
+        if options is not None and name in options.names():
+            return getattr(options, name)
+        return algorithm_option_fields()[name].default
+
+
+def _shared_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "options")
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def algorithm_option_fields() -> dict[str, dataclasses.Field]:
+    """Every registered algorithm's option fields by name (first declaration wins).
+
+    A name shared by several algorithms (``max_kl``, ``lr``) is one flag with one default.
+    """
+    out: dict[str, dataclasses.Field] = {}
+    for algorithm in ALGORITHMS.values():
+        for field in dataclasses.fields(algorithm.Options):
+            out.setdefault(field.name, field)
+    return out
+
+
+def _algorithm_options(algo: str, values: dict[str, Any]) -> AlgorithmOptions:
+    """``algo``'s options from flat ``values``.
+
+    Values that only other algorithms read are checked (as natgrad 0.1 did) and dropped.
+    """
+    target = ALGORITHMS[algo].Options
+    own = {k: v for k, v in values.items() if k in target.names()}
+    for name, value in values.items():
+        if name not in own:
+            field = algorithm_option_fields()[name]
+            check = field.metadata.get("check")
+            if check is not None:
+                check(flag(name), value)
+    return target(**own)
+
+
+def _accept_flat_options(init: Any) -> Any:
+    """Let ``TrainConfig(...)`` take algorithm options as flat keywords (deprecated)."""
+
+    @functools.wraps(init)
+    def __init__(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        flat = {k: kwargs.pop(k) for k in list(kwargs) if k not in _DEFAULTS}
+        if flat:
+            unknown = sorted(set(flat) - set(algorithm_option_fields()))
+            if unknown:
+                raise TypeError(f"TrainConfig got unexpected keyword arguments {unknown}")
+            names = ", ".join(sorted(flat))
+            warnings.warn(
+                f"TrainConfig({names}=...) is deprecated: algorithm options live in "
+                "TrainConfig.options; pass options=<Algorithm>Options(...) (e.g. "
+                "natgrad.rl.algorithms.PPOOptions) or use TrainConfig.from_dict",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            algo = {**_DEFAULTS, **dict(zip(_DEFAULTS, args, strict=False)), **kwargs}["algo"]
+            _known_algo("--algo", algo)
+            given = kwargs.pop("options", None)
+            base = given.to_dict() if isinstance(given, AlgorithmOptions) else {}
+            kwargs["options"] = _algorithm_options(algo, {**base, **flat})
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+TrainConfig.__init__ = _accept_flat_options(TrainConfig.__init__)  # type: ignore[method-assign]

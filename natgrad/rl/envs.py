@@ -10,10 +10,17 @@ import numpy as np
 
 from natgrad.rl._errors import ConfigError, MissingExtraError, import_gymnasium
 
-__all__ = ["env_state", "make_env", "make_vec_env", "restore_env_state"]
+__all__ = ["env_state", "is_discrete", "make_env", "make_vec_env", "restore_env_state"]
 
 # Entry-point prefixes of environments that live behind an optional extra.
 _MUJOCO_ENTRY = "gymnasium.envs.mujoco"
+
+
+def is_discrete(action_space: Any) -> bool:
+    """Whether actions are one integer (``Discrete``); otherwise a ``Box`` of floats."""
+    from gymnasium import spaces
+
+    return isinstance(action_space, spaces.Discrete)
 
 
 def _ensure_registered(env_id: str) -> None:

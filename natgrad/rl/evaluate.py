@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributions import Categorical, Normal
 
+from natgrad.distributions import mode, sample
 from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError
 from natgrad.rl.checkpoint import (
     CHECKPOINT_NAME,
@@ -22,9 +22,9 @@ from natgrad.rl.checkpoint import (
     write_output,
 )
 from natgrad.rl.config import TrainConfig
-from natgrad.rl.envs import make_env
+from natgrad.rl.envs import is_discrete, make_env
 from natgrad.rl.normalize import ObsNormalizer
-from natgrad.rl.policies import build_actor_critic, sample_action
+from natgrad.rl.policies import build_actor_critic
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -54,14 +54,6 @@ class EvalResult:
     def std(self) -> float:
         """Standard deviation of the returns."""
         return float(np.std(self.returns))
-
-
-def _mode(dist: torch.distributions.Distribution) -> torch.Tensor:
-    if isinstance(dist, Categorical):
-        return dist.probs.argmax(-1)
-    if isinstance(dist, Normal):
-        return dist.loc
-    raise TypeError(f"no deterministic action for {type(dist).__name__}")
 
 
 def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], int]:
@@ -151,7 +143,7 @@ def evaluate(
             "written by this run"
         ) from None
     generator = torch.Generator().manual_seed(seed)
-    box = hasattr(env.action_space, "low")
+    box = not is_discrete(env.action_space)
     returns, lengths, frames = [], [], []
     for k in range(episodes):
         raw, _ = env.reset(seed=seed + k)
@@ -160,7 +152,7 @@ def evaluate(
             if gif and k == 0:
                 frames.append(_render(env, config.env))
             dist = policy(torch.as_tensor(norm(raw[None], update=False)))
-            act = (_mode(dist) if deterministic else sample_action(dist, generator))[0].numpy()
+            act = (mode(dist) if deterministic else sample(dist, generator))[0].numpy()
             if box:
                 act = np.clip(act, env.action_space.low, env.action_space.high)
             raw, reward, terminated, truncated, _ = env.step(act)

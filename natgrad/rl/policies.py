@@ -9,13 +9,16 @@ data-dependent control flow, which ``torch.func.vmap`` (used by RAT) cannot trac
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
 
+from natgrad import distributions
 from natgrad.rl._errors import ConfigError
+from natgrad.rl.envs import is_discrete
 
 __all__ = [
     "CategoricalPolicy",
@@ -101,8 +104,8 @@ class CategoricalPolicy(nn.Module):
 class GaussianPolicy(nn.Module):
     """Diagonal Gaussian with a state-independent log standard deviation.
 
-    ``log_prob`` returns one value per action dimension; RAT's default ``log_prob_fn`` and
-    :func:`log_prob` sum them.
+    ``log_prob`` returns one value per action dimension; :mod:`natgrad.distributions`
+    (and RAT's default ``log_prob_fn``) sum them.
     """
 
     def __init__(
@@ -136,26 +139,24 @@ class ValueFunction(nn.Module):
         return self.head(self.torso(obs)).squeeze(-1)
 
 
-def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
-    """Joint log-probability of each sample, shape ``(N,)``."""
-    out = dist.log_prob(acts)
-    return out.reshape(out.shape[0], -1).sum(-1) if out.dim() > 1 else out
+def _deprecated(name: str, replacement: Any) -> Any:
+    def alias(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn(
+            f"natgrad.rl.policies.{name} is deprecated; use natgrad.distributions."
+            f"{replacement.__name__}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return replacement(*args, **kwargs)
+
+    alias.__name__ = name
+    alias.__doc__ = f"Deprecated alias of :func:`natgrad.distributions.{replacement.__name__}`."
+    return alias
 
 
-def entropy(dist: Distribution) -> Tensor:
-    """Joint entropy of each sample, shape ``(N,)``."""
-    out = dist.entropy()
-    return out.reshape(out.shape[0], -1).sum(-1) if out.dim() > 1 else out
-
-
-def sample_action(dist: Distribution, generator: torch.Generator) -> Tensor:
-    """Draw one action per sample from ``dist`` using ``generator`` (not the global RNG)."""
-    if isinstance(dist, Categorical):
-        return torch.multinomial(dist.probs, 1, generator=generator).squeeze(-1)
-    if isinstance(dist, Normal):
-        noise = torch.randn(dist.loc.shape, generator=generator, dtype=dist.loc.dtype)
-        return dist.loc + dist.scale * noise
-    raise TypeError(f"cannot sample from {type(dist).__name__} with an explicit generator")
+log_prob = _deprecated("log_prob", distributions.log_prob)
+entropy = _deprecated("entropy", distributions.entropy)
+sample_action = _deprecated("sample_action", distributions.sample)
 
 
 def _init(module: nn.Module, generator: torch.Generator, head_gain: float) -> None:
@@ -201,7 +202,7 @@ def build_actor_critic(
     # Module constructors draw default inits from the global RNG; fork it so building a
     # policy leaves no trace there. The weights themselves come from ``generator`` below.
     with torch.random.fork_rng(devices=[]):
-        if isinstance(action_space, spaces.Discrete):
+        if is_discrete(action_space):
             policy: nn.Module = CategoricalPolicy(obs_shape, int(action_space.n), hidden)
         elif isinstance(action_space, spaces.Box) and len(action_space.shape) == 1:
             policy = GaussianPolicy(obs_shape, int(action_space.shape[0]), hidden)

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from natgrad.distributions import log_prob, sample
+from natgrad.rl.envs import is_discrete
 from natgrad.rl.gae import compute_gae
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_array, as_tensor
-from natgrad.rl.policies import log_prob, sample_action
 
 __all__ = ["Batch", "Collector", "RolloutBuffer"]
 
@@ -100,14 +101,12 @@ class Collector:
         gamma: float,
         window: int = 20,
     ) -> None:
-        from gymnasium import spaces
-
         self.env = vec_env
         self.obs_norm = obs_norm
         self.reward_scaler = reward_scaler
         self.gamma = gamma
         space = vec_env.single_action_space
-        self.discrete = isinstance(space, spaces.Discrete)
+        self.discrete = is_discrete(space)
         self.low = None if self.discrete else space.low
         self.high = None if self.discrete else space.high
         num_envs = vec_env.num_envs
@@ -139,7 +138,7 @@ class Collector:
         for t in range(buffer.num_steps):
             obs = torch.as_tensor(self.obs)
             dist = policy(obs)
-            acts = sample_action(dist, generator)
+            acts = sample(dist, generator)
             buffer.obs[t] = obs
             buffer.acts[t] = acts
             buffer.log_probs[t] = log_prob(dist, acts)

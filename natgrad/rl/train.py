@@ -8,6 +8,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from natgrad.distributions import entropy, mean_kl
 from natgrad.errors import NatgradError
-from natgrad.rl._errors import ConfigError, MissingExtraError, TrainingError, first_line
-from natgrad.rl.algorithms import make_algorithm, mean_kl
+from natgrad.rl._errors import ConfigError, MissingExtraError, first_line
+from natgrad.rl.algorithms import make_algorithm
+from natgrad.rl.callbacks import (
+    CURVE_NAME,
+    Callback,
+    Checkpoints,
+    LearningCurve,
+    ProgressBar,
+    RejectionLimit,
+    SolvedThreshold,
+    Threads,
+)
 from natgrad.rl.checkpoint import (
     CHECKPOINT_NAME,
     POLICY_NAME,
@@ -29,15 +41,13 @@ from natgrad.rl.checkpoint import (
 )
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.critic import CriticTrainer
-from natgrad.rl.envs import env_state, make_vec_env, restore_env_state
+from natgrad.rl.envs import env_state, is_discrete, make_vec_env, restore_env_state
 from natgrad.rl.logger import RunLogger
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_tensor
-from natgrad.rl.policies import build_actor_critic, entropy
+from natgrad.rl.policies import build_actor_critic
 from natgrad.rl.rollout import Collector, RolloutBuffer
 
-__all__ = ["Trainer", "TrainResult", "default_out_dir", "train"]
-
-CURVE_NAME = "learning_curve.png"
+__all__ = ["CURVE_NAME", "Trainer", "TrainResult", "default_out_dir", "train"]
 
 
 def default_out_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
@@ -179,7 +189,7 @@ class Trainer:
             RewardScaler(config.num_envs, config.gamma, enabled=config.norm_reward),
             config.gamma,
         )
-        discrete = not hasattr(act_space, "low")
+        discrete = is_discrete(act_space)
         self.buffer = RolloutBuffer(
             config.num_steps,
             config.num_envs,
@@ -187,7 +197,7 @@ class Trainer:
             () if discrete else tuple(act_space.shape),
             discrete,
         )
-        self.algo = make_algorithm(config.algo, self.policy, config, seeds["algo"])
+        self.algo = make_algorithm(config.algo, self.policy, config.options, seeds["algo"])
         self.critic_trainer = CriticTrainer(
             self.critic,
             config.critic_lr,
@@ -303,7 +313,8 @@ class Trainer:
         }
         return tensors, metadata
 
-    def _checkpoint_note(self) -> str:
+    def checkpoint_note(self) -> str:
+        """Where the last checkpoint stands, for error messages."""
         if self.saved_step is None:
             return "no checkpoint was written"
         return f"the last checkpoint (step {self.saved_step}) is intact"
@@ -438,7 +449,12 @@ class Trainer:
             row["kl_ratio"] = kl / row["kl_target"]
         return row
 
-    def run(self, progress: bool = True, solved_threshold: float | None = None) -> TrainResult:
+    def run(
+        self,
+        progress: bool = True,
+        solved_threshold: float | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> TrainResult:
         """Train until ``config.steps`` environment steps, checkpointing on the way.
 
         Parameters
@@ -448,59 +464,35 @@ class Trainer:
         solved_threshold
             Record the first step whose recent mean return reaches this value
             (training continues to the budget).
+        callbacks
+            More :class:`~natgrad.rl.callbacks.Callback` objects, called after the built-in
+            ones (threads, solved threshold, rejection limit, checkpoints, progress bar,
+            learning curve).
         """
         cfg = self.config
-        bar = None
-        if progress:
-            try:
-                from tqdm import tqdm
-
-                bar = tqdm(
-                    total=cfg.steps, initial=min(self.global_step, cfg.steps), unit="step",
-                    dynamic_ncols=True, desc=f"{cfg.env} {cfg.algo}",
-                )  # fmt: skip
-            except ImportError:  # tqdm is in natgrad[rl]; training works without it
-                bar = None
-        threads = torch.get_num_threads()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)  # restored below: no lasting global change
+        callbacks = [
+            Threads(cfg.threads),
+            SolvedThreshold(solved_threshold),
+            RejectionLimit(cfg.max_rejections),
+            Checkpoints(cfg.checkpoint_every),
+            *([ProgressBar()] if progress else []),
+            LearningCurve(),
+            *callbacks,
+        ]
         try:
+            for callback in callbacks:
+                callback.on_start(self)
             while self.global_step < cfg.steps:
                 row = self.step()
                 self.logger.write(row)
-                recent = row["episodic_return_mean"]
-                if (
-                    solved_threshold is not None
-                    and self.solved_step is None
-                    and math.isfinite(recent)
-                    and recent >= solved_threshold
-                ):
-                    self.solved_step = self.global_step
-                if self.consecutive_rejections >= cfg.max_rejections:
-                    raise TrainingError(
-                        f"training stopped at step {self.global_step}: "
-                        f"{self.consecutive_rejections} consecutive policy updates were rejected "
-                        f"(--max-rejections {cfg.max_rejections}; the last: {self.last_fault}); "
-                        f"{self._checkpoint_note()}; fix the cause "
-                        "(e.g. a larger --damping or a smaller --max-kl) in a new run"
-                    )
-                done = self.global_step >= cfg.steps
-                if done or self.iteration % cfg.checkpoint_every == 0:
-                    self.save()
-                if bar is not None:
-                    bar.update(min(cfg.batch_size, cfg.steps - bar.n))
-                    bar.set_postfix(
-                        {"steps/s": f"{row['steps_per_sec']:.0f}", "return": f"{recent:.1f}",
-                         "kl": f"{row['kl']:.4f}"}, refresh=False,
-                    )  # fmt: skip
-            if self.iteration == 0 or not (self.out_dir / CHECKPOINT_NAME).exists():
-                self.save()
+                for callback in callbacks:
+                    callback.on_update(self, row)
+            for callback in callbacks:
+                callback.on_finish(self)
         finally:
-            torch.set_num_threads(threads)
-            if bar is not None:
-                bar.close()
+            for callback in reversed(callbacks):
+                callback.on_close(self)
             self.logger.close()
-        self._plot()
         return TrainResult(
             out_dir=self.out_dir,
             steps=self.global_step,
@@ -509,14 +501,6 @@ class Trainer:
             solved_step=self.solved_step,
             wall_time=self.wall_time,
         )
-
-    def _plot(self) -> None:
-        try:
-            from natgrad.rl.plotting import plot_runs
-
-            plot_runs([self.out_dir], self.out_dir / CURVE_NAME, title=f"{self.config.env}")
-        except ImportError:  # matplotlib missing: the CSV is the record
-            pass
 
     def close(self) -> None:
         """Close the environments."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,15 +10,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from natgrad.rl.algorithms.base import PolicyUpdate
-from natgrad.rl.config import TrainConfig
-from natgrad.rl.policies import log_prob
+from natgrad.distributions import log_prob
+from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
+from natgrad.rl.options import option, positive, unit_interval
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "KFACOptions"]
 
 
 def _with_ones(a: Tensor) -> Tensor:
     return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+
+
+@dataclasses.dataclass
+class KFACOptions(TrustRegionOptions):
+    """Options of ``kfac``: the trust region, the factors' damping and decay, ACKTR's cap."""
+
+    kfac_damping: float = option(1e-2, "K-FAC Tikhonov damping.", positive)
+    kfac_decay: float = option(0.95, "Moving-average decay of the K-FAC factors.", unit_interval)
+    kfac_max_lr: float = option(0.25, "ACKTR's largest K-FAC step.", positive)
 
 
 class KFAC(PolicyUpdate):
@@ -33,10 +43,11 @@ class KFAC(PolicyUpdate):
     Jacobian-vector product on the batch.
     """
 
-    name = "kfac"
+    Options = KFACOptions
+    options: KFACOptions
 
-    def __init__(self, policy: nn.Module, config: TrainConfig, seed: int) -> None:
-        super().__init__(policy, config, seed)
+    def __init__(self, policy: nn.Module, options: Any = None, seed: int = 0) -> None:
+        super().__init__(policy, options, seed)
         self.layers = {
             name: module
             for name, module in policy.named_modules()
@@ -87,7 +98,7 @@ class KFAC(PolicyUpdate):
 
         Returns a direction per trainable parameter name, in ``named_parameters`` order.
         """
-        cfg = self.config
+        cfg = self.options
         params = dict(self.policy.named_parameters())
         lp, inputs, outputs = self._capture(obs, acts)
         names = [n for n, p in params.items() if p.requires_grad]
@@ -120,7 +131,7 @@ class KFAC(PolicyUpdate):
         self, obs: Tensor, acts: Tensor, old_log_probs: Tensor, adv: Tensor
     ) -> dict[str, float]:
         """One K-FAC step of at most ``max_kl`` (to second order) and ``kfac_max_lr``."""
-        cfg = self.config
+        cfg = self.options
         params = dict(self.policy.named_parameters())
         direction = self.direction(obs, acts, adv)
         names, ordered = list(direction), list(direction.values())
@@ -145,7 +156,7 @@ class KFAC(PolicyUpdate):
             return log_prob(dist, a[None])[0]
 
         scores = vmap(grad(one), in_dims=(None, 0, 0))({n: params[n] for n in grads}, obs, acts)
-        lam = self.config.kfac_damping
+        lam = self.options.kfac_damping
         return {n: g / ((scores[n] ** 2).mean(0) + lam) for n, g in grads.items()}
 
     def state_dict(self) -> dict[str, Any]:

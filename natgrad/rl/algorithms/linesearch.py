@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,10 +11,20 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.func import functional_call
 
-from natgrad.rl.algorithms.base import mean_kl, surrogate
-from natgrad.rl.policies import log_prob
+from natgrad.distributions import log_prob, mean_kl
+from natgrad.rl.algorithms.base import surrogate
+from natgrad.rl.options import AlgorithmOptions, option, positive, unit_interval
 
-__all__ = ["LineSearchResult", "backtracking_line_search"]
+__all__ = ["LineSearchOptions", "LineSearchResult", "backtracking_line_search"]
+
+
+@dataclasses.dataclass
+class LineSearchOptions(AlgorithmOptions):
+    """Options of the backtracking line search (``rat-trpo``, ``cg-trpo``)."""
+
+    backtrack_iters: int = option(10, "Candidates tried by the line search.", positive)
+    backtrack_coeff: float = option(0.5, "Shrink factor between line-search candidates.",
+                                    unit_interval)  # fmt: skip
 
 
 @dataclass(frozen=True)

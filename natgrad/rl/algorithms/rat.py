@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -10,12 +11,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from natgrad import NaturalGradient, RATNaturalGradient
-from natgrad.rl.algorithms.base import PolicyUpdate, mean_kl
-from natgrad.rl.algorithms.linesearch import backtracking_line_search
-from natgrad.rl.config import TrainConfig
-from natgrad.rl.policies import log_prob
+from natgrad.distributions import log_prob, mean_kl
+from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
+from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
+from natgrad.rl.options import at_least_one_or_off, nonnegative_int, option, positive
+from natgrad.solvers import SOLVERS
 
-__all__ = ["RatNPG", "RatTRPO"]
+__all__ = ["RatNPG", "RatNPGOptions", "RatOptions", "RatTRPO", "RatTRPOOptions"]
 
 # Shrinks of the KL guard; each at least halves the step, so 10 reach < 1e-3 of it.
 _MAX_SHRINKS = 10
@@ -25,9 +27,54 @@ def _rat_log_prob(policy: nn.Module, obs: Tensor, acts: Tensor) -> Tensor:
     return log_prob(policy(obs), acts)
 
 
+@dataclasses.dataclass
+class RatOptions(TrustRegionOptions):
+    """Options of the RAT natural gradient shared by ``rat-npg`` and ``rat-trpo``."""
+
+    damping: float = option(
+        0.1, "RAT Tikhonov damping lambda, in units of F = J^T J / N.", positive
+    )
+    solver: str = option(
+        "auto",
+        "RAT solver for the N x N system: auto (CG on CPU, Cholesky on GPU for N <= 4096), "
+        "kaczmarz, cholesky or cg.",
+        choices=lambda: SOLVERS,
+    )
+    block_size: int = option(256, "RAT Kaczmarz block size.", positive)
+    rat_max_epochs: int = option(
+        20,
+        "RAT Kaczmarz epochs before falling back to Cholesky (CG is capped at 200 iterations).",
+        positive,
+    )
+    rat_tol: float = option(1e-3, "RAT relative residual tolerance.", positive)
+    rat_preconditioner_rank: int = option(
+        256,
+        "Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).",
+        nonnegative_int(" (0 turns it off)"),
+    )
+
+
+@dataclasses.dataclass
+class RatNPGOptions(RatOptions):
+    """Options of ``rat-npg``: RAT's and the KL guard."""
+
+    kl_guard: float = option(
+        2.0, "Shrink a step whose measured KL exceeds kl_guard * max_kl (0 disables).",
+        at_least_one_or_off,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class RatTRPOOptions(RatOptions, LineSearchOptions):
+    """Options of ``rat-trpo``: RAT's and the line search's."""
+
+
 class _RatBase(PolicyUpdate):
-    def __init__(self, policy: nn.Module, config: TrainConfig, seed: int) -> None:
-        super().__init__(policy, config, seed)
+    options: RatOptions
+
+    def __init__(self, policy: nn.Module, options: Any = None, seed: int = 0) -> None:
+        super().__init__(policy, options, seed)
+        config = self.options
         self.rat = RATNaturalGradient(
             log_prob_fn=_rat_log_prob,
             damping=config.damping,
@@ -69,7 +116,7 @@ class RatNPG(_RatBase):
     """Natural policy gradient with RAT and the closed-form KL step (no line search).
 
     ``theta += eta * d`` with ``eta = sqrt(2 max_kl / d^T F d)``, where ``d`` and
-    ``d^T F d`` come from one RAT solve (DESIGN section 1). The trainer logs the KL
+    ``d^T F d`` come from one RAT solve (``docs/derivation.md``). The trainer logs the KL
     actually taken next to ``kl_target`` on every update.
 
     The quadratic KL model can fail far from it (a nearly deterministic policy): if the
@@ -79,13 +126,14 @@ class RatNPG(_RatBase):
     ``rat-trpo``) and is off with ``kl_guard=0``.
     """
 
-    name = "rat-npg"
+    Options = RatNPGOptions
+    options: RatNPGOptions
 
     def update(
         self, obs: Tensor, acts: Tensor, old_log_probs: Tensor, adv: Tensor
     ) -> dict[str, float]:
         """Take one natural-gradient step of KL ``max_kl`` (to second order)."""
-        cfg = self.config
+        cfg = self.options
         ng, stats = self._direction(obs, acts, adv)
         eta = ng.step_size(cfg.max_kl)
         params = dict(self.policy.named_parameters())
@@ -116,14 +164,15 @@ class RatTRPO(_RatBase):
     (:func:`~natgrad.rl.algorithms.linesearch.backtracking_line_search`).
     """
 
-    name = "rat-trpo"
+    Options = RatTRPOOptions
+    options: RatTRPOOptions
 
     def update(
         self, obs: Tensor, acts: Tensor, old_log_probs: Tensor, adv: Tensor
     ) -> dict[str, float]:
         """Natural-gradient direction, backtracked until KL and surrogate are acceptable."""
         ng, stats = self._direction(obs, acts, adv)
-        eta = ng.step_size(self.config.max_kl)
+        eta = ng.step_size(self.options.max_kl)
         with torch.no_grad():
             old_dist = self.policy(obs)
         result = backtracking_line_search(
@@ -135,14 +184,14 @@ class RatTRPO(_RatBase):
             old_log_probs,
             adv,
             old_dist,
-            self.config.max_kl,
-            self.config.backtrack_iters,
-            self.config.backtrack_coeff,
+            self.options.max_kl,
+            self.options.backtrack_iters,
+            self.options.backtrack_coeff,
         )
         return {
             **stats,
             "step_size": eta * result.fraction,
-            "kl_target": self.config.max_kl,
+            "kl_target": self.options.max_kl,
             "backtracks": float(result.backtracks),
             "step_accepted": float(result.accepted),
             "surrogate_improvement": result.improvement,

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from natgrad.rl.algorithms.base import PolicyUpdate, mean_kl, surrogate
-from natgrad.rl.algorithms.linesearch import backtracking_line_search
-from natgrad.rl.policies import log_prob
+from natgrad.distributions import log_prob, mean_kl
+from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions, surrogate
+from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
+from natgrad.rl.options import nonnegative, option, positive
 
-__all__ = ["CGTRPO", "conjugate_gradient"]
+__all__ = ["CGTRPO", "CGTRPOOptions", "conjugate_gradient"]
 
 
 def conjugate_gradient(
     fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float = 1e-10
 ) -> Tensor:
-    """Solve ``F x = b`` approximately by ``iters`` conjugate-gradient steps from ``x = 0``."""
+    """Solve ``F x = b`` approximately by ``iters`` conjugate-gradient steps from ``x = 0``.
+
+    This is classic TRPO's fixed-iteration CG on Fisher-vector products, kept apart from
+    :func:`natgrad.solvers.cg_solve` on purpose: ``cg-trpo`` is the peer baseline and must
+    do what TRPO implementations do (no tolerance, no preconditioner, no fallback).
+    """
     x = torch.zeros_like(b)
     r = b.clone()
     p = b.clone()
@@ -35,6 +42,16 @@ def conjugate_gradient(
     return x
 
 
+@dataclasses.dataclass
+class CGTRPOOptions(TrustRegionOptions, LineSearchOptions):
+    """Options of ``cg-trpo``: the trust region, CG and the line search."""
+
+    cg_iters: int = option(10, "Conjugate-gradient iterations of cg-trpo.", positive)
+    cg_damping: float = option(
+        0.1, "Damping added to the Fisher-vector products of cg-trpo.", nonnegative
+    )
+
+
 class CGTRPO(PolicyUpdate):
     """Trust region policy optimization (Schulman et al., 2015), as in Stable-Baselines3.
 
@@ -43,13 +60,14 @@ class CGTRPO(PolicyUpdate):
     scaled to ``sqrt(2 max_kl / s^T F s)``, then the shared backtracking line search.
     """
 
-    name = "cg-trpo"
+    Options = CGTRPOOptions
+    options: CGTRPOOptions
 
     def update(
         self, obs: Tensor, acts: Tensor, old_log_probs: Tensor, adv: Tensor
     ) -> dict[str, float]:
         """CG natural-gradient direction, backtracked on KL and surrogate."""
-        cfg = self.config
+        cfg = self.options
         named = [(n, p) for n, p in self.policy.named_parameters() if p.requires_grad]
         names = [n for n, _ in named]
         params = [p for _, p in named]

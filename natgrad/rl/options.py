@@ -1,0 +1,152 @@
+"""Options dataclasses whose fields carry their own help text and check.
+
+Every option of ``natgrad train`` is a dataclass field declared with :func:`option`: its
+default, its one-line help (the CLI's ``--help`` text) and its check are written once,
+next to each other. :class:`natgrad.rl.TrainConfig` holds the options the trainer reads;
+each algorithm declares its own :class:`AlgorithmOptions` subclass next to its update rule.
+A field named ``max_kl`` is the flag ``--max-kl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from natgrad._checks import check_nonnegative_int
+from natgrad.rl._errors import ConfigError
+
+__all__ = [
+    "AlgorithmOptions",
+    "at_least_one_or_off",
+    "check_fields",
+    "flag",
+    "help_of",
+    "nonnegative",
+    "nonnegative_int",
+    "one_of",
+    "option",
+    "positive",
+    "unit_interval",
+]
+
+Check = Callable[[str, Any], None]
+"""``check(flag, value)`` raises :class:`ConfigError` naming ``flag`` if ``value`` is bad."""
+
+T = TypeVar("T")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``max_kl`` -> ``--max-kl``."""
+    return "--" + name.replace("_", "-")
+
+
+Choices = Callable[[], tuple[str, ...]]
+"""The allowed values of a string option, looked up when used (registries may grow)."""
+
+
+def option(default: T, help: str, check: Check | None = None, choices: Choices | None = None) -> T:
+    """A dataclass field with its default, its help text and its check (``None``: any value).
+
+    ``help`` is what ``natgrad train --help`` prints for the flag (with the default);
+    ``choices()`` gives the allowed strings (also the flag's argparse choices).
+    """
+    if choices is not None:
+        check = one_of(choices)
+    metadata = {"help": help, "check": check, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def help_of(field: dataclasses.Field) -> str:
+    """The help text of a field declared with :func:`option` (empty otherwise)."""
+    return field.metadata.get("help", "")
+
+
+def positive(flag: str, value: Any) -> None:
+    """Finite and > 0."""
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{flag} must be > 0, got {value!r}")
+
+
+def nonnegative(flag: str, value: Any) -> None:
+    """Finite and >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{flag} must be >= 0, got {value!r}")
+
+
+def unit_interval(flag: str, value: Any) -> None:
+    """In ``[0, 1]``."""
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{flag} must be in [0, 1], got {value!r}")
+
+
+def at_least_one_or_off(flag: str, value: Any) -> None:
+    """0 (off) or a factor >= 1 of ``--max-kl``."""
+    if not (math.isfinite(value) and (value == 0 or value >= 1)):
+        raise ConfigError(f"{flag} must be 0 (off) or >= 1 (a factor of --max-kl), got {value!r}")
+
+
+def nonnegative_int(hint: str = "") -> Check:
+    """An integer >= 0; ``hint`` is appended to the message."""
+
+    def check(flag: str, value: Any) -> None:
+        try:
+            check_nonnegative_int(flag, value, hint)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
+
+    return check
+
+
+def one_of(choices: Choices) -> Check:
+    """One of ``choices()``."""
+
+    def check(flag: str, value: Any) -> None:
+        allowed = choices()
+        if value not in allowed:
+            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+
+    return check
+
+
+def check_fields(options: Any) -> None:
+    """Run the check of every field of the dataclass instance ``options``, in field order."""
+    for field in dataclasses.fields(options):
+        check = field.metadata.get("check")
+        if check is not None:
+            check(flag(field.name), getattr(options, field.name))
+
+
+@dataclasses.dataclass
+class AlgorithmOptions:
+    """Base of the options of one algorithm (no fields of its own).
+
+    Subclasses are dataclasses whose fields are declared with :func:`option`; they are
+    checked at construction and saved in ``config.json`` under ``"options"``.
+    """
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every option (JSON-serializable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[A], data: dict[str, Any]) -> A:
+        """Build from :meth:`to_dict` output; unknown keys are an error."""
+        unknown = sorted(set(data) - set(cls.names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown options {unknown} for {cls.__name__}; known: {sorted(cls.names())}"
+            )
+        return cls(**data)
+
+
+A = TypeVar("A", bound=AlgorithmOptions)
