@@ -351,7 +351,9 @@ def test_batch_statistics_on_one_sample_is_natgrads_error():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's own std() warning
-        with pytest.raises(SampleCouplingError, match="single sample"):
+        # Depending on whether the distribution validates its arguments inside vmap, the
+        # one-sample evaluation either fails or returns NaN: both are this error.
+        with pytest.raises(SampleCouplingError, match="single sample|differ from the batched"):
             RATNaturalGradient(damping=1e-2)(
                 Normalizing(), torch.randn(48, 4), torch.randint(0, 3, (48,)), torch.randn(48)
             )
