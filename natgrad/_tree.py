@@ -1,8 +1,9 @@
-"""Minimal pytree helpers for observations and actions (tensors, dicts, lists, tuples)."""
+"""Minimal pytree helpers for observations and actions, and flat parameter vectors."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,3 +43,10 @@ def take(tree: Tree, index: torch.Tensor) -> Tree:
 def unsqueeze(tree: Tree) -> Tree:
     """Add a leading batch dimension of size one to every leaf."""
     return tree_map(lambda t: t.unsqueeze(0), tree)
+
+
+def unflatten(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> tuple[torch.Tensor, ...]:
+    """Split a flat ``(P,)`` vector into tensors of ``shapes`` (parameters, in order)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    pieces = torch.split(flat, sizes)
+    return tuple(p.reshape(s) for p, s in zip(pieces, shapes, strict=True))

@@ -38,17 +38,19 @@ from natgrad.solvers import (
     OnNonConvergence,
     SolveResult,
     SolverName,
-    SolverSettings,
-    SolverSettingsView,
+    SolverOptions,
     seeded_generator,
     solve,
 )
+from natgrad.solvers.options import OptionsView
+
+_DEFAULT = SolverOptions()  # the defaults below are SolverOptions' own
 
 BackendName = Literal["auto", "factored", "materialized", "streaming"]
 BACKENDS: tuple[str, ...] = ("auto", "factored", "materialized", "streaming")
 
 
-class RATNaturalGradient(SolverSettingsView):
+class RATNaturalGradient(OptionsView):
     r"""Natural policy gradients by transforming advantages.
 
     For a batch of ``N`` on-policy samples with scores ``psi_i = grad log pi(a_i|s_i)``
@@ -158,20 +160,20 @@ class RATNaturalGradient(SolverSettingsView):
     def __init__(
         self,
         log_prob_fn: LogProbFn | None = None,
-        damping: float = 1e-3,
-        solver: SolverName = "auto",
-        block_size: int = 512,
-        max_epochs: int = 10,
-        tol: float = 5e-2,
-        max_iters: int = 200,
+        damping: float = _DEFAULT.damping,
+        solver: SolverName = _DEFAULT.solver,  # type: ignore[assignment]
+        block_size: int = _DEFAULT.block_size,
+        max_epochs: int = _DEFAULT.max_epochs,
+        tol: float = _DEFAULT.tol,
+        max_iters: int = _DEFAULT.max_iters,
         seed: int | None = None,
         *,
         backend: BackendName = "auto",
         memory_budget: int = 2**30,
-        on_nonconvergence: OnNonConvergence = "fallback",
-        resample_blocks: bool = False,
-        compile: bool = False,
-        preconditioner_rank: int = 256,
+        on_nonconvergence: OnNonConvergence = _DEFAULT.on_nonconvergence,  # type: ignore[assignment]
+        resample_blocks: bool = _DEFAULT.resample_blocks,
+        compile: bool = _DEFAULT.compile,
+        preconditioner_rank: int = _DEFAULT.preconditioner_rank,
     ) -> None:
         if log_prob_fn is not None and not callable(log_prob_fn):
             raise TypeError(
@@ -179,7 +181,7 @@ class RATNaturalGradient(SolverSettingsView):
                 f"got {type(log_prob_fn).__name__}"
             )
         self.log_prob_fn: LogProbFn = log_prob_fn or default_log_prob
-        self.settings = SolverSettings.validated(
+        self.options = SolverOptions(
             solver=solver,
             damping=damping,
             block_size=block_size,
@@ -196,6 +198,32 @@ class RATNaturalGradient(SolverSettingsView):
         self.backend = check_choice("backend", backend, BACKENDS)
         self.memory_budget = check_positive_int("memory_budget", memory_budget, " bytes")
         self.diagnostics: Diagnostics | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        options: SolverOptions,
+        log_prob_fn: LogProbFn | None = None,
+        seed: int | None = None,
+        *,
+        backend: BackendName = "auto",
+        memory_budget: int = 2**30,
+    ) -> RATNaturalGradient:
+        """Build from a :class:`~natgrad.solvers.SolverOptions` instead of solver keywords.
+
+        Examples
+        --------
+        >>> from natgrad.solvers import RL_AGENT
+        >>> RATNaturalGradient.from_options(RL_AGENT.replace(damping=0.05), seed=0).damping
+        0.05
+        """
+        return cls(
+            log_prob_fn,
+            seed=seed,
+            backend=backend,
+            memory_budget=memory_budget,
+            **options.keywords(),
+        )
 
     def __repr__(self) -> str:
         return (
@@ -235,7 +263,7 @@ class RATNaturalGradient(SolverSettingsView):
             ``A~``, detached, with the shape, dtype and device of ``adv``. The gradient of
             ``mean(A~ * log pi)`` over ``params`` is the natural gradient ``d``.
         """
-        advantages, _, _, _ = self._run(policy, obs, acts, adv, params, want_direction=False)
+        advantages, _, _ = self._run(policy, obs, acts, adv, params)
         return advantages
 
     def natural_gradient(
@@ -252,15 +280,13 @@ class RATNaturalGradient(SolverSettingsView):
         solve without extra passes (Cholesky: ``J d = A - lam A~``; iterative solvers: the
         ``J v`` of the final residual check).
         """
-        advantages, v, result, scores = self._run(
-            policy, obs, acts, adv, params, want_direction=True
-        )
+        advantages, result, scores = self._run(policy, obs, acts, adv, params)
         assert self.diagnostics is not None
         n = scores.num_samples
         rhs = adv.detach().to(torch.float64)
         jd = result.jv
         direction = scores.unflatten(
-            representable("the natural-gradient direction", v, scores.dtype)
+            representable("the natural-gradient direction", result.v, scores.dtype)
         )
         g_dot_d, d_fisher_d = float(rhs @ jd) / n, float(jd @ jd) / n
         require_finite("J d", jd, "it overflows float64")
@@ -283,8 +309,7 @@ class RATNaturalGradient(SolverSettingsView):
         acts: Tree,
         adv: Tensor,
         params: Iterable[Tensor] | None,
-        want_direction: bool,
-    ) -> tuple[Tensor, Tensor | None, SolveResult, PolicyScores]:
+    ) -> tuple[Tensor, SolveResult, PolicyScores]:
         start = time.perf_counter()
         check_policy(policy)
         names = select_parameters(policy, params)
@@ -305,9 +330,7 @@ class RATNaturalGradient(SolverSettingsView):
                 operator, backend_note = self._operator(scores, policy, obs, acts)
         rhs = adv.detach().to(device=device, dtype=torch.float64)
         with torch.no_grad():  # solvers only combine detached tensors
-            result, solver_used, notes = solve(
-                operator, rhs, self.settings, self.generator, want_direction=want_direction
-            )
+            result, solver_used, notes = solve(operator, rhs, self.options, self.generator)
         fallbacks: list[str] = []
         if scores.fallback_reason is not None:
             fallbacks.append(
@@ -316,14 +339,6 @@ class RATNaturalGradient(SolverSettingsView):
         if backend_note:
             fallbacks.append(backend_note)
         fallbacks.extend(notes)
-        compiled = self.settings.compile and solver_used in ("cg", "kaczmarz")
-        if compiled and solver_used == "cg" and operator.functional() is None:
-            compiled = False
-            fallbacks.append(
-                f"compile=True: CG on the {operator.backend} backend has no fused form; "
-                "ran eagerly (solver='kaczmarz' compiles its block steps on every backend)"
-            )
-        v = result.v
         require_finite(
             "the transformed advantages A~",
             result.x,
@@ -343,12 +358,12 @@ class RATNaturalGradient(SolverSettingsView):
             fallbacks=tuple(fallbacks),
             num_samples=n,
             num_params=scores.num_params,
-            compiled=compiled,
+            compiled=result.compiled,
             direction_error=result.direction_error,
             condition=result.condition,
             precision=result.precision,
         )
-        return advantages, v, result, scores
+        return advantages, result, scores
 
     def _operator(
         self, scores: PolicyScores, policy: nn.Module, obs: Tree, acts: Tree

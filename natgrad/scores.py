@@ -1,9 +1,10 @@
-"""The per-sample score matrix ``J`` as a linear operator.
+"""The per-sample score matrix ``J`` of a policy, as a linear operator.
 
 Row ``i`` of ``J`` is the score ``psi_i = grad_theta log pi_theta(a_i | s_i)`` over the
-selected parameters, flattened in a fixed order. Solvers only ever see a
-:class:`ScoreOperator`: block rows ``J_S``, products ``J v`` and ``J^T x`` and the Gram
-matrix ``K = J J^T``. Two backends implement it:
+selected parameters, flattened in a fixed order. Solvers only ever see the
+:class:`~natgrad.operators.ScoreOperator` interface (:mod:`natgrad.operators`): block
+rows ``J_S``, products ``J v`` and ``J^T x`` and the Gram matrix ``K = J J^T``.
+:class:`PolicyScores` computes rows with ``torch.func``; two backends hold them:
 
 * :class:`MaterializedScores` holds ``J`` (``N x P``) in memory; every product is a matmul.
 * :class:`StreamingScores` recomputes the rows of a block on demand, so peak extra memory
@@ -13,17 +14,25 @@ matrix ``K = J J^T``. Two backends implement it:
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from natgrad import distributions
-from natgrad._tree import Tree, take, unsqueeze
+from natgrad._tree import Tree, take, unflatten, unsqueeze
+from natgrad._vmap import is_vmap_limitation
 from natgrad.errors import SampleCouplingError
+from natgrad.operators import (  # the interface, re-exported where scores are built
+    BlockFunctions,
+    DenseBlock,
+    DenseOperator,
+    ScoreBlock,
+    ScoreOperator,
+    bytes_for_matrix,  # noqa: F401
+    working_dtype,
+)
 
 LogProbFn = Callable[[nn.Module, Tree, Tree], Tensor]
 
@@ -71,14 +80,6 @@ class _LogProbModule(nn.Module):
 
     def forward(self, obs: Tree, acts: Tree) -> Tensor:
         return self.__dict__["log_prob_fn"](self.policy, obs, acts)
-
-
-def is_vmap_limitation(error: Exception) -> bool:
-    """Whether ``error`` from ``vmap`` is a gap in batching (worth a per-sample loop)."""
-    text = str(error).lower()
-    if "random" in text and "vmap" in text:
-        return False  # randomness in the policy is a user error, not a vmap gap
-    return isinstance(error, (RuntimeError, NotImplementedError, ValueError))
 
 
 class PolicyScores:
@@ -241,163 +242,17 @@ class PolicyScores:
 
     def unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:
         """Split a flat ``(P,)`` vector into tensors shaped like the selected parameters."""
-        pieces = torch.split(flat, self.numels)
-        return tuple(p.reshape(s) for p, s in zip(pieces, self.shapes, strict=True))
+        return unflatten(flat, self.shapes)
 
 
-class ScoreBlock(ABC):
-    """The rows ``J_S`` of one block of samples, seen through three products."""
-
-    dtype: torch.dtype
-
-    @abstractmethod
-    def gram(self) -> Tensor:
-        """``J_S J_S^T`` (shape ``(b, b)``)."""
-
-    @abstractmethod
-    def matvec(self, v: Tensor) -> Tensor:
-        """``J_S v`` for ``v`` of shape ``(P,)``; returns shape ``(b,)``."""
-
-    @abstractmethod
-    def rmatvec(self, x: Tensor) -> Tensor:
-        """``J_S^T x`` for ``x`` of shape ``(b,)``; returns shape ``(P,)``."""
-
-    def functional(self) -> tuple[BlockFunctions, tuple] | None:
-        """Pure functions and their tensor payload for the compiled path, or ``None``."""
-        return None
-
-
-@dataclass(frozen=True)
-class BlockFunctions:
-    """Pure functions of a payload (tuple of tensors) giving ``J J^T``, ``J v``, ``J^T x``.
-
-    Rows exposed this way can run on the ``torch.compile`` path (``compile=True``).
-    """
-
-    gram: Callable[[tuple], Tensor]
-    matvec: Callable[[tuple, Tensor], Tensor]
-    rmatvec: Callable[[tuple, Tensor], Tensor]
-
-
-def _dense_gram(payload: tuple[Tensor]) -> Tensor:
-    return payload[0] @ payload[0].T
-
-
-def _dense_matvec(payload: tuple[Tensor], v: Tensor) -> Tensor:
-    return payload[0] @ v
-
-
-def _dense_rmatvec(payload: tuple[Tensor], x: Tensor) -> Tensor:
-    return payload[0].T @ x
-
-
-DENSE_FUNCTIONS = BlockFunctions(_dense_gram, _dense_matvec, _dense_rmatvec)
-
-
-class DenseBlock(ScoreBlock):
-    """A block held as an explicit ``(b, P)`` matrix of rows."""
-
-    def __init__(self, rows: Tensor) -> None:
-        self.rows = rows
-        self.dtype = rows.dtype
-
-    def gram(self) -> Tensor:
-        return self.rows @ self.rows.T
-
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.rows @ v
-
-    def rmatvec(self, x: Tensor) -> Tensor:
-        return self.rows.T @ x
-
-    def functional(self) -> tuple[BlockFunctions, tuple]:
-        return DENSE_FUNCTIONS, (self.rows,)
-
-
-class ScoreOperator(ABC):
-    """The score matrix ``J`` (``N x P``) seen through the few products solvers need."""
-
-    num_samples: int
-    num_params: int
-    dtype: torch.dtype
-    device: torch.device
-    backend: str
-
-    @abstractmethod
-    def block(self, index: Tensor) -> ScoreBlock:
-        """The rows ``J_S`` of the samples in ``index``."""
-
-    @abstractmethod
-    def matvec(self, v: Tensor) -> Tensor:
-        """``J v`` for ``v`` of shape ``(P,)``; returns shape ``(N,)``."""
-
-    @abstractmethod
-    def rmatvec(self, x: Tensor) -> Tensor:
-        """``J^T x`` for ``x`` of shape ``(N,)``; returns shape ``(P,)``."""
-
-    @abstractmethod
-    def gram(self) -> Tensor:
-        """The kernel ``K = J J^T`` (shape ``(N, N)``)."""
-
-    def functional(self) -> tuple[BlockFunctions, tuple] | None:
-        """Pure functions and payload of the whole ``J`` for the compiled path, or ``None``."""
-        return None
-
-    def cross_gram(self, index: Tensor) -> Tensor:
-        """Columns ``K[:, index] = J J[index]^T`` of the kernel (shape ``(N, len(index))``).
-
-        Used by the Nystrom preconditioner of CG; every built-in backend implements it.
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no cross_gram")
-
-    def squared_norms(self) -> Tensor:
-        """Squared row norms ``|psi_i|^2``, the diagonal of ``K`` (shape ``(N,)``).
-
-        The default forms ``K``; backends override it with something cheaper.
-        """
-        return self.gram().diagonal()
-
-    @property
-    def score_dtype(self) -> torch.dtype:
-        """The dtype the scores were computed in (rounding level of ``J``).
-
-        Equals :attr:`dtype` except for half-precision policies, whose scores are stored
-        and multiplied in float32 (see :func:`working_dtype`).
-        """
-        return self.__dict__.get("_score_dtype", self.dtype)
-
-    @score_dtype.setter
-    def score_dtype(self, dtype: torch.dtype) -> None:
-        self.__dict__["_score_dtype"] = dtype
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype that score rows are stored and multiplied in: at least float32.
-
-    Gram matrices and products of float16/bfloat16 rows would round every sum to 3 or 2
-    significant digits; accumulating in float32 keeps only the scores' own rounding.
-    """
-    return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
-
-
-class MaterializedScores(ScoreOperator):
-    """``J`` held in memory as an ``(N, P)`` tensor.
+class MaterializedScores(DenseOperator):
+    """Policy scores ``J`` held in memory as an ``(N, P)`` tensor.
 
     Parameters
     ----------
     matrix
         The score matrix, one row per sample.
     """
-
-    backend = "materialized"
-
-    def __init__(self, matrix: Tensor) -> None:
-        if matrix.dim() != 2:
-            raise ValueError(f"matrix must be 2-D (N, P), got shape {tuple(matrix.shape)}")
-        self.matrix = matrix
-        self.num_samples, self.num_params = matrix.shape
-        self.dtype = matrix.dtype
-        self.device = matrix.device
 
     @classmethod
     def from_policy(cls, scores: PolicyScores, chunk_size: int) -> MaterializedScores:
@@ -418,31 +273,6 @@ class MaterializedScores(ScoreOperator):
         operator = cls(matrix)
         operator.score_dtype = scores.dtype
         return operator
-
-    def rows(self, index: Tensor) -> Tensor:
-        """Rows ``J[index]`` (shape ``(len(index), P)``)."""
-        return self.matrix[index]
-
-    def block(self, index: Tensor) -> ScoreBlock:
-        return DenseBlock(self.matrix[index])
-
-    def matvec(self, v: Tensor) -> Tensor:
-        return self.matrix @ v
-
-    def rmatvec(self, x: Tensor) -> Tensor:
-        return self.matrix.T @ x
-
-    def gram(self) -> Tensor:
-        return self.matrix @ self.matrix.T
-
-    def functional(self) -> tuple[BlockFunctions, tuple]:
-        return DENSE_FUNCTIONS, (self.matrix,)
-
-    def cross_gram(self, index: Tensor) -> Tensor:
-        return self.matrix @ self.matrix[index].T
-
-    def squared_norms(self) -> Tensor:
-        return torch.linalg.vector_norm(self.matrix, dim=1).to(torch.float64) ** 2
 
 
 class StreamingScores(ScoreOperator):
@@ -509,8 +339,3 @@ class StreamingScores(ScoreOperator):
                 kernel[rows_i[:, None], rows_j[None, :]] = product
                 kernel[rows_j[:, None], rows_i[None, :]] = product.T
         return kernel
-
-
-def bytes_for_matrix(num_samples: int, num_params: int, dtype: torch.dtype) -> int:
-    """Bytes needed to hold an ``N x P`` score matrix of ``dtype``."""
-    return num_samples * num_params * torch.finfo(dtype).bits // 8

@@ -105,7 +105,8 @@ def test_expected_contraction_respects_sketch_and_project_bound(problem):
         state = KaczmarzState(x=x0.clone(), v=op.rmatvec(x0) / n)
         kaczmarz_step(state, op.block(index), index, rhs, damping)
         after += energy(matrix, state.x - exact) / len(paving)
-    assert after <= rate * before * (1 + 1e-8) + 1e-12
+    # rate is 0 up to rounding (-1e-15) when one block covers all samples: clamp it there.
+    assert after <= max(rate, 0.0) * before * (1 + 1e-8) + 1e-12
 
 
 @settings(max_examples=40, deadline=None)

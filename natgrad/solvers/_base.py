@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from natgrad.errors import IllConditionedError
-from natgrad.scores import ScoreOperator
-from natgrad.solvers.fused import fused_kernel, fused_matvec
 
 
 @dataclass(frozen=True)
@@ -22,8 +20,7 @@ class SolveResult:
     x
         The transformed advantages ``A~`` (float64, shape ``(N,)``).
     v
-        ``J^T x / N`` (float64, shape ``(P,)``), the natural-gradient direction, or
-        ``None`` when the solver never formed it.
+        ``J^T x / N`` (float64, shape ``(P,)``), the natural-gradient direction.
     jv
         ``J v`` (float64, shape ``(N,)``) at the returned ``x``: equals ``J d``.
     residual
@@ -38,10 +35,12 @@ class SolveResult:
     condition, precision
         Estimated ``cond(K / N + lam I)`` and ``condition * eps`` of the scores' dtype (set
         by :func:`~natgrad.solvers.solve`; see :mod:`natgrad.solvers.conditioning`).
+    compiled
+        Whether the fused ``torch.compile`` step ran (set by :func:`~natgrad.solvers.solve`).
     """
 
     x: Tensor
-    v: Tensor | None
+    v: Tensor
     jv: Tensor
     residual: float
     iterations: int
@@ -49,20 +48,11 @@ class SolveResult:
     direction_error: float | None = None
     condition: float | None = None
     precision: float | None = None
+    compiled: bool = False
 
     def scaled(self, factor: float) -> SolveResult:
         """The same solve for ``factor * rhs`` (the system is linear in the right-hand side)."""
-        return SolveResult(
-            self.x * factor,
-            None if self.v is None else self.v * factor,
-            self.jv * factor,
-            self.residual,
-            self.iterations,
-            self.converged,
-            self.direction_error,
-            self.condition,
-            self.precision,
-        )
+        return replace(self, x=self.x * factor, v=self.v * factor, jv=self.jv * factor)
 
 
 def relative_residual(rhs: Tensor, jv: Tensor, x: Tensor, damping: float) -> float:
@@ -135,32 +125,3 @@ def direction_error(
     if not size > absolute:
         return math.inf
     return absolute / (size - absolute)
-
-
-def apply_kernel(
-    operator: ScoreOperator, x: Tensor, compiled: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Return ``(v, J v)`` with ``v = J^T x / N``, both float64.
-
-    ``compiled=True`` fuses both products into one ``torch.compile`` graph when the
-    operator has a functional form.
-    """
-    n = operator.num_samples
-    functional = operator.functional() if compiled else None
-    if functional is not None:
-        return fused_kernel(*functional, x, 1.0 / n)
-    v = operator.rmatvec(x.to(operator.dtype)).to(torch.float64) / n
-    return v, operator.matvec(v.to(operator.dtype)).to(torch.float64)
-
-
-def operator_rmatvec(operator: ScoreOperator, x: Tensor) -> Tensor:
-    """``J^T x`` in float64 for a float64 ``x``."""
-    return operator.rmatvec(x.to(operator.dtype)).to(torch.float64)
-
-
-def operator_matvec(operator: ScoreOperator, v: Tensor, compiled: bool = False) -> Tensor:
-    """``J v`` in float64 for a float64 ``v`` (compiled when asked and possible)."""
-    functional = operator.functional() if compiled else None
-    if functional is not None:
-        return fused_matvec(*functional, v)
-    return operator.matvec(v.to(operator.dtype)).to(torch.float64)

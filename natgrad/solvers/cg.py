@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from natgrad.scores import ScoreOperator
-from natgrad.solvers._base import (
-    SolveResult,
-    apply_kernel,
-    direction_error,
-    relative_residual,
-)
+from natgrad.operators import ScoreOperator
+from natgrad.solvers._base import SolveResult, direction_error, relative_residual
+from natgrad.solvers._products import apply_kernel
+from natgrad.solvers.nystrom import nystrom_preconditioner
+from natgrad.solvers.registry import Solver, register_solver
+
+if TYPE_CHECKING:
+    from natgrad.solvers.options import SolverOptions
 
 _MAX_RESTARTS = 3  # residual replacements when the CG recurrence drifts (float32)
 
@@ -99,3 +101,30 @@ def cg_solve(
     residual = relative_residual(rhs, jv, x, damping)
     error = direction_error(residual * rhs_norm, v, damping, n, direction_offset)
     return SolveResult(x, v, jv, residual, iterations, residual <= tol and error <= tol, error)
+
+
+def solve_cg(
+    operator: ScoreOperator,
+    rhs: Tensor,
+    options: SolverOptions,
+    generator: torch.Generator,
+    *,
+    direction_offset: Tensor | None = None,
+) -> SolveResult:
+    """:func:`cg_solve` with the Nystrom preconditioner of ``options.preconditioner_rank``."""
+    preconditioner = nystrom_preconditioner(
+        operator, options.damping, options.preconditioner_rank, generator
+    )
+    return cg_solve(
+        operator,
+        rhs,
+        options.damping,
+        options.tol,
+        options.max_iters,
+        options.compile,
+        preconditioner,
+        direction_offset=direction_offset,
+    )
+
+
+register_solver(Solver("cg", solve_cg, compiles=lambda operator: operator.functional() is not None))

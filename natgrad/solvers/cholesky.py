@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from natgrad.scores import ScoreOperator
+from natgrad.operators import ScoreOperator
 from natgrad.solvers._base import SolveResult, cholesky_factor, relative_residual
+from natgrad.solvers._products import direction_of
+from natgrad.solvers.registry import Solver, register_solver
+
+if TYPE_CHECKING:
+    from natgrad.solvers.options import SolverOptions
 
 
 def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> SolveResult:
@@ -32,7 +39,8 @@ def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> Solv
     Returns
     -------
     SolveResult
-        ``jv`` uses the identity ``J d = K x / N = rhs - lam x``, exact up to rounding.
+        ``jv`` uses the identity ``J d = K x / N = rhs - lam x``, exact up to rounding;
+        ``v = J^T x / N`` costs one more product.
     """
     n = operator.num_samples
     kernel = operator.gram().to(torch.float64) / n
@@ -41,4 +49,20 @@ def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> Solv
     x = torch.cholesky_solve(rhs.unsqueeze(1), factor).squeeze(1)
     jv = (kernel @ x) - damping * x
     residual = relative_residual(rhs, jv, x, damping)
-    return SolveResult(x=x, v=None, jv=jv, residual=residual, iterations=1, converged=True)
+    v = direction_of(operator, x)
+    return SolveResult(x=x, v=v, jv=jv, residual=residual, iterations=1, converged=True)
+
+
+def solve_cholesky(
+    operator: ScoreOperator,
+    rhs: Tensor,
+    options: SolverOptions,
+    generator: torch.Generator,
+    *,
+    direction_offset: Tensor | None = None,
+) -> SolveResult:
+    """:func:`cholesky_solve` with ``options.damping`` (exact: nothing else applies)."""
+    return cholesky_solve(operator, rhs, options.damping)
+
+
+register_solver(Solver("cholesky", solve_cholesky, iterative=False, needs_gram=True))

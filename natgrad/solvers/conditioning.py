@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from natgrad.scores import ScoreOperator
-from natgrad.solvers._base import apply_kernel
+from natgrad.operators import ScoreOperator
+from natgrad.solvers._products import apply_kernel
 
 POWER_ITERATIONS = 8
 # Seed of the power iteration's start vector: fixed so that the estimate is reproducible and

@@ -16,9 +16,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from natgrad.scores import BlockFunctions
+from natgrad.operators import BlockFunctions, Payload
 
-Payload = Any  # a tuple (tree) of tensors and ints
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -36,6 +35,7 @@ def _compiled_on_first_call(function: F) -> F:
 
 
 def _payload_dtype(payload: Payload) -> torch.dtype:
+    """Dtype of the rows: that of the payload's first leaf tensor (payloads are NamedTuples)."""
     first = payload[0]
     while isinstance(first, tuple):
         first = first[0]

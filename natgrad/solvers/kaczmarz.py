@@ -17,20 +17,19 @@ systems" (sketch-and-project; the error contracts in the M-norm, Theorem 4.6 the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from natgrad.scores import ScoreBlock, ScoreOperator
-from natgrad.solvers._base import (
-    SolveResult,
-    cholesky_factor,
-    direction_error,
-    operator_matvec,
-    operator_rmatvec,
-    relative_residual,
-)
+from natgrad.operators import ScoreBlock, ScoreOperator
+from natgrad.solvers._base import SolveResult, cholesky_factor, direction_error, relative_residual
+from natgrad.solvers._products import direction_of, operator_matvec
 from natgrad.solvers.fused import fused_block_factor, fused_block_step
+from natgrad.solvers.registry import Solver, register_solver
+
+if TYPE_CHECKING:
+    from natgrad.solvers.options import SolverOptions
 
 
 @dataclass
@@ -195,7 +194,7 @@ def kaczmarz_solve(
             swept += r @ r  # stays on the device: one synchronization per epoch
             del block  # streaming: free these rows before the next block's are computed
         if accurate(float(swept) ** 0.5) or epoch == max_epochs:
-            state.v = operator_rmatvec(operator, state.x) / num_samples
+            state.v = direction_of(operator, state.x)
             jv = operator_matvec(operator, state.v, compiled)
             residual = relative_residual(rhs, jv, state.x, damping)
             if accurate(residual * rhs_norm):
@@ -204,3 +203,32 @@ def kaczmarz_solve(
     return SolveResult(
         state.x, state.v, jv, residual, epoch, residual <= tol and error <= tol, error
     )
+
+
+def solve_kaczmarz(
+    operator: ScoreOperator,
+    rhs: Tensor,
+    options: SolverOptions,
+    generator: torch.Generator,
+    *,
+    direction_offset: Tensor | None = None,
+) -> SolveResult:
+    """:func:`kaczmarz_solve` with the block size, epochs, tol and paving of ``options``."""
+    return kaczmarz_solve(
+        operator,
+        rhs,
+        options.damping,
+        options.block_size,
+        options.max_epochs,
+        options.tol,
+        generator,
+        options.resample_blocks,
+        options.compile,
+        direction_offset=direction_offset,
+    )
+
+
+# Every backend's blocks have a functional form (dense rows or factors): always compiled.
+register_solver(
+    Solver("kaczmarz", solve_kaczmarz, iteration_unit="epochs", compiles=lambda operator: True)
+)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from natgrad.scores import ScoreOperator
+from natgrad.operators import ScoreOperator
 
 
 def nystrom_preconditioner(

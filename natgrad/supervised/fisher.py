@@ -4,7 +4,7 @@ Each likelihood and Fisher type becomes a matrix ``W`` (``R x P``, ``R`` rows fo
 samples) with ``F = W^T W / N``, plus the gradient ``g`` of the mean loss. When ``g`` lies in
 the row space of ``W`` we also return coefficients ``u`` with ``g = W^T u / N``; the
 natural gradient then has the kernel (Woodbury) form ``d = W^T (W W^T / N + lam I)^{-1} u / N``.
-Otherwise (sampled Fisher) the push-through form of DESIGN section 1 is needed.
+Otherwise (sampled Fisher) the push-through form of ``docs/derivation.md`` is needed.
 
 =============  ==========  ==========================================  ======================
 loss           fisher      rows of ``W`` for sample ``i``               ``u`` (kernel form)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
 from natgrad._tree import Tree, take, tree_map, unsqueeze
-from natgrad.scores import is_vmap_limitation
+from natgrad._vmap import is_vmap_limitation
 
 __all__ = ["ModelJacobians", "output_jacobians", "output_jvp"]
 

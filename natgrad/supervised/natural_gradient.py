@@ -22,19 +22,20 @@ from natgrad._checks import (
     select_parameters,
 )
 from natgrad._guard import unchanged_module
-from natgrad._tree import Tree, tree_leaves
+from natgrad._tree import Tree, tree_leaves, unflatten
 from natgrad.errors import NonFiniteError
+from natgrad.operators import DenseOperator, working_dtype
 from natgrad.results import Diagnostics
-from natgrad.scores import MaterializedScores, working_dtype
 from natgrad.solvers import (
+    SUPERVISED,
     OnNonConvergence,
     SolveResult,
     SolverName,
-    SolverSettings,
-    SolverSettingsView,
+    SolverOptions,
     seeded_generator,
     solve,
 )
+from natgrad.solvers.options import OptionsView
 from natgrad.supervised.fisher import (
     FISHERS,
     LOSSES,
@@ -92,7 +93,7 @@ class SupervisedResult:
     diagnostics: Diagnostics
 
 
-class SupervisedNaturalGradient(SolverSettingsView):
+class SupervisedNaturalGradient(OptionsView):
     r"""Natural gradient (damped Gauss-Newton) of a supervised loss, via the RAT solvers.
 
     For ``N`` samples with per-sample output Jacobians ``J_i`` (``k x P``) the direction is
@@ -137,6 +138,10 @@ class SupervisedNaturalGradient(SolverSettingsView):
         Draw a new Kaczmarz paving each epoch.
     chunk_size
         Samples whose Jacobians are computed in one ``vmap`` call.
+    preconditioner_rank
+        Rank of CG's Nystrom preconditioner (``0``, the default, turns it off).
+    compile
+        Run the iterative solvers' fused ``torch.compile`` step.
 
     Attributes
     ----------
@@ -154,22 +159,24 @@ class SupervisedNaturalGradient(SolverSettingsView):
     def __init__(
         self,
         loss: LossName = "mse",
-        damping: float = 1e-3,
+        damping: float = SUPERVISED.damping,
         fisher: FisherName = "exact",
-        solver: SolverName = "kaczmarz",
-        block_size: int = 256,
-        max_epochs: int = 50,
-        tol: float = 1e-3,
-        max_iters: int = 200,
+        solver: SolverName = SUPERVISED.solver,  # type: ignore[assignment]
+        block_size: int = SUPERVISED.block_size,
+        max_epochs: int = SUPERVISED.max_epochs,
+        tol: float = SUPERVISED.tol,
+        max_iters: int = SUPERVISED.max_iters,
         seed: int | None = None,
         *,
-        on_nonconvergence: OnNonConvergence = "fallback",
-        resample_blocks: bool = False,
+        on_nonconvergence: OnNonConvergence = SUPERVISED.on_nonconvergence,  # type: ignore[assignment]
+        resample_blocks: bool = SUPERVISED.resample_blocks,
         chunk_size: int = 256,
+        preconditioner_rank: int = SUPERVISED.preconditioner_rank,
+        compile: bool = SUPERVISED.compile,
     ) -> None:
         self.loss = check_choice("loss", loss, LOSSES)
         self.fisher = check_choice("fisher", fisher, FISHERS)
-        self.settings = SolverSettings.validated(
+        self.options = SolverOptions(
             solver=solver,
             damping=damping,
             block_size=block_size,
@@ -178,11 +185,25 @@ class SupervisedNaturalGradient(SolverSettingsView):
             max_iters=max_iters,
             on_nonconvergence=on_nonconvergence,
             resample_blocks=resample_blocks,
+            compile=compile,
+            preconditioner_rank=preconditioner_rank,
         )
         self.seed = seed
         self.chunk_size = check_positive_int("chunk_size", chunk_size, "; try 256")
         self.generator = seeded_generator(seed)
         self.diagnostics: Diagnostics | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        options: SolverOptions,
+        loss: LossName = "mse",
+        fisher: FisherName = "exact",
+        seed: int | None = None,
+        chunk_size: int = 256,
+    ) -> SupervisedNaturalGradient:
+        """Build from a :class:`~natgrad.solvers.SolverOptions` instead of solver keywords."""
+        return cls(loss, fisher=fisher, seed=seed, chunk_size=chunk_size, **options.keywords())
 
     def __repr__(self) -> str:
         return (
@@ -259,6 +280,7 @@ class SupervisedNaturalGradient(SolverSettingsView):
             fallbacks=tuple(fallbacks),
             num_samples=n,
             num_params=int(sum(numels)),
+            compiled=result.compiled,
             direction_error=result.direction_error,
             condition=result.condition,
             precision=result.precision,
@@ -266,8 +288,8 @@ class SupervisedNaturalGradient(SolverSettingsView):
         require_finite("the natural-gradient direction", direction, "it overflows float64")
         representable("the natural-gradient direction", direction, dtype)
         return SupervisedResult(
-            direction=_unflatten(direction.to(dtype), numels, shapes),
-            gradient=_unflatten(built.gradient.to(dtype), numels, shapes),
+            direction=unflatten(direction.to(dtype), shapes),
+            gradient=unflatten(built.gradient.to(dtype), shapes),
             param_names=tuple(names),
             loss=built.loss,
             g_dot_d=float(built.gradient @ direction),
@@ -285,7 +307,7 @@ class SupervisedNaturalGradient(SolverSettingsView):
         # The solvers normalize by their row count R, the Fisher by N: rows scaled by
         # sqrt(R / N) make the operator's J^T J / R equal F = W^T W / N.
         scale = math.sqrt(num_rows / n)
-        operator = MaterializedScores((built.rows * scale).to(working_dtype(built.rows.dtype)))
+        operator = DenseOperator((built.rows * scale).to(working_dtype(built.rows.dtype)))
         operator.score_dtype = built.rows.dtype
         if built.coefficients is not None:
             form: Form = "kernel"
@@ -295,12 +317,7 @@ class SupervisedNaturalGradient(SolverSettingsView):
             rhs = built.rows.to(torch.float64) @ built.gradient
         offset = None if form == "kernel" else built.gradient / scale
         result, solver_used, fallbacks = solve(
-            operator,
-            rhs,
-            self.settings,
-            self.generator,
-            direction_offset=offset,
-            want_direction=True,
+            operator, rhs, self.options, self.generator, direction_offset=offset
         )
         v = result.v
         if form == "kernel":
@@ -313,19 +330,21 @@ def natural_gradient(
     inputs: Tree,
     targets: Tensor,
     loss: LossName = "mse",
-    damping: float = 1e-3,
+    damping: float = SUPERVISED.damping,
     fisher: FisherName = "exact",
-    solver: SolverName = "kaczmarz",
+    solver: SolverName = SUPERVISED.solver,  # type: ignore[assignment]
     params: Iterable[Tensor] | None = None,
     seed: int | None = None,
     *,
-    block_size: int = 256,
-    max_epochs: int = 50,
-    tol: float = 1e-3,
-    max_iters: int = 200,
-    on_nonconvergence: OnNonConvergence = "fallback",
-    resample_blocks: bool = False,
+    block_size: int = SUPERVISED.block_size,
+    max_epochs: int = SUPERVISED.max_epochs,
+    tol: float = SUPERVISED.tol,
+    max_iters: int = SUPERVISED.max_iters,
+    on_nonconvergence: OnNonConvergence = SUPERVISED.on_nonconvergence,  # type: ignore[assignment]
+    resample_blocks: bool = SUPERVISED.resample_blocks,
     chunk_size: int = 256,
+    preconditioner_rank: int = SUPERVISED.preconditioner_rank,
+    compile: bool = SUPERVISED.compile,
 ) -> tuple[Tensor, ...]:
     """Natural-gradient direction ``d = (F + lam I)^{-1} g`` of a supervised loss.
 
@@ -357,6 +376,8 @@ def natural_gradient(
         Seed for sampled targets and Kaczmarz blocks; same seed, same result.
     block_size, max_epochs, tol, max_iters, on_nonconvergence, resample_blocks, chunk_size
         Solver keywords, as in :class:`SupervisedNaturalGradient`.
+    preconditioner_rank, compile
+        Also as in :class:`SupervisedNaturalGradient`.
 
     Returns
     -------
@@ -375,20 +396,8 @@ def natural_gradient(
     >>> [t.shape for t in d] == [p.shape for p in model.parameters()]
     True
     """
-    transform = SupervisedNaturalGradient(
-        loss,
-        damping,
-        fisher,
-        solver,
-        block_size,
-        max_epochs,
-        tol,
-        max_iters,
-        seed,
-        on_nonconvergence=on_nonconvergence,
-        resample_blocks=resample_blocks,
-        chunk_size=chunk_size,
-    )
+    options = SUPERVISED.pick(locals())
+    transform = SupervisedNaturalGradient.from_options(options, loss, fisher, seed, chunk_size)
     return transform(model, inputs, targets, params).direction
 
 
@@ -396,10 +405,6 @@ def natural_gradient(
 def _selected(model: nn.Module, names: list[str]) -> list[Tensor]:
     named = dict(model.named_parameters())
     return [named[name] for name in names]
-
-
-def _unflatten(flat: Tensor, numels: list[int], shapes: list[torch.Size]) -> tuple[Tensor, ...]:
-    return tuple(p.reshape(s) for p, s in zip(torch.split(flat, numels), shapes, strict=True))
 
 
 def _check_inputs(inputs: Tree, device: torch.device, dtype: torch.dtype) -> int:

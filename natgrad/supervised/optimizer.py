@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from natgrad._checks import check_choice, check_positive_float, select_parameters
 from natgrad._tree import Tree
 from natgrad.results import Diagnostics
-from natgrad.solvers import OnNonConvergence, SolverName
+from natgrad.solvers import SUPERVISED, OnNonConvergence, SolverName
 from natgrad.supervised.fisher import FisherName, LossName, exact_fisher_quadratic, mean_loss
 from natgrad.supervised.jacobians import output_jvp
 from natgrad.supervised.natural_gradient import SupervisedNaturalGradient
@@ -99,10 +99,10 @@ class NaturalGradientOptimizer:
         Multiplicative damping change of the LM schedule (``> 1``).
     min_damping, max_damping
         Bounds of the LM schedule.
-    **solver_options
-        ``block_size``, ``max_epochs``, ``tol``, ``max_iters``, ``on_nonconvergence``,
-        ``resample_blocks``, ``chunk_size`` as in
-        :class:`~natgrad.supervised.SupervisedNaturalGradient`.
+    block_size, max_epochs, tol, max_iters, on_nonconvergence, resample_blocks, chunk_size
+        Solver keywords as in :class:`~natgrad.supervised.SupervisedNaturalGradient`.
+    preconditioner_rank, compile
+        Also as there.
 
     Attributes
     ----------
@@ -138,10 +138,10 @@ class NaturalGradientOptimizer:
         loss: LossName = "mse",
         lr: float = 1.0,
         momentum: float = 0.0,
-        damping: float = 1e-3,
+        damping: float = SUPERVISED.damping,
         damping_schedule: DampingScheduleName | Callable[[int], float] = "fixed",
         fisher: FisherName = "exact",
-        solver: SolverName = "kaczmarz",
+        solver: SolverName = SUPERVISED.solver,  # type: ignore[assignment]
         params: Iterable[Tensor] | None = None,
         seed: int | None = None,
         *,
@@ -149,30 +149,22 @@ class NaturalGradientOptimizer:
         lm_factor: float = 1.5,
         min_damping: float = 1e-8,
         max_damping: float = 1e4,
-        block_size: int = 256,
-        max_epochs: int = 50,
-        tol: float = 1e-3,
-        max_iters: int = 200,
-        on_nonconvergence: OnNonConvergence = "fallback",
-        resample_blocks: bool = False,
+        block_size: int = SUPERVISED.block_size,
+        max_epochs: int = SUPERVISED.max_epochs,
+        tol: float = SUPERVISED.tol,
+        max_iters: int = SUPERVISED.max_iters,
+        on_nonconvergence: OnNonConvergence = SUPERVISED.on_nonconvergence,  # type: ignore[assignment]
+        resample_blocks: bool = SUPERVISED.resample_blocks,
         chunk_size: int = 256,
+        preconditioner_rank: int = SUPERVISED.preconditioner_rank,
+        compile: bool = SUPERVISED.compile,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.transform = SupervisedNaturalGradient(
-            loss,
-            damping,
-            fisher,
-            solver,
-            block_size,
-            max_epochs,
-            tol,
-            max_iters,
-            seed,
-            on_nonconvergence=on_nonconvergence,
-            resample_blocks=resample_blocks,
-            chunk_size=chunk_size,
+        options = SUPERVISED.pick(locals())
+        self.transform = SupervisedNaturalGradient.from_options(
+            options, loss, fisher, seed, chunk_size
         )
         if callable(damping_schedule):
             self._schedule: Callable[[int], float] | None = damping_schedule
@@ -244,8 +236,8 @@ class NaturalGradientOptimizer:
             Loss before (and, for LM, after) the step, the damping and the solve diagnostics.
         """
         damping = self._current_damping()
-        # The solve reads its damping from the settings: change it there.
-        self.transform.settings = replace(self.transform.settings, damping=damping)
+        # The solve reads its damping from the options: change it there.
+        self.transform.options = self.transform.options.replace(damping=damping)
         result = self.transform(self.model, inputs, targets, self._params)
         before = [p.detach().clone() for p in self._params]
         saved = [p.grad for p in self._params]

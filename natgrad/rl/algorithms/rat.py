@@ -15,7 +15,7 @@ from natgrad.distributions import log_prob, mean_kl
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
 from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
 from natgrad.rl.options import at_least_one_or_off, nonnegative_int, option, positive
-from natgrad.solvers import SOLVERS
+from natgrad.solvers import RL_AGENT, solver_names
 
 __all__ = ["RatNPG", "RatNPGOptions", "RatOptions", "RatTRPO", "RatTRPOOptions"]
 
@@ -29,26 +29,29 @@ def _rat_log_prob(policy: nn.Module, obs: Tensor, acts: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class RatOptions(TrustRegionOptions):
-    """Options of the RAT natural gradient shared by ``rat-npg`` and ``rat-trpo``."""
+    """Options of the RAT natural gradient shared by ``rat-npg`` and ``rat-trpo``.
+
+    The defaults are the solver preset :data:`natgrad.solvers.RL_AGENT`.
+    """
 
     damping: float = option(
-        0.1, "RAT Tikhonov damping lambda, in units of F = J^T J / N.", positive
+        RL_AGENT.damping, "RAT Tikhonov damping lambda, in units of F = J^T J / N.", positive
     )
     solver: str = option(
-        "auto",
+        RL_AGENT.solver,
         "RAT solver for the N x N system: auto (CG on CPU, Cholesky on GPU for N <= 4096), "
         "kaczmarz, cholesky or cg.",
-        choices=lambda: SOLVERS,
+        choices=solver_names,
     )
-    block_size: int = option(256, "RAT Kaczmarz block size.", positive)
+    block_size: int = option(RL_AGENT.block_size, "RAT Kaczmarz block size.", positive)
     rat_max_epochs: int = option(
-        20,
+        RL_AGENT.max_epochs,
         "RAT Kaczmarz epochs before falling back to Cholesky (CG is capped at 200 iterations).",
         positive,
     )
-    rat_tol: float = option(1e-3, "RAT relative residual tolerance.", positive)
+    rat_tol: float = option(RL_AGENT.tol, "RAT relative residual tolerance.", positive)
     rat_preconditioner_rank: int = option(
-        256,
+        RL_AGENT.preconditioner_rank,
         "Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).",
         nonnegative_int(" (0 turns it off)"),
     )
@@ -75,16 +78,15 @@ class _RatBase(PolicyUpdate):
     def __init__(self, policy: nn.Module, options: Any = None, seed: int = 0) -> None:
         super().__init__(policy, options, seed)
         config = self.options
-        self.rat = RATNaturalGradient(
-            log_prob_fn=_rat_log_prob,
+        options = RL_AGENT.replace(
             damping=config.damping,
-            solver=config.solver,  # type: ignore[arg-type]
+            solver=config.solver,
             block_size=config.block_size,
             max_epochs=config.rat_max_epochs,
             tol=config.rat_tol,
-            seed=seed,
             preconditioner_rank=config.rat_preconditioner_rank,
         )
+        self.rat = RATNaturalGradient.from_options(options, _rat_log_prob, seed)
 
     def _direction(
         self, obs: Tensor, acts: Tensor, adv: Tensor
