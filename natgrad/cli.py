@@ -35,6 +35,7 @@ def _train_fields() -> list[tuple[dataclasses.Field, str]]:
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from natgrad.rl.algorithms import ALGORITHMS
+    from natgrad.rl.config import TrainConfig
     from natgrad.rl.options import flag
 
     parser = sub.add_parser(
@@ -43,9 +44,16 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "[--resume] [options]",
         help="train an agent (default: CartPole-v1 with rat-npg)",
         description="Train an on-policy agent on a Gymnasium environment. Every option "
-        "defaults to TrainConfig and the algorithm's options (in [brackets]: the algorithms "
-        "that read it); the full configuration is printed and saved as DIR/config.json.",
+        "defaults to TrainConfig or the algorithm's options; the full configuration is "
+        "printed and saved as DIR/config.json.",
     )
+    groups = {
+        True: parser.add_argument_group("training options (natgrad.rl.TrainConfig)"),
+        False: parser.add_argument_group(
+            "algorithm options", "each is read by the algorithms in [brackets] only"
+        ),
+    }
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
     for field, text in _train_fields():
         default = field.default
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
@@ -61,7 +69,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
             kwargs.update(type=int, nargs="+", metavar="WIDTH")
         else:
             kwargs["type"] = type(default)
-        parser.add_argument(flag(field.name), **kwargs)
+        groups[field.name in shared].add_argument(flag(field.name), **kwargs)
     parser.add_argument(
         "--out",
         type=Path,
