@@ -1,4 +1,4 @@
-"""Fast exact scores for ``nn.Linear`` layers, without per-sample gradients.
+"""Fast exact scores for factorable layers (``nn.Linear``, ...), without per-sample gradients.
 
 For a linear layer ``y = W a + b`` applied once to a ``(N, in)`` batch, sample ``i``'s score
 for ``W`` is the outer product ``g_i a_i^T`` with ``g_i = d log pi_i / d y_i`` -- and all
@@ -12,6 +12,8 @@ output gradients (a column of ones appended to ``A`` for the bias):
 
 No ``N x P`` (or ``b x P``) matrix is ever formed for these layers; the remaining selected
 parameters (convolutions, log-std vectors, embeddings, ...) keep generic per-sample scores.
+Each layer kind's factors and products live in its own module of :mod:`natgrad.layers`,
+registered for its module type; this module combines whatever kinds are registered.
 This is the per-example-gradient factorization of Goodfellow (2015, "Efficient per-example
 gradient computations") applied to the kernel ``K = J J^T``.
 
@@ -24,27 +26,30 @@ is used).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from natgrad._tree import Tree
-from natgrad.scores import (
-    BlockFunctions,
-    LogProbFn,
-    PolicyScores,
-    ScoreBlock,
-    ScoreOperator,
-    working_dtype,
+from natgrad.layers import (
+    FACTORABLE_LAYERS,
+    LayerFactor,
+    LinearFactor,
+    capture_layer_calls,
+    output_gradients,
 )
+from natgrad.operators import BlockFunctions, ScoreBlock, ScoreOperator, working_dtype
+from natgrad.scores import LogProbFn, PolicyScores
 
 __all__ = [
     "FACTORED_MISMATCH",
+    "FactoredPayload",
     "FactoredScores",
     "LinearFactor",
-    "capture_linear_factors",
+    "build_factored_scores",
+    "capture_factors",
     "verify_on_batch",
 ]
 
@@ -52,63 +57,44 @@ FACTORED_MISMATCH = "factored linear-layer scores of"
 _CHECK_SEED = 1977  # verification draws: fixed, so that they never consume the user's generator
 
 
-@dataclass
-class LinearFactor:
-    """Inputs and output gradients of one linear layer over the batch.
+class FactoredPayload(NamedTuple):
+    """The compiled path's payload: the layers' factors and the dense rest."""
 
-    Attributes
-    ----------
-    inputs
-        ``A``, shape ``(N, in)`` or ``(N, in + 1)`` with a trailing ones column for a bias.
-    output_grads
-        ``G``, shape ``(N, out)``.
-    positions
-        Indices into the flat parameter vector of the ``(out, in[+1])`` matrix ``[W | b]``,
-        row-major.
-    param_names
-        Names of the weight and (if any) the bias, as in ``named_parameters()``.
-    """
-
-    inputs: Tensor
-    output_grads: Tensor
-    positions: Tensor
-    param_names: tuple[str, ...] = ()
+    layers: tuple[LayerFactor, ...]
+    rest: Tensor | None
+    rest_positions: Tensor | None
+    num_params: int
 
 
-def _factored_gram(payload: tuple) -> Tensor:
+def _factored_gram(payload: FactoredPayload) -> Tensor:
     return _factored_cross_gram(payload, payload)
 
 
-def _factored_cross_gram(payload: tuple, selected: tuple) -> Tensor:
+def _factored_cross_gram(payload: FactoredPayload, selected: FactoredPayload) -> Tensor:
     """``J J_S^T`` from two payloads (all samples, the selected ones)."""
-    pairs, rest, _, _ = payload
-    pairs_s, rest_s, _, _ = selected
     total = 0.0
-    for (a, g, _), (a_s, g_s, _) in zip(pairs, pairs_s, strict=True):
-        total = total + (a @ a_s.T) * (g @ g_s.T)
-    if rest is not None:
-        total = total + rest @ rest_s.T
+    for layer, layer_s in zip(payload.layers, selected.layers, strict=True):
+        total = total + layer.cross_gram(layer_s)
+    if payload.rest is not None:
+        total = total + payload.rest @ selected.rest.T
     return total
 
 
-def _factored_matvec(payload: tuple, v: Tensor) -> Tensor:
-    pairs, rest, rest_positions, _ = payload
+def _factored_matvec(payload: FactoredPayload, v: Tensor) -> Tensor:
     out = 0.0
-    for a, g, positions in pairs:
-        matrix = v[positions].reshape(g.shape[1], a.shape[1])
-        out = out + ((a @ matrix.T) * g).sum(dim=1)
-    if rest is not None:
-        out = out + rest @ v[rest_positions]
+    for layer in payload.layers:
+        out = out + layer.matvec(v)
+    if payload.rest is not None:
+        out = out + payload.rest @ v[payload.rest_positions]
     return out
 
 
-def _factored_rmatvec(payload: tuple, x: Tensor) -> Tensor:
-    pairs, rest, rest_positions, num_params = payload
-    result = x.new_zeros(num_params)
-    for a, g, positions in pairs:
-        result.index_copy_(0, positions, ((g * x[:, None]).T @ a).reshape(-1))
-    if rest is not None:
-        result.index_copy_(0, rest_positions, rest.T @ x)
+def _factored_rmatvec(payload: FactoredPayload, x: Tensor) -> Tensor:
+    result = x.new_zeros(payload.num_params)
+    for layer in payload.layers:
+        result.index_copy_(0, layer.positions, layer.rmatvec(x))
+    if payload.rest is not None:
+        result.index_copy_(0, payload.rest_positions, payload.rest.T @ x)
     return result
 
 
@@ -121,18 +107,15 @@ class _FactoredBlock(ScoreBlock):
         self.index = index
         self.dtype = operator.dtype
 
-    def _take(self, tensor: Tensor) -> Tensor:
-        return tensor if self.index is None else tensor[self.index]
-
     @cached_property
-    def payload(self) -> tuple:
-        """``(((A_S, G_S, positions), ...), rest_S, rest_positions, P)``, gathered once."""
-        op = self.operator
-        pairs = tuple(
-            (self._take(f.inputs), self._take(f.output_grads), f.positions) for f in op.factors
-        )
-        rest = None if op.rest is None else self._take(op.rest)
-        return pairs, rest, op.rest_positions, op.num_params
+    def payload(self) -> FactoredPayload:
+        """The factors and rest rows of the block's samples, gathered once."""
+        op, index = self.operator, self.index
+        if index is None:
+            return FactoredPayload(tuple(op.factors), op.rest, op.rest_positions, op.num_params)
+        layers = tuple(factor.take(index) for factor in op.factors)
+        rest = None if op.rest is None else op.rest[index]
+        return FactoredPayload(layers, rest, op.rest_positions, op.num_params)
 
     def gram(self) -> Tensor:
         return _factored_gram(self.payload)
@@ -143,17 +126,17 @@ class _FactoredBlock(ScoreBlock):
     def rmatvec(self, x: Tensor) -> Tensor:
         return _factored_rmatvec(self.payload, x)
 
-    def functional(self) -> tuple[BlockFunctions, tuple]:
+    def functional(self) -> tuple[BlockFunctions, FactoredPayload]:
         return FACTORED_FUNCTIONS, self.payload
 
 
 class FactoredScores(ScoreOperator):
-    """``J`` with linear layers held as ``(A, G)`` factors and the rest as dense rows.
+    """``J`` with factorable layers held as captured factors and the rest as dense rows.
 
     Parameters
     ----------
     factors
-        One :class:`LinearFactor` per factored layer.
+        One factor per factored layer (e.g. :class:`~natgrad.layers.LinearFactor`).
     rest
         Dense per-sample scores ``(N, P_rest)`` of the other selected parameters, or
         ``None``.
@@ -161,26 +144,31 @@ class FactoredScores(ScoreOperator):
         Indices of those parameters in the flat parameter vector.
     num_params
         ``P``.
+    param_positions
+        Each factored parameter's indices in the flat vector (for :func:`verify_on_batch`).
     """
 
     backend = "factored"
 
     def __init__(
         self,
-        factors: list[LinearFactor],
+        factors: list[LayerFactor],
         rest: Tensor | None,
         rest_positions: Tensor | None,
         num_params: int,
+        param_positions: dict[str, Tensor] | None = None,
     ) -> None:
         if not factors:
-            raise ValueError("FactoredScores needs at least one linear factor")
+            raise ValueError("FactoredScores needs at least one layer factor")
         self.factors = factors
         self.rest = rest
         self.rest_positions = rest_positions
-        self.num_samples = factors[0].inputs.shape[0]
+        self.param_positions = dict(param_positions or {})
+        first = factors[0][0]  # each factor's first field is a per-sample tensor
+        self.num_samples = first.shape[0]
         self.num_params = num_params
-        self.dtype = factors[0].inputs.dtype
-        self.device = factors[0].inputs.device
+        self.dtype = first.dtype
+        self.device = first.device
 
     @cached_property
     def _whole(self) -> _FactoredBlock:
@@ -198,7 +186,7 @@ class FactoredScores(ScoreOperator):
     def gram(self) -> Tensor:
         return self._whole.gram()
 
-    def functional(self) -> tuple[BlockFunctions, tuple]:
+    def functional(self) -> tuple[BlockFunctions, FactoredPayload]:
         return self._whole.functional()
 
     def cross_gram(self, index: Tensor) -> Tensor:
@@ -207,9 +195,7 @@ class FactoredScores(ScoreOperator):
     def squared_norms(self) -> Tensor:
         total = torch.zeros(self.num_samples, dtype=torch.float64, device=self.device)
         for factor in self.factors:
-            a_norm = torch.linalg.vector_norm(factor.inputs, dim=1).to(torch.float64)
-            g_norm = torch.linalg.vector_norm(factor.output_grads, dim=1).to(torch.float64)
-            total += (a_norm * g_norm) ** 2
+            total += factor.squared_norms()
         if self.rest is not None:
             total += torch.linalg.vector_norm(self.rest, dim=1).to(torch.float64) ** 2
         return total
@@ -218,74 +204,66 @@ class FactoredScores(ScoreOperator):
         """Materialize ``J[index]`` (for verification on a few samples)."""
         rows = torch.zeros(len(index), self.num_params, dtype=self.dtype, device=self.device)
         for factor in self.factors:
-            a, g = factor.inputs[index], factor.output_grads[index]
-            rows[:, factor.positions] = (g[:, :, None] * a[:, None, :]).reshape(len(index), -1)
+            rows[:, factor.positions] = factor.take(index).dense_rows()
         if self.rest is not None:
             rows[:, self.rest_positions] = self.rest[index]
         return rows
 
 
-def _linear_layers(policy: nn.Module, selected: set[str]) -> dict[str, nn.Linear]:
-    """Plain ``nn.Linear`` modules whose weight (and bias, if any) are all selected."""
-    layers = {}
+def _factorable_modules(policy: nn.Module, selected: set[str]) -> dict[str, nn.Module]:
+    """Modules of a registered type whose factored parameters are all selected."""
+    modules = {}
     for name, module in policy.named_modules():
-        if type(module) is not nn.Linear:
-            continue  # subclasses may reimplement forward (e.g. quantized, attention out-proj)
+        kind = FACTORABLE_LAYERS.get(type(module))  # exact type: subclasses may differ
+        if kind is None:
+            continue
         prefix = f"{name}." if name else ""
-        wanted = [f"{prefix}weight"] + ([f"{prefix}bias"] if module.bias is not None else [])
-        if all(n in selected for n in wanted):
-            layers[name] = module
-    return layers
+        if all(f"{prefix}{p}" in selected for p in kind.parameter_names(module)):
+            modules[name] = module
+    return modules
 
 
-def capture_linear_factors(
+def capture_factors(
     policy: nn.Module,
     log_prob_fn: LogProbFn,
     obs: Tree,
     acts: Tree,
     param_names: list[str],
-    num_samples: int,
-) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
-    """Run one forward and one backward pass and collect ``(A, G)`` of factorable layers.
+    offsets: dict[str, Tensor],
+    dtype: torch.dtype,
+) -> tuple[dict[str, tuple[LayerFactor, tuple[str, ...]]], Tensor]:
+    """One forward and one backward pass: the factors of every factorable layer.
 
     Returns
     -------
     factors, log_probs
-        Layer name -> (inputs ``A`` without the ones column, output gradients ``G``) for
-        every plain linear layer called exactly once on an ``(N, in)`` input; and the
-        batched log-probabilities.
+        Layer name -> (its factors, the full names of the parameters they cover) for every
+        registered layer called exactly once in a way its kind accepts; and the batched
+        log-probabilities.
     """
-    layers = _linear_layers(policy, set(param_names))
-    calls: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
-
-    def recorder(name: str):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            calls[name].append((inputs[0], output))
-
-        return hook
-
-    handles = [m.register_forward_hook(recorder(n)) for n, m in layers.items()]
-    try:
-        with torch.enable_grad():
-            log_probs = log_prob_fn(policy, obs, acts)
-    finally:
-        for handle in handles:
-            handle.remove()
+    modules = _factorable_modules(policy, set(param_names))
+    with torch.enable_grad():
+        log_probs, calls = capture_layer_calls(modules, lambda: log_prob_fn(policy, obs, acts))
+    num_samples = int(log_probs.shape[0])
     usable = {
-        name: record[0]
-        for name, record in calls.items()
-        if len(record) == 1
-        and record[0][0].dim() == 2
-        and record[0][0].shape[0] == num_samples
-        and record[0][1].requires_grad
+        name: records[0]
+        for name, records in calls.items()
+        if len(records) == 1
+        and FACTORABLE_LAYERS[type(modules[name])].usable(records[0], num_samples)
+        and records[0].output.requires_grad
     }
     if not usable:
         return {}, log_probs.detach()
-    outputs = [output for _, output in usable.values()]
-    grads = torch.autograd.grad(log_probs.sum(), outputs, allow_unused=True)
+    grads = output_gradients(log_probs.sum(), [call.output for call in usable.values()])
     factors = {}
-    for (name, (inputs, output)), grad in zip(usable.items(), grads, strict=True):
-        factors[name] = (inputs.detach(), torch.zeros_like(output) if grad is None else grad)
+    for (name, call), grad in zip(usable.items(), grads, strict=True):
+        module = modules[name]
+        kind = FACTORABLE_LAYERS[type(module)]
+        prefix = f"{name}." if name else ""
+        local = kind.parameter_names(module)
+        positions = {p: offsets[f"{prefix}{p}"] for p in local}
+        factor = kind.factor(module, call, grad, positions, dtype)
+        factors[name] = (factor, tuple(f"{prefix}{p}" for p in local))
     return factors, log_probs.detach()
 
 
@@ -306,39 +284,26 @@ def build_factored_scores(
         The operator, or ``None`` with the reason the generic path must be used.
     """
     names = scores.param_names
-    captured, _ = capture_linear_factors(policy, log_prob_fn, obs, acts, names, scores.num_samples)
-    if not captured:
-        return None, "no nn.Linear layer called once on a (N, features) input"
     offsets, start = {}, 0
     for name, numel in zip(names, scores.numels, strict=True):
         offsets[name] = torch.arange(start, start + numel, device=scores.device)
         start += numel
-    covered: list[str] = []
-    factors = []
     work = working_dtype(scores.dtype)
-    for layer, (inputs, grads) in captured.items():
-        prefix = f"{layer}." if layer else ""
-        out_features, in_features = grads.shape[1], inputs.shape[1]
-        weight = offsets[f"{prefix}weight"].reshape(out_features, in_features)
-        layer_names = [f"{prefix}weight"]
-        if f"{prefix}bias" in offsets:
-            bias = offsets[f"{prefix}bias"].reshape(out_features, 1)
-            weight = torch.cat([weight, bias], dim=1)
-            inputs = torch.cat([inputs, torch.ones_like(inputs[:, :1])], dim=1)
-            layer_names.append(f"{prefix}bias")
-        covered += layer_names
-        factors.append(
-            LinearFactor(inputs.to(work), grads.to(work), weight.reshape(-1), tuple(layer_names))
-        )
+    captured, _ = capture_factors(policy, log_prob_fn, obs, acts, names, offsets, work)
+    if not captured:
+        return None, "no nn.Linear layer called once on a (N, features) input"
+    covered = [n for _, layer_names in captured.values() for n in layer_names]
+    factors = [factor for factor, _ in captured.values()]
     rest_names = [n for n in names if n not in covered]
     rest = rest_positions = None
     if rest_names:
         rest_scores = PolicyScores(policy, log_prob_fn, obs, acts, rest_names, scores.log_probs)
         index = torch.arange(scores.num_samples, device=scores.device)
         rest = torch.cat([rest_scores.rows(chunk) for chunk in index.split(chunk_size)])
-        rest = rest.to(working_dtype(scores.dtype))
+        rest = rest.to(work)
         rest_positions = torch.cat([offsets[n] for n in rest_names])
-    operator = FactoredScores(factors, rest, rest_positions, scores.num_params)
+    positions = {n: offsets[n] for n in covered}
+    operator = FactoredScores(factors, rest, rest_positions, scores.num_params, positions)
     operator.score_dtype = scores.dtype
     # Per-sample evaluation of a few random samples: catches policies that couple samples.
     scores.rows(_random_samples(scores.num_samples, check_samples, scores.device))
@@ -373,7 +338,7 @@ def verify_on_batch(operator: FactoredScores, scores: PolicyScores) -> str | Non
     Parameters
     ----------
     operator
-        The factored operator.
+        The factored operator (its ``param_positions`` locate each parameter).
     scores
         Per-sample scores of exactly the factored layers' parameters (for the autograd side).
 
@@ -387,23 +352,20 @@ def verify_on_batch(operator: FactoredScores, scores: PolicyScores) -> str | Non
     weights = torch.randn(n, generator=generator, dtype=torch.float64).to(operator.device)
     index = torch.arange(n, device=operator.device)
     reference = scores.vjp(index, weights).to(torch.float64).split(scores.numels)
-    expected = dict(zip(scores.param_names, reference, strict=True))
     work = weights.to(operator.dtype)
     eps = torch.finfo(scores.dtype).eps
+    factored = torch.zeros(operator.num_params, dtype=torch.float64, device=operator.device)
+    # |J|^T |w|: the size of the summed terms, hence of their rounding. Compared as norms
+    # over each tensor, so entries whose exact gradient is zero are judged by the tensor's
+    # scale, not by their own rounding noise.
+    size = torch.zeros_like(factored)
     for factor in operator.factors:
-        g, a = factor.output_grads, factor.inputs
-        factored = ((g * work[:, None]).T @ a).to(torch.float64)
-        # |G|^T |w| |A|: the size of the summed terms, hence of their rounding. Compared as
-        # norms over the tensor, so entries whose exact gradient is zero are judged by the
-        # tensor's scale, not by their own rounding noise.
-        size = ((g.abs() * work.abs()[:, None]).T @ a.abs()).to(torch.float64)
-        allowed = 64 * eps * n**0.5
-        weight, *bias = factor.param_names
-        width = a.shape[1] - len(bias)
-        layer = [(weight, slice(0, width))] + [(b, slice(width, width + 1)) for b in bias]
-        for name, columns in layer:
-            mine = factored[:, columns]
-            gap = torch.linalg.vector_norm(mine - expected[name].reshape(mine.shape))
-            if not float(gap) <= allowed * float(torch.linalg.vector_norm(size[:, columns])):
-                return name
+        factored[factor.positions] = factor.rmatvec(work).to(torch.float64)
+        size[factor.positions] = factor.magnitude(work).to(torch.float64)
+    allowed = 64 * eps * n**0.5
+    for name, expected in zip(scores.param_names, reference, strict=True):
+        where = operator.param_positions[name]
+        gap = torch.linalg.vector_norm(factored[where] - expected)
+        if not float(gap) <= allowed * float(torch.linalg.vector_norm(size[where])):
+            return name
     return None

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from natgrad.distributions import log_prob
+from natgrad.layers import capture_layer_calls, output_gradients
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
 from natgrad.rl.options import option, positive, unit_interval
 
@@ -60,22 +61,9 @@ class KFAC(PolicyUpdate):
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}
 
     def _capture(self, obs: Tensor, acts: Tensor) -> tuple[Tensor, dict[str, Tensor], dict]:
-        inputs: dict[str, Tensor] = {}
-        outputs: dict[str, Tensor] = {}
-        handles = []
-        for name, module in self.layers.items():
-
-            def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
-                inputs[name] = args[0].detach()
-                out.retain_grad()
-                outputs[name] = out
-
-            handles.append(module.register_forward_hook(hook))
-        try:
-            lp = log_prob(self.policy(obs), acts)
-        finally:
-            for handle in handles:
-                handle.remove()
+        lp, calls = capture_layer_calls(self.layers, lambda: log_prob(self.policy(obs), acts))
+        inputs = {name: records[-1].inputs[0].detach() for name, records in calls.items()}
+        outputs = {name: records[-1].output for name, records in calls.items()}
         return lp, inputs, outputs
 
     def _batch_factors(self, name: str, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,7 +93,7 @@ class KFAC(PolicyUpdate):
         grads = dict(zip(names, torch.autograd.grad((adv * lp).mean(), [params[n] for n in names],
                                                     retain_graph=True), strict=True))  # fmt: skip
         # Per-sample gradients w.r.t. layer outputs: backprop of sum_i log pi(a_i|s_i).
-        out_grads = torch.autograd.grad(lp.sum(), [outputs[n] for n in self.layers])
+        out_grads = output_gradients(lp.sum(), [outputs[n] for n in self.layers])
         direction: dict[str, Tensor] = {}
         root = cfg.kfac_damping**0.5
         for name, g_out in zip(self.layers, out_grads, strict=True):
