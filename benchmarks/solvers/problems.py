@@ -1,4 +1,4 @@
-"""Reference problems of DESIGN section 4 / issue 5: policies, batches, exact directions."""
+"""Reference problems of issue 5: policies, batches, exact directions."""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ Per layer, the Fisher block is approximated by ``A (x) G`` with ``A = E[a a^T]``
 with a bias 1 appended) and ``G = E[s s^T]`` (gradient of the log-likelihood of a target
 sampled from the model w.r.t. the layer's pre-activation). Factors are running averages;
 damping is factored Tikhonov with the pi-correction, steps are KL-clipped. Benchmark baseline only.
+
+This is the *supervised* baseline (targets sampled from the model, a loss instead of a
+policy); the RL agent ``kfac`` (``natgrad/rl/algorithms/kfac.py``, Linear and Conv2d layers,
+ACKTR's step) is a separate implementation on purpose: each follows its own literature.
 """
 
 from __future__ import annotations

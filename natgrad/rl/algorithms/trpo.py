@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from natgrad._tree import unflatten
 from natgrad.distributions import log_prob, mean_kl
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions, surrogate
 from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
@@ -89,10 +90,7 @@ class CGTRPO(PolicyUpdate):
         shs = float(s @ fvp(s))
         eta = (2.0 * cfg.max_kl / shs) ** 0.5 if shs > 0 else 0.0
         full = (eta * s).detach()
-        steps, offset = [], 0
-        for p in params:
-            steps.append(full[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        steps = list(unflatten(full, [p.shape for p in params]))
         result = backtracking_line_search(
             self.policy,
             names,
