@@ -291,7 +291,7 @@ def build_factored_scores(
     work = working_dtype(scores.dtype)
     captured, _ = capture_factors(policy, log_prob_fn, obs, acts, names, offsets, work)
     if not captured:
-        return None, "no nn.Linear layer called once on a (N, features) input"
+        return None, "no factorable layer (nn.Linear, ...) called once on a (N, features) input"
     covered = [n for _, layer_names in captured.values() for n in layer_names]
     factors = [factor for factor, _ in captured.values()]
     rest_names = [n for n in names if n not in covered]

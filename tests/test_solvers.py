@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from natgrad.scores import DenseBlock, MaterializedScores
 from natgrad.solvers import (
+    SOLVER_REGISTRY,
     KaczmarzState,
+    SolverOptions,
     block_factor,
     cg_solve,
     cholesky_solve,
@@ -141,13 +143,21 @@ def test_design_identities_hold_for_exact_solution(problem):
     assert torch.allclose(primal @ d, g, atol=1e-9 * (1 + float(g.abs().max())))
 
 
-SOLVERS = {
-    "cholesky": lambda op, rhs, lam, tol: cholesky_solve(op, rhs, lam),
-    "cg": lambda op, rhs, lam, tol: cg_solve(op, rhs, lam, tol, 500),
-    "kaczmarz": lambda op, rhs, lam, tol: kaczmarz_solve(
-        op, rhs, lam, 4, 5000, tol, torch.Generator().manual_seed(0)
-    ),
-}
+def registered(name):
+    """Solver ``name`` of the registry, through its one signature (plain CG, blocks of 4)."""
+
+    def run(op, rhs, lam, tol):
+        options = SolverOptions(
+            solver=name, damping=lam, tol=tol, max_iters=500, block_size=4, max_epochs=5000,
+            preconditioner_rank=0,
+        )  # fmt: skip
+        return SOLVER_REGISTRY[name].solve(op, rhs, options, torch.Generator().manual_seed(0))
+
+    return run
+
+
+# Every registered solver passes the same contract: adding one adds it here.
+SOLVERS = {name: registered(name) for name in SOLVER_REGISTRY}
 
 
 @pytest.mark.parametrize("name", list(SOLVERS))

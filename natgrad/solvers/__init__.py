@@ -16,7 +16,7 @@ from natgrad.errors import NotConvergedError, NotConvergedWarning
 from natgrad.solvers import kaczmarz, cholesky, cg  # noqa: F401
 
 # isort: on
-from natgrad.solvers._base import SolveResult, relative_residual
+from natgrad.solvers._base import SolveResult, direction_error, relative_residual
 from natgrad.solvers.cg import cg_solve
 from natgrad.solvers.cholesky import cholesky_solve
 from natgrad.solvers.dispatch import SOLVERS, seeded_generator, solve
@@ -57,6 +57,7 @@ __all__ = [
     "KaczmarzState",
     "SolveResult",
     "block_factor",
+    "direction_error",
     "cg_solve",
     "cholesky_solve",
     "kaczmarz_solve",
