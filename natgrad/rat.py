@@ -181,18 +181,7 @@ class RATNaturalGradient(OptionsView):
                 f"got {type(log_prob_fn).__name__}"
             )
         self.log_prob_fn: LogProbFn = log_prob_fn or default_log_prob
-        self.options = SolverOptions(
-            solver=solver,
-            damping=damping,
-            block_size=block_size,
-            max_epochs=max_epochs,
-            tol=tol,
-            max_iters=max_iters,
-            on_nonconvergence=on_nonconvergence,
-            resample_blocks=resample_blocks,
-            compile=compile,
-            preconditioner_rank=preconditioner_rank,
-        )
+        self.options = _DEFAULT.pick(locals())  # every solver keyword, validated
         self.generator = seeded_generator(seed)
         self.seed = seed
         self.backend = check_choice("backend", backend, BACKENDS)

@@ -176,18 +176,7 @@ class SupervisedNaturalGradient(OptionsView):
     ) -> None:
         self.loss = check_choice("loss", loss, LOSSES)
         self.fisher = check_choice("fisher", fisher, FISHERS)
-        self.options = SolverOptions(
-            solver=solver,
-            damping=damping,
-            block_size=block_size,
-            max_epochs=max_epochs,
-            tol=tol,
-            max_iters=max_iters,
-            on_nonconvergence=on_nonconvergence,
-            resample_blocks=resample_blocks,
-            compile=compile,
-            preconditioner_rank=preconditioner_rank,
-        )
+        self.options = SUPERVISED.pick(locals())  # every solver keyword, validated
         self.seed = seed
         self.chunk_size = check_positive_int("chunk_size", chunk_size, "; try 256")
         self.generator = seeded_generator(seed)
