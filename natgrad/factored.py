@@ -231,15 +231,20 @@ def capture_factors(
     param_names: list[str],
     offsets: dict[str, Tensor],
     dtype: torch.dtype,
-) -> tuple[dict[str, tuple[LayerFactor, tuple[str, ...]]], Tensor]:
+) -> tuple[dict[str, tuple[LayerFactor, tuple[str, ...]]], dict[str, Tensor], Tensor]:
     """One forward and one backward pass: the factors of every factorable layer.
+
+    The same graph also gives the autograd side of :func:`verify_on_batch`: the gradient
+    of ``sum_i w_i log pi_i`` with respect to the factored parameters, for the check's
+    random weights ``w`` (a second backward pass that stops at those layers; no forward).
 
     Returns
     -------
-    factors, log_probs
+    factors, reference, log_probs
         Layer name -> (its factors, the full names of the parameters they cover) for every
-        registered layer called exactly once in a way its kind accepts; and the batched
-        log-probabilities.
+        registered layer called exactly once in a way its kind accepts; parameter name ->
+        the autograd gradient of ``sum_i w_i log pi_i`` for each factored parameter; and
+        the batched log-probabilities.
     """
     modules = _factorable_modules(policy, set(param_names))
     with torch.enable_grad():
@@ -253,18 +258,40 @@ def capture_factors(
         and records[0].output.requires_grad
     }
     if not usable:
-        return {}, log_probs.detach()
+        return {}, {}, log_probs.detach()
+    covered = {}
+    for name in usable:
+        prefix = f"{name}." if name else ""
+        local = FACTORABLE_LAYERS[type(modules[name])].parameter_names(modules[name])
+        covered[name] = tuple(f"{prefix}{p}" for p in local)
+    named = dict(policy.named_parameters())
+    checked = [n for layer_names in covered.values() for n in layer_names]
+    weights = check_weights(num_samples, log_probs.device).to(log_probs.dtype)
+    reference = torch.autograd.grad(
+        (weights * log_probs).sum(),
+        [named[n] for n in checked],
+        retain_graph=True,
+        allow_unused=True,
+    )
     grads = output_gradients(log_probs.sum(), [call.output for call in usable.values()])
     factors = {}
     for (name, call), grad in zip(usable.items(), grads, strict=True):
         module = modules[name]
         kind = FACTORABLE_LAYERS[type(module)]
         prefix = f"{name}." if name else ""
-        local = kind.parameter_names(module)
-        positions = {p: offsets[f"{prefix}{p}"] for p in local}
-        factor = kind.factor(module, call, grad, positions, dtype)
-        factors[name] = (factor, tuple(f"{prefix}{p}" for p in local))
-    return factors, log_probs.detach()
+        positions = {p: offsets[f"{prefix}{p}"] for p in kind.parameter_names(module)}
+        factors[name] = (kind.factor(module, call, grad, positions, dtype), covered[name])
+    expected = {
+        n: torch.zeros_like(named[n]) if g is None else g.detach()
+        for n, g in zip(checked, reference, strict=True)
+    }
+    return factors, expected, log_probs.detach()
+
+
+def check_weights(num_samples: int, device: torch.device) -> Tensor:
+    """The random sample weights ``w`` of :func:`verify_on_batch` (fixed seed, float64)."""
+    generator = torch.Generator().manual_seed(_CHECK_SEED)
+    return torch.randn(num_samples, generator=generator, dtype=torch.float64).to(device)
 
 
 def build_factored_scores(
@@ -289,7 +316,7 @@ def build_factored_scores(
         offsets[name] = torch.arange(start, start + numel, device=scores.device)
         start += numel
     work = working_dtype(scores.dtype)
-    captured, _ = capture_factors(policy, log_prob_fn, obs, acts, names, offsets, work)
+    captured, reference, _ = capture_factors(policy, log_prob_fn, obs, acts, names, offsets, work)
     if not captured:
         return None, "no factorable layer (nn.Linear, ...) called once on a (N, features) input"
     covered = [n for _, layer_names in captured.values() for n in layer_names]
@@ -307,9 +334,7 @@ def build_factored_scores(
     operator.score_dtype = scores.dtype
     # Per-sample evaluation of a few random samples: catches policies that couple samples.
     scores.rows(_random_samples(scores.num_samples, check_samples, scores.device))
-    factored_names = [n for n in names if n in covered]
-    factored_scores = PolicyScores(policy, log_prob_fn, obs, acts, factored_names, scores.log_probs)
-    mismatch = verify_on_batch(operator, factored_scores)
+    mismatch = verify_on_batch(operator, reference, scores.dtype)
     if mismatch is not None:
         return None, (
             f"{FACTORED_MISMATCH} {mismatch} disagree with autograd on the whole "
@@ -324,23 +349,28 @@ def _random_samples(num_samples: int, count: int, device: torch.device) -> Tenso
     return torch.randperm(num_samples, generator=generator)[:count].sort().values.to(device)
 
 
-def verify_on_batch(operator: FactoredScores, scores: PolicyScores) -> str | None:
+def verify_on_batch(
+    operator: FactoredScores, reference: dict[str, Tensor], score_dtype: torch.dtype
+) -> str | None:
     """Check the factored layers' ``J^T w`` against autograd for random weights ``w``.
 
     A randomized identity over the whole batch (Freivalds, 1977): with ``w`` Gaussian, the
     factored ``J^T w`` equals the gradient of ``sum_i w_i log pi_i`` -- one ordinary
     backward pass of the batched log-probability -- for every ``w`` exactly when the
     factored rows are the true rows (a mismatch passes with probability 0). Only the
-    factored layers are checked (the other scores come from ``torch.func`` per sample), so
-    the backward pass stops at them. Each parameter tensor is compared separately, against
-    the rounding level of its own terms, so a small layer is not hidden behind a large one.
+    factored layers are checked (the other scores come from ``torch.func`` per sample).
+    Each parameter tensor is compared separately, against the rounding level of its own
+    terms, so a small layer is not hidden behind a large one.
 
     Parameters
     ----------
     operator
         The factored operator (its ``param_positions`` locate each parameter).
-    scores
-        Per-sample scores of exactly the factored layers' parameters (for the autograd side).
+    reference
+        Parameter name -> autograd gradient of ``sum_i w_i log pi_i`` with ``w`` from
+        :func:`check_weights` (computed by :func:`capture_factors` from its own graph).
+    score_dtype
+        The dtype the policy computes in (its rounding sets the tolerance).
 
     Returns
     -------
@@ -348,12 +378,8 @@ def verify_on_batch(operator: FactoredScores, scores: PolicyScores) -> str | Non
         The first parameter that disagrees, or ``None`` when all agree.
     """
     n = operator.num_samples
-    generator = torch.Generator().manual_seed(_CHECK_SEED)
-    weights = torch.randn(n, generator=generator, dtype=torch.float64).to(operator.device)
-    index = torch.arange(n, device=operator.device)
-    reference = scores.vjp(index, weights).to(torch.float64).split(scores.numels)
-    work = weights.to(operator.dtype)
-    eps = torch.finfo(scores.dtype).eps
+    work = check_weights(n, operator.device).to(operator.dtype)
+    eps = torch.finfo(score_dtype).eps
     factored = torch.zeros(operator.num_params, dtype=torch.float64, device=operator.device)
     # |J|^T |w|: the size of the summed terms, hence of their rounding. Compared as norms
     # over each tensor, so entries whose exact gradient is zero are judged by the tensor's
@@ -363,9 +389,9 @@ def verify_on_batch(operator: FactoredScores, scores: PolicyScores) -> str | Non
         factored[factor.positions] = factor.rmatvec(work).to(torch.float64)
         size[factor.positions] = factor.magnitude(work).to(torch.float64)
     allowed = 64 * eps * n**0.5
-    for name, expected in zip(scores.param_names, reference, strict=True):
+    for name, expected in reference.items():
         where = operator.param_positions[name]
-        gap = torch.linalg.vector_norm(factored[where] - expected)
+        gap = torch.linalg.vector_norm(factored[where] - expected.reshape(-1).to(torch.float64))
         if not float(gap) <= allowed * float(torch.linalg.vector_norm(size[where])):
             return name
     return None
