@@ -103,9 +103,10 @@ class RATNaturalGradient(OptionsView):
         ``"factored"`` keeps plain ``nn.Linear`` layers as (inputs, output-gradients) factors
         from one backward pass -- exact, and no per-sample gradients for those layers;
         ``"materialized"`` holds ``J`` in memory; ``"streaming"`` recomputes block rows on
-        demand (extra memory ``O(block_size x P)``); ``"auto"`` uses ``"factored"`` when the
-        policy has such layers, else materializes when ``J`` fits in ``memory_budget``
-        bytes, else streams.
+        demand (extra memory ``O(c x P)``, ``c`` the larger of ``block_size`` and the
+        number of rows that fit in ``memory_budget / 8`` bytes); ``"auto"`` uses
+        ``"factored"`` when the policy has such layers, else materializes when ``J`` fits
+        in ``memory_budget`` bytes, else streams.
     memory_budget
         Bytes ``J`` may occupy under ``backend="auto"``.
     on_nonconvergence

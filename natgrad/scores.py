@@ -8,7 +8,7 @@ rows ``J_S``, products ``J v`` and ``J^T x`` and the Gram matrix ``K = J J^T``.
 
 * :class:`MaterializedScores` holds ``J`` (``N x P``) in memory; every product is a matmul.
 * :class:`StreamingScores` recomputes the rows of a block on demand, so peak extra memory
-  is ``O(block_size x P)`` and never ``O(N x P)``.
+  is two chunks of rows, ``O(chunk_size x P)``, and never ``O(N x P)``.
 """
 
 from __future__ import annotations
@@ -316,8 +316,14 @@ class StreamingScores(ScoreOperator):
         return total
 
     def cross_gram(self, index: Tensor) -> Tensor:
-        selected = self._rows(index)
-        return torch.cat([self._rows(chunk) @ selected.T for chunk in self._chunks()])
+        columns = torch.empty(self.num_samples, len(index), dtype=self.dtype, device=self.device)
+        start = 0
+        for selected in index.split(self.chunk_size):  # never more than two chunks of rows
+            rows = self._rows(selected)
+            for chunk in self._chunks():
+                columns[chunk, start : start + len(selected)] = self._rows(chunk) @ rows.T
+            start += len(selected)
+        return columns
 
     def squared_norms(self) -> Tensor:
         return (
