@@ -6,9 +6,10 @@ Usage (from the repository root; not part of the default test run, ~10-20 minute
 
 Each mutant is applied in memory by the audit's pytest plugin (``mutplugin.py``, default
 ``../shared/repro/evidence``) and the relevant test files run with ``-x``; the mutant is
-killed when a test fails, and the first failing test is recorded. A mutation whose pattern
-no longer matches the code is re-expressed in ``audit_plugin.py`` (same meaning, current
-code) when it has been moved there, and reported as stale otherwise. The table is written
+killed when a test fails that passes without the mutation; the first failing test is
+recorded. A mutation whose pattern no longer matches the code is re-expressed in
+``audit_plugin.py`` (same meaning, current code) when it has been moved there, and
+reported as stale otherwise. The table is written
 to ``benchmarks/mutations/audit_report.md``.
 """
 
@@ -104,6 +105,14 @@ def run_one(name: str, files: list[str], env: dict[str, str], plugin: str) -> di
     errors = re.findall(r"^ERROR (\S+)", output, flags=re.MULTILINE)
     if proc.returncode == 1 and failed:
         status, by = "killed", failed[0].split(" ")[0]
+        # The same test without the mutation must pass, or the kill proves nothing.
+        clean = {k: v for k, v in env.items() if k not in ("MUT", "AUDIT_MUT")}
+        check = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", by],
+            cwd=ROOT, env=clean, capture_output=True, text=True,
+        )  # fmt: skip
+        if check.returncode != 0:
+            status = "inconclusive (fails unmutated)"
     elif proc.returncode == 0:
         status, by = "SURVIVED", ""
     else:
