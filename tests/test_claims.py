@@ -200,23 +200,21 @@ def test_memory_budget_switches_to_streaming_with_block_sized_peak(solver, optio
 
 
 def test_streaming_default_cg_peak_is_block_sized():
+    """The default solver on the streaming backend: CG with the default rank-256 Nystrom
+    preconditioner. Its kernel columns are taken chunk by chunk, so the largest tensor is
+    the preconditioner's own N x r matrix or a chunk of rows, never J (N x P)."""
     policy, obs, acts, adv = matmul_batch()
-    p, block = policy.w.numel(), 16
-    # Whole-matrix passes use chunks of max(block_size, rows fitting in memory_budget / 8);
-    # the Nystrom preconditioner holds its own N x r matrix (r = 8 here, so below b x P).
+    n, p, block = obs.shape[0], policy.w.numel(), 16
+    # Whole-matrix passes use chunks of max(block_size, rows fitting in memory_budget / 8).
     budget = 8 * block * p * 8
     rat = RATNaturalGradient(
-        damping=1.0,
-        solver="cg",
-        block_size=block,
-        backend="streaming",
-        memory_budget=budget,
-        preconditioner_rank=8,
+        damping=1.0, solver="cg", block_size=block, backend="streaming", memory_budget=budget
     )
     with LargestTensor() as mode:
         rat(policy, obs, acts, adv)
-    assert rat.diagnostics.backend == "streaming"
-    assert mode.largest <= block * p
+    assert rat.diagnostics.backend == "streaming" and rat.diagnostics.solver == "cg"
+    rank = min(rat.preconditioner_rank, n)
+    assert mode.largest <= max(block * p, n * rank) < n * p, (mode.largest, mode.op)
 
 
 # -- resample_blocks -----------------------------------------------------------------------
