@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "IllConditionedError",
+    "MissingExtraError",
     "NatgradError",
     "NonFiniteError",
     "NotConvergedError",
@@ -61,6 +62,18 @@ class SampleCouplingError(NatgradError, ValueError):
     Per-sample scores are then ill-defined: e.g. BatchNorm in train mode, or observations
     normalized with statistics of the batch (``obs.std(0)`` is NaN for one sample).
     """
+
+
+class MissingExtraError(NatgradError, ImportError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, what: str, extra: str, package: str | None = None) -> None:
+        self.extra = extra
+        package = package or extra
+        super().__init__(
+            f"{what} needs the optional dependency {package!r}, which is not installed; "
+            f'install it with: pip install "natgrad[{extra}]"'
+        )
 
 
 class NotConvergedWarning(RuntimeWarning):

@@ -25,7 +25,7 @@ try:
     from tensordict import TensorDict, TensorDictBase
     from tensordict.nn import TensorDictModuleBase
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    from natgrad.rl._errors import MissingExtraError
+    from natgrad.errors import MissingExtraError
 
     raise MissingExtraError("natgrad.torchrl", "torchrl", "tensordict") from error
 

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from natgrad.errors import NatgradError
+from natgrad.errors import MissingExtraError, NatgradError
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "MissingExtraError",
+    "TrainingError",
+    "first_line",
+    "import_gymnasium",
+]
 
 
 class ConfigError(NatgradError, ValueError):
@@ -21,18 +30,6 @@ class CheckpointError(ConfigError):
 
 class TrainingError(NatgradError, RuntimeError):
     """Training stopped: too many consecutive policy updates were rejected as faulty."""
-
-
-class MissingExtraError(NatgradError, ImportError):
-    """An optional dependency is missing; the message names the extra to install."""
-
-    def __init__(self, what: str, extra: str, package: str | None = None) -> None:
-        self.extra = extra
-        package = package or extra
-        super().__init__(
-            f"{what} needs the optional dependency {package!r}, which is not installed; "
-            f'install it with: pip install "natgrad[{extra}]"'
-        )
 
 
 def import_gymnasium() -> ModuleType:

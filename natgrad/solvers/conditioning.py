@@ -56,9 +56,15 @@ class Conditioning:
     product_error: float
 
     def minimum_damping(self, eps_work: float, eps_score: float, target: float) -> float:
-        """About the smallest damping for which ``precision <= target``."""
+        """About the smallest damping for which ``precision <= target``.
+
+        ``inf`` when no damping can reach ``target`` in these dtypes (``target`` at or
+        below about twice the machine epsilon).
+        """
         most = min(target / (2 * eps_work), (target / (2 * eps_score)) ** 2)
-        return self.largest_eigenvalue / max(most - 1.0, 1e-300)
+        if most <= 1.0:
+            return math.inf
+        return self.largest_eigenvalue / (most - 1.0)
 
 
 def _conditioning(largest: float, damping: float, eps_work: float, eps_score: float):

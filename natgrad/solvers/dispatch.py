@@ -6,6 +6,7 @@ the conditioning and applies the non-convergence policy.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import replace
@@ -148,9 +149,16 @@ def _precision_notes(
         f"damping={options.damping:g})"
     )
     target = min(options.tol, 0.5)
-    fix = f"use damping >= {conditioning.minimum_damping(eps_work, eps_score, target):.2g}" + (
-        "" if operator.score_dtype == torch.float64 else " or float64 parameters"
-    )
+    smallest = conditioning.minimum_damping(eps_work, eps_score, target)
+    if math.isfinite(smallest):
+        fix = f"use damping >= {smallest:.2g}" + (
+            "" if operator.score_dtype == torch.float64 else " or float64 parameters"
+        )
+    else:
+        fix = (
+            f"tol={options.tol:g} is below what {dtype} scores can deliver at any damping; "
+            "loosen tol or use float64 parameters"
+        )
     if not conditioning.product_error < 1.0:
         raise IllConditionedError(
             f"{where}: rounding alone can make A~ and the direction wrong by 100% or more, "
