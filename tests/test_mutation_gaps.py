@@ -1,0 +1,269 @@
+"""Tests for the gaps that mutation testing found (benchmarks/mutations/mutation_report.md).
+
+Each test names the surviving mutants it kills; all of them run in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from natgrad.results import Diagnostics, NaturalGradient
+from natgrad.scores import MaterializedScores
+from natgrad.solvers import SOLVER_REGISTRY, SolverOptions, cholesky_solve
+
+
+def _diagnostics(**overrides) -> Diagnostics:
+    fields = dict(
+        solver="cholesky",
+        backend="materialized",
+        score_path="vmap",
+        residual=0.0,
+        iterations=1,
+        converged=True,
+        seconds=0.0,
+        fallbacks=(),
+        num_samples=3,
+        num_params=2,
+    )
+    return Diagnostics(**{**fields, **overrides})
+
+
+def _problem(n: int = 6, p: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    rhs = torch.randn(n, generator=gen, dtype=torch.float64)
+    return MaterializedScores(scores), rhs
+
+
+def test_results_are_immutable():
+    # kills results.py:11 and results.py:70 @dataclass(frozen=True) -> frozen=False
+    diagnostics = _diagnostics()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        diagnostics.converged = False
+    result = NaturalGradient(
+        advantages=torch.zeros(3),
+        direction=(torch.zeros(2),),
+        param_names=("w",),
+        jd=torch.zeros(3),
+        g_dot_d=0.0,
+        d_fisher_d=0.0,
+        diagnostics=diagnostics,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.d_fisher_d = 1.0
+    operator, rhs = _problem()
+    with pytest.raises(dataclasses.FrozenInstanceError):  # kills _base.py:14 (SolveResult)
+        cholesky_solve(operator, rhs, 0.1).residual = 0.0
+
+
+def test_diagnostics_optional_fields_default_to_not_compiled_and_unknown():
+    # kills results.py:64 compiled: bool = False -> True
+    diagnostics = _diagnostics()
+    assert diagnostics.compiled is False
+    assert diagnostics.direction_error is None
+    assert diagnostics.condition is None
+    assert diagnostics.precision is None
+
+
+def test_cholesky_counts_one_iteration():
+    # Diagnostics.iterations is documented as "1 for Cholesky";
+    # kills cholesky.py:53 iterations=1 -> 0 and -> 2
+    operator, rhs = _problem()
+    result = cholesky_solve(operator, rhs, 0.1)
+    assert result.iterations == 1
+    assert result.compiled is False  # kills _base.py:51 SolveResult.compiled default -> True
+    options = SolverOptions(damping=0.1)
+    generator = torch.Generator().manual_seed(0)
+    assert SOLVER_REGISTRY["cholesky"].solve(operator, rhs, options, generator).iterations == 1
+
+
+def test_cholesky_registry_metadata():
+    # the documented Solver fields of the built-in Cholesky: exact (no on_nonconvergence
+    # policy) and forms the Gram matrix; kills cholesky.py:68 iterative=False -> True and
+    # needs_gram=True -> False
+    solver = SOLVER_REGISTRY["cholesky"]
+    assert solver.iterative is False
+    assert solver.needs_gram is True
+    assert SOLVER_REGISTRY["kaczmarz"].iterative is True
+    assert SOLVER_REGISTRY["cg"].iterative is True
+
+
+def test_relative_residual_of_a_zero_right_hand_side_is_absolute():
+    # kills _base.py:62 jv + damping * x -> jv + damping + x
+    from natgrad.solvers._base import relative_residual
+
+    jv = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    x = torch.tensor([0.5, 1.0, -1.0], dtype=torch.float64)
+    expected = float(torch.linalg.vector_norm(jv + 0.3 * x))
+    assert relative_residual(torch.zeros(3, dtype=torch.float64), jv, x, 0.3) == pytest.approx(
+        expected, rel=1e-12
+    )
+
+
+def test_not_positive_definite_suggests_the_documented_damping():
+    # suggestion = 10 eps max(largest - damping, 0) sqrt(n); kills _base.py:70 (10 * -> 10 +,
+    # ** 0.5 -> * 0.5, ** 0.5 -> ** 1.5)
+    from natgrad.solvers._base import not_positive_definite
+
+    # (and largest - damping -> largest + damping)
+    matrix = torch.diag(torch.tensor([2.0] + [1.0] * 8, dtype=torch.float64))
+    eps = torch.finfo(torch.float32).eps
+    suggestion = 10 * eps * (2.0 - 1.5) * 3.0  # below 1: also kills max(., 0.0) -> max(., 1.0)
+    message = str(not_positive_definite(1.5, matrix, torch.float32))
+    assert f"use damping >= {suggestion:.2g} or float64 parameters" in message
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_direction_error_is_the_documented_bound(offset):
+    # e = |r| / (2 sqrt(lam N)); bound e / (|d| - e); kills _base.py:121-127
+    from natgrad.solvers._base import direction_error
+
+    v = torch.tensor([3.0, 4.0], dtype=torch.float64)  # |v| = 5
+    v0 = torch.tensor([1.0, 1.0], dtype=torch.float64) if offset else None
+    size = 5.0 if not offset else float(torch.linalg.vector_norm(v - v0))
+    # lam N = 9: e = |r| / 6 (2 * 3 differs from 2 + 3 and from 2 / 3)
+    assert direction_error(1.0, v, 1.0, 9, v0) == pytest.approx((1 / 6) / (size - 1 / 6))
+    assert direction_error(0.0, v, 1.0, 9, v0) == 0.0
+    # e = 1 exactly (kills _base.py:122 absolute == 0.0 -> == 1.0)
+    assert direction_error(6.0, v, 1.0, 9, v0) == pytest.approx(1.0 / (size - 1.0), rel=1e-12)
+    assert direction_error(100.0, v, 1.0, 9, v0) == float("inf")
+    # |d| == e exactly: no bound (kills _base.py:125 size > absolute -> size >= absolute)
+    edge = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    assert direction_error(3.0, edge, 1.0, 9) == float("inf")
+    # zero residual, zero direction: exact (kills _base.py:122 == 0.0 -> == -1.0)
+    assert direction_error(0.0, torch.zeros(2, dtype=torch.float64), 1.0, 9) == 0.0
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [[[1.0, 0.0], [0.0, -1.0]], [[1.0, 2.0], [2.0, 1.0]]],  # indefinite: finite partial factor
+)
+def test_cholesky_factor_refuses_an_indefinite_matrix(matrix):
+    # cholesky_ex reports info != 0 with a finite diagonal; kills _base.py:82 or -> and
+    from natgrad.errors import IllConditionedError
+    from natgrad.solvers._base import cholesky_factor
+
+    with pytest.raises(IllConditionedError, match="not positive definite"):
+        cholesky_factor(torch.tensor(matrix, dtype=torch.float64), 1e-3, torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("eps_work", "eps_score", "most"),
+    [(1e-3, 1e-3, 50.0), (1e-6, 1e-2, 25.0)],  # each arm of the min in turn
+)
+def test_minimum_damping_is_the_documented_formula(eps_work, eps_score, most):
+    # most = min(target / (2 eps_w), (target / (2 eps_s))^2); lam = lambda_max / (most - 1);
+    # kills conditioning.py:64 and :67
+    from natgrad.solvers.conditioning import Conditioning
+
+    conditioning = Conditioning(
+        condition=10.0, precision=0.0, largest_eigenvalue=3.0, product_error=0.0
+    )
+    assert conditioning.minimum_damping(eps_work, eps_score, 0.1) == pytest.approx(
+        3.0 / (most - 1.0), rel=1e-9
+    )
+    assert conditioning.minimum_damping(eps_work, eps_score, 1e-9) == float("inf")
+    # most == 1 exactly: unreachable too (kills conditioning.py:65 most <= 1.0 -> <= 0.0)
+    assert conditioning.minimum_damping(0.05, 1e-12, 0.1) == float("inf")
+
+
+def test_power_iteration_only_when_the_trace_bound_exceeds_tol():
+    # precision(trace) == tol exactly: the trace bound suffices, no power iteration (whose
+    # estimate of lambda_max is below the trace here); kills conditioning.py:99 > -> >=
+    from natgrad.solvers.conditioning import _conditioning, estimate_conditioning
+
+    operator, _ = _problem()
+    n = operator.num_samples
+    trace = float(operator.squared_norms().to(torch.float64).sum()) / n
+    eps = torch.finfo(torch.float64).eps
+    damping = 1e-6
+    tol = _conditioning(trace, damping, eps, eps).precision
+    assert estimate_conditioning(operator, damping, tol).largest_eigenvalue == trace
+    refined = estimate_conditioning(operator, damping, tol / 2).largest_eigenvalue
+    assert refined < trace
+
+
+def test_power_iteration_estimates_the_largest_eigenvalue():
+    # one dominant direction: 8 power iterations find lambda_max(K / N), the first Rayleigh
+    # quotient does not; kills conditioning.py:107 == 0.0 -> != 0.0 (stop after one step)
+    from natgrad.solvers.conditioning import estimate_conditioning
+
+    gen = torch.Generator().manual_seed(1)
+    n, p = 12, 5
+    u = torch.randn(n, 1, generator=gen, dtype=torch.float64)
+    scores = 10 * u @ torch.randn(1, p, generator=gen, dtype=torch.float64)
+    scores += 0.1 * torch.randn(n, p, generator=gen, dtype=torch.float64)
+    operator = MaterializedScores(scores)
+    exact = float(torch.linalg.eigvalsh(scores @ scores.T / n)[-1])
+    estimate = estimate_conditioning(operator, 1e-9, 1e-12).largest_eigenvalue
+    assert estimate == pytest.approx(exact, rel=1e-6)
+
+
+def test_solver_options_store_the_validated_values():
+    # the checks convert (an int damping becomes a float, a numpy int an int); kills
+    # options.py:101 for ... in checked.items() -> in []
+    import numpy as np
+
+    options = SolverOptions(damping=1, block_size=np.int64(8))
+    assert type(options.damping) is float
+    assert type(options.block_size) is int
+
+
+def test_documented_defaults_and_presets():
+    # docs: preconditioner_rank=256 (choosing.md, performance.md), RL preset block 256,
+    # 20 epochs, tol 1e-3, damping 0.1 (rl.md, torchrl.md); SUPERVISED and max_iters are
+    # public values shown in the signatures. Kills options.py:72-80, :131, :135
+    from natgrad.solvers import RL_AGENT, SUPERVISED
+
+    defaults = SolverOptions()
+    assert dataclasses.asdict(defaults) == dict(
+        solver="auto",
+        damping=1e-3,
+        block_size=512,
+        max_epochs=10,
+        tol=5e-2,
+        max_iters=200,
+        on_nonconvergence="fallback",
+        resample_blocks=False,
+        compile=False,
+        preconditioner_rank=256,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):  # kills options.py:39 frozen=False
+        defaults.damping = 1.0
+    assert (RL_AGENT.damping, RL_AGENT.block_size, RL_AGENT.max_epochs, RL_AGENT.tol) == (
+        0.1,
+        256,
+        20,
+        1e-3,
+    )
+    assert (SUPERVISED.solver, SUPERVISED.block_size, SUPERVISED.max_epochs) == (
+        "kaczmarz",
+        256,
+        50,
+    )
+    assert (SUPERVISED.tol, SUPERVISED.preconditioner_rank) == (1e-3, 0)
+
+
+def test_settings_deprecation_points_at_the_caller():
+    # kills options.py:159 stacklevel=2 -> 3 and -> 1
+    from natgrad import RATNaturalGradient
+
+    ng = RATNaturalGradient(torch.nn.Linear(2, 2))
+    with pytest.warns(DeprecationWarning, match="settings") as record:
+        options = ng.settings
+    assert record[0].filename == __file__
+    with pytest.warns(DeprecationWarning, match="settings") as record:  # options.py:166
+        ng.settings = options
+    assert record[0].filename == __file__
+
+
+def test_deprecated_solver_aliases_point_at_the_caller():
+    # kills solvers/__init__.py:77 stacklevel=2 -> 1 and -> 3
+    import natgrad.solvers
+
+    with pytest.warns(DeprecationWarning, match="SolverSettings") as record:
+        assert natgrad.solvers.SolverSettings is SolverOptions
+    assert record[0].filename == __file__
