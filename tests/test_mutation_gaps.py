@@ -267,3 +267,51 @@ def test_deprecated_solver_aliases_point_at_the_caller():
     with pytest.warns(DeprecationWarning, match="SolverSettings") as record:
         assert natgrad.solvers.SolverSettings is SolverOptions
     assert record[0].filename == __file__
+
+
+@pytest.mark.parametrize("case", ["two orthogonal rows", "twelve rows"])
+def test_conditioning_matches_the_dense_spectrum(case):
+    # condition = (lambda_max(K/N) + lam) / lam from the dense eigenvalues, precision =
+    # condition eps_w + sqrt(condition) eps_s; with n = 2 equal orthogonal rows the trace is
+    # twice lambda_max, so skipping the power iteration shows. Kills conditioning.py:71
+    # (+ -> -), :73 (+ -> -, ** -> *, 0.5 -> -0.5) and :99 (n > 1 -> n > 2)
+    from natgrad.solvers.conditioning import estimate_conditioning
+
+    if case == "two orthogonal rows":
+        scores = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64)
+    else:
+        gen = torch.Generator().manual_seed(3)
+        scores = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+        scores[:, 0] *= 6.0  # a clear spectral gap: the power iteration converges
+    operator = MaterializedScores(scores)
+    n, damping = scores.shape[0], 1e-2
+    largest = float(torch.linalg.eigvalsh(scores @ scores.T / n)[-1])
+    result = estimate_conditioning(operator, damping, tol=1e-30)
+    condition = (largest + damping) / damping
+    eps = torch.finfo(torch.float64).eps
+    assert result.condition == pytest.approx(condition, rel=1e-6)
+    assert result.product_error == pytest.approx(condition * eps, rel=1e-6)
+    assert result.precision == pytest.approx(condition * eps + condition**0.5 * eps, rel=1e-6)
+
+
+def test_minimum_damping_just_above_the_reachable_limit():
+    # most = 1.5 (target / (2 eps_w)): reachable, lam = lambda_max / 0.5; kills
+    # conditioning.py:65 most <= 1.0 -> most <= 2.0
+    from natgrad.solvers.conditioning import Conditioning
+
+    conditioning = Conditioning(
+        condition=10.0, precision=0.0, largest_eigenvalue=3.0, product_error=0.0
+    )
+    assert conditioning.minimum_damping(0.1 / 3.0, 1e-12, 0.1) == pytest.approx(6.0)
+
+
+def test_conditioning_is_immutable():
+    # diagnostics hold it: nobody may change the estimate after the fact; kills
+    # conditioning.py:35 frozen=True -> False
+    from natgrad.solvers.conditioning import Conditioning
+
+    conditioning = Conditioning(
+        condition=1.0, precision=0.0, largest_eigenvalue=0.0, product_error=0.0
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        conditioning.condition = 2.0
