@@ -98,6 +98,21 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="write TensorBoard events if tensorboard is installed",
     )
     parser.add_argument(
+        "--track",
+        action="store_true",
+        help="log the run to Weights & Biases (natgrad[track]); offline under <out>/wandb "
+        "when no W&B login is found",
+    )
+    parser.add_argument("--wandb-project", default="natgrad", help="W&B project (with --track)")
+    parser.add_argument("--wandb-entity", default=None, help="W&B team or user (with --track)")
+    parser.add_argument("--wandb-group", default=None, help="W&B run group (with --track)")
+    parser.add_argument(
+        "--wandb-mode",
+        choices=["online", "offline"],
+        default=None,
+        help="W&B mode (with --track; default: $WANDB_MODE, else online when logged in)",
+    )
+    parser.add_argument(
         "--solved-threshold",
         type=float,
         default=None,
@@ -154,6 +169,14 @@ def _train(args: argparse.Namespace) -> int:
     }
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
+    callbacks = []
+    if args.track:  # before the run directory is touched: a missing extra writes nothing
+        from natgrad.rl.tracking import WandbTracker
+
+        callbacks.append(
+            WandbTracker(args.wandb_project, args.wandb_entity, args.wandb_group,
+                         mode=args.wandb_mode)
+        )  # fmt: skip
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the directory of the run to continue")
@@ -185,7 +208,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"natgrad train -> {trainer.out_dir}", file=sys.stderr)
     print(config.to_json(), file=sys.stderr)
     try:
-        result = trainer.run(progress=args.progress, solved_threshold=threshold)
+        result = trainer.run(
+            progress=args.progress, solved_threshold=threshold, callbacks=callbacks
+        )
     finally:
         trainer.close()
     print(summary_json(result))
