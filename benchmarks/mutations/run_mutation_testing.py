@@ -8,7 +8,8 @@ Usage (from the repository root, after ``pip install -e ".[dev,mutation]"``)::
     python benchmarks/mutations/run_mutation_testing.py --report-only   # rewrite the report
     python benchmarks/mutations/run_mutation_testing.py --list          # modules and tests
 
-Each module is mutated in a private copy of the repository under
+Each module is mutated in a private copy of the last commit (``git archive HEAD``; work in
+progress in the working tree is never tested) under
 ``benchmarks/mutations/work/<module>/`` (git-ignored), never in the working tree, and its
 mutants run only against that module's test selection (``MODULES`` below, ``-x -m "not slow"``).
 Runs are resumable: the cosmic-ray session (sqlite) in the work copy keeps every finished
@@ -133,16 +134,29 @@ def slug(module: str) -> str:
     return module.removesuffix(".py").replace("/", ".")
 
 
-def sources(module: str) -> list[Path]:
-    path = ROOT / module
-    return sorted(path.rglob("*.py")) if path.is_dir() else [path]
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=True)
+
+
+def committed(path: str) -> bytes | None:
+    """The file at HEAD (``None`` if it is not committed): mutants run on committed code only,
+    so work in progress in the working tree never reaches a run."""
+    try:
+        return git("show", f"HEAD:{path}").stdout
+    except subprocess.CalledProcessError:
+        return None
+
+
+def sources(module: str) -> list[str]:
+    listed = git("ls-tree", "-r", "--name-only", "HEAD", "--", module).stdout.decode()
+    return sorted(name for name in listed.splitlines() if name.endswith(".py"))
 
 
 def source_hash(module: str) -> str:
     digest = hashlib.sha256()
-    for path in sources(module):
-        digest.update(path.relative_to(ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
+    for name in sources(module):
+        digest.update(name.encode())
+        digest.update(committed(name) or b"")
     return digest.hexdigest()[:16]
 
 
@@ -150,9 +164,7 @@ def tests_hash(module: str) -> str:
     """Hash of the command and of the test files it runs: a change reruns the survivors."""
     digest = hashlib.sha256(test_command(module).encode())
     for name in sorted({*MODULES[module], "tests/cases.py", "tests/reference.py"}):
-        path = ROOT / name
-        if path.exists():
-            digest.update(path.read_bytes())
+        digest.update(committed(name) or b"")
     return digest.hexdigest()[:16]
 
 
@@ -171,15 +183,20 @@ def env_for(copy: Path) -> dict[str, str]:
 
 
 def refresh_copy(copy: Path) -> None:
-    """Make the work copy's sources equal to the repository's (undoes an interrupted mutant)."""
+    """Make the work copy's sources those of the last commit (undoes an interrupted mutant).
+
+    Committed files only: uncommitted edits in the working tree (someone's work in
+    progress) never reach a run, and the results name the commit they tested.
+    """
     copy.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
-        src, dst = ROOT / name, copy / name
-        if src.is_dir():
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.exists():
-            shutil.copy2(src, dst)
+        dst = copy / name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+    archive = git("archive", "--format=tar", "HEAD", "--", *COPIED).stdout
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
 
 
 def run(cmd: list[str] | str, copy: Path, timeout: float | None = None, **kw):
@@ -235,6 +252,7 @@ def init_session(module: str, copy: Path, log) -> dict:
             db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(j,) for j in drop])
     meta = {
         "module": module,
+        "commit": git("rev-parse", "--short", "HEAD").stdout.decode().strip(),
         "source_hash": source_hash(module),
         "tests": MODULES[module],
         "test_command": test_command(module),
