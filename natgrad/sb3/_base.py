@@ -243,7 +243,16 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
         adv = sub(data.advantages)
         if self.normalize_advantage:
             adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        return PolicyBatch(tree_map(sub, data.observations), acts, sub(data.old_log_prob), adv)
+        # SB3's preprocessing casts observations to float32 anyway (``preprocess_obs``);
+        # RAT wants floating inputs in the parameters' dtype (a Dict buffer keeps float64).
+        dtype = next(self.policy.parameters()).dtype
+
+        def observation(tensor: Tensor) -> Tensor:
+            tensor = sub(tensor)
+            return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+        obs = tree_map(observation, data.observations)
+        return PolicyBatch(obs, acts, sub(data.old_log_prob), adv)
 
     def actor_parameter_names(self, batch: PolicyBatch) -> tuple[str, ...]:
         """Names of the policy parameters that the log-probability depends on.
