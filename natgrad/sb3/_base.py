@@ -203,7 +203,8 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
             warnings.warn(
                 f"batch_size={self.batch_size} does not divide n_steps * n_envs = "
                 f"{buffer_size}: the critic's last minibatch of each epoch is smaller",
-                stacklevel=3,
+                # point at the user's call, past a subclass's own __init__
+                stacklevel=3 + (type(self).__init__ is not RATOnPolicyAlgorithm.__init__),
             )
 
     def _build_rat(self) -> RATNaturalGradient:
