@@ -179,10 +179,12 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
                 f"{name} got target_kl={self.target_kl!r}; the KL trust region needs a finite "
                 "target_kl > 0, e.g. 0.01"
             )
-        for key in ("sub_sampling_factor", "n_critic_updates", "batch_size"):
+        for key, least in (("sub_sampling_factor", 1), ("n_critic_updates", 0), ("batch_size", 1)):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} got {key}={value!r}; pass an integer >= 1")
+            if not isinstance(value, int) or value < least:
+                raise InvalidArgumentError(
+                    f"{name} got {key}={value!r}; pass an integer >= {least}"
+                )
         unknown = sorted(set(self.rat_kwargs) - set(RAT_KWARGS))
         if unknown:
             raise UnsupportedArgumentError(
@@ -332,7 +334,8 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
         record = self.logger.record
         for key, value in stats.items():
             record(f"train/{key}", value)
-        record("train/value_loss", float(np.mean(losses)))
+        if losses:
+            record("train/value_loss", float(np.mean(losses)))
         record("train/explained_variance", float(explained))
         record("train/g_dot_d", ng.g_dot_d)
         record("train/d_fisher_d", ng.d_fisher_d)
