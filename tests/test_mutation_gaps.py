@@ -315,3 +315,67 @@ def test_conditioning_is_immutable():
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         conditioning.condition = 2.0
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e3])
+@pytest.mark.parametrize("kind", ["full rank", "low rank", "duplicated rows"])
+def test_full_rank_nystrom_is_the_exact_inverse(kind, scale):
+    # documented: rank >= N makes P = K / N + lam I itself. Full rank J takes the r x r
+    # Cholesky path, low-rank and duplicated J the eigen pseudo-inverse; the scale moves
+    # every eigenvalue (the drop threshold must be relative). Kills nystrom.py:53 and :66
+    # (/ damping -> * damping), :59 (threshold / max, clamp_min(1.0))
+    from natgrad.solvers.nystrom import nystrom_preconditioner
+
+    gen = torch.Generator().manual_seed(0)
+    n, p = 12, 20
+    if kind == "full rank":
+        scores = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    else:
+        left = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        scores = left @ torch.randn(3, p, generator=gen, dtype=torch.float64)
+    if kind == "duplicated rows":
+        scores[:6] = scores[6:]
+    scores = scores * scale
+    damping = 1e-3 * scale**2
+    operator = MaterializedScores(scores)
+    apply = nystrom_preconditioner(operator, damping, n, torch.Generator().manual_seed(0))
+    assert apply is not None
+    inverse = torch.stack([apply(e) for e in torch.eye(n, dtype=torch.float64)], dim=1)
+    system = scores @ scores.T / n + damping * torch.eye(n, dtype=torch.float64)
+    exact = torch.linalg.inv(system)
+    assert float((inverse - exact).abs().max()) <= 1e-6 * float(exact.abs().max())
+
+
+def test_solver_metadata_is_truthful():
+    # needs_gram says whether a solver forms the N x N Gram matrix: only cholesky does;
+    # a new Solver does not unless it says so. Kills registry.py:77 needs_gram default True
+    from natgrad.solvers import Solver
+
+    operator, rhs = _problem()
+    for name, solver in SOLVER_REGISTRY.items():
+        calls = []
+
+        def spy(*args, _calls=calls, _original=operator.gram, **kwargs):
+            _calls.append(1)
+            return _original(*args, **kwargs)
+
+        operator.gram = spy
+        try:
+            solver.solve(operator, rhs / rhs.abs().max(), SolverOptions(), torch.Generator())
+        finally:
+            del operator.gram
+        assert solver.needs_gram == bool(calls), name
+    assert Solver("mine", solver.solve).needs_gram is False
+
+
+def test_solver_entries_are_immutable_and_names_checked():
+    # kills registry.py:50 frozen=True -> False and :85 `or` -> `and`
+    from natgrad.solvers import Solver, register_solver
+
+    solver = SOLVER_REGISTRY["cg"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        solver.iterative = False
+    for bad in ("auto", "not an identifier"):
+        with pytest.raises(ValueError, match="identifier other than 'auto'"):
+            register_solver(Solver(bad, solver.solve))
+        assert bad not in SOLVER_REGISTRY
