@@ -227,7 +227,7 @@ def init_session(module: str, copy: Path, log) -> dict:
     seconds = time.perf_counter() - start
     if baseline.returncode != 0:
         raise RuntimeError(f"{module}: baseline tests fail:\n{baseline.stdout[-3000:]}")
-    timeout = max(30.0, round(3.0 * seconds + 10.0))
+    timeout = timeout_for(seconds)
     log(f"{module}: baseline {seconds:.1f} s, timeout {timeout:.0f} s per mutant")
     config = copy / "cosmic-ray.toml"
     config.write_text(
@@ -264,29 +264,57 @@ def init_session(module: str, copy: Path, log) -> dict:
     return meta
 
 
-def retest_survivors(module: str, copy: Path, meta: dict, log) -> dict:
-    """The tests changed (selection or files): rerun every mutant that was not killed.
+def timeout_for(baseline_seconds: float) -> float:
+    """Per-mutant time limit: generous, so that a machine busy with other work does not turn
+    a slow test run into a false kill (a timeout counts as killed)."""
+    return max(120.0, round(6.0 * baseline_seconds + 30.0))
 
-    Killed mutants stay killed (a larger selection still contains the test that killed them).
+
+def retest_survivors(module: str, copy: Path, meta: dict, log) -> dict:
+    """The tests or the time limit changed: rerun every mutant not killed by a failing test.
+
+    Killed mutants stay killed (a larger selection still contains the test that killed them);
+    timeouts are run again under the current limit.
     """
     refresh_copy(copy)
     config = copy / "cosmic-ray.toml"
-    text = config.read_text()
-    old = f"test-command = {json.dumps(meta['test_command'])}"
-    config.write_text(text.replace(old, f"test-command = {json.dumps(test_command(module))}"))
+    timeout = timeout_for(meta["baseline_seconds"])
+    lines = [
+        f"timeout = {timeout}"
+        if line.startswith("timeout =")
+        else f"test-command = {json.dumps(test_command(module))}"
+        if line.startswith("test-command =")
+        else line
+        for line in config.read_text().splitlines()
+    ]
+    config.write_text("\n".join(lines) + "\n")
     with sqlite3.connect(copy / "session.sqlite") as db:
         reset = db.execute(
             "DELETE FROM work_results WHERE test_outcome IS NULL OR upper(test_outcome) != 'KILLED'"
+            " OR output = 'timeout'"
         ).rowcount
     meta = {
         **meta,
         "tests": MODULES[module],
         "test_command": test_command(module),
         "tests_hash": tests_hash(module),
+        "timeout_seconds": timeout,
     }
     (copy / "meta.json").write_text(json.dumps(meta, indent=1))
-    log(f"{module}: tests changed, {reset} mutants not killed are run again")
+    log(f"{module}: tests or time limit changed, {reset} mutants not killed are run again")
     return meta
+
+
+def stale_timeouts(data: dict, copy: Path | None = None) -> bool:
+    """Whether timeouts were recorded under a shorter limit than :func:`timeout_for` gives."""
+    limit = data.get("timeout_seconds", 0)
+    if limit >= timeout_for(data.get("baseline_seconds", 0.0)):
+        return False
+    if copy is not None:  # a work copy's meta: look in its session
+        with sqlite3.connect(copy / "session.sqlite") as db:
+            query = "SELECT 1 FROM work_results WHERE output = 'timeout'"
+            return bool(db.execute(query).fetchall())
+    return any(m["status"] == "timeout" for m in data.get("mutants", []))
 
 
 def first_failure(output: str) -> str:
@@ -368,7 +396,7 @@ def _run_module(module: str, copy: Path, deadline: float, log) -> None:
     digest = source_hash(module)
     if stored.exists():
         data = json.loads(stored.read_text())
-        same_tests = data.get("tests_hash") == tests_hash(module)
+        same_tests = data.get("tests_hash") == tests_hash(module) and not stale_timeouts(data)
         if data.get("complete") and data.get("source_hash") == digest and same_tests:
             log(f"{module}: complete, skipped")
             return
@@ -376,7 +404,7 @@ def _run_module(module: str, copy: Path, deadline: float, log) -> None:
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     if meta is None or meta.get("source_hash") != digest or not (copy / "session.sqlite").exists():
         meta = init_session(module, copy, log)
-    elif meta.get("tests_hash") != tests_hash(module):
+    elif meta.get("tests_hash") != tests_hash(module) or stale_timeouts(meta, copy):
         meta = retest_survivors(module, copy, meta, log)
     else:
         refresh_copy(copy)
