@@ -26,9 +26,13 @@ class RATNPG(RATOnPolicyAlgorithm):
 
     Parameters
     ----------
-    policy, env, learning_rate, n_steps, batch_size, gamma, **kwargs
-        Every keyword of :class:`~natgrad.sb3.RATTRPO` except the line search's
-        (``line_search_shrinking_factor``, ``line_search_max_iter``).
+    policy, env, learning_rate, n_steps, batch_size, gamma, n_critic_updates, gae_lambda, \
+use_sde, sde_sample_freq, rollout_buffer_class, rollout_buffer_kwargs, \
+normalize_advantage, target_kl, sub_sampling_factor, damping, solver, tol, block_size, \
+max_epochs, max_iters, preconditioner_rank, rat_kwargs, stats_window_size, \
+tensorboard_log, policy_kwargs, verbose, seed, device, _init_setup_model, **kwargs
+        As in :class:`~natgrad.sb3.RATTRPO`, which has the line search's two keywords
+        (``line_search_shrinking_factor``, ``line_search_max_iter``) besides.
 
     Notes
     -----

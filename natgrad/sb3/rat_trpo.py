@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch as th
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from natgrad import NaturalGradient
 from natgrad.sb3._base import PolicyBatch, RATOnPolicyAlgorithm, joint_kl
 from natgrad.sb3._errors import InvalidArgumentError
 from natgrad.sb3._step import ParameterStep
+from natgrad.solvers import RL_AGENT
 
 __all__ = ["RATTRPO"]
 
@@ -58,6 +62,11 @@ tensorboard_log, policy_kwargs, verbose, seed, device
     rat_kwargs
         Other :class:`~natgrad.RATNaturalGradient` keywords: ``backend``,
         ``memory_budget``, ``on_nonconvergence``, ``resample_blocks``, ``compile``.
+    _init_setup_model
+        Build the networks now (SB3's ``load`` passes ``False``).
+    **kwargs
+        Refused: TRPO's ``cg_max_steps`` and ``cg_damping`` and unknown keywords raise
+        :class:`~natgrad.sb3.UnsupportedArgumentError`.
 
     Raises
     ------
@@ -81,15 +90,39 @@ tensorboard_log, policy_kwargs, verbose, seed, device
 
     def __init__(
         self,
-        policy: Any,
-        env: Any,
-        learning_rate: Any = 1e-3,
+        policy: str | type[ActorCriticPolicy],
+        env: GymEnv | str | None,
+        learning_rate: float | Schedule = 1e-3,
         n_steps: int = 2048,
         batch_size: int = 128,
         gamma: float = 0.99,
         *,
         line_search_shrinking_factor: float = 0.8,
         line_search_max_iter: int = 10,
+        n_critic_updates: int = 10,
+        gae_lambda: float = 0.95,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        normalize_advantage: bool = True,
+        target_kl: float = 0.01,
+        sub_sampling_factor: int = 1,
+        damping: float = RL_AGENT.damping,
+        solver: str = RL_AGENT.solver,
+        tol: float = RL_AGENT.tol,
+        block_size: int = RL_AGENT.block_size,
+        max_epochs: int = RL_AGENT.max_epochs,
+        max_iters: int = RL_AGENT.max_iters,
+        preconditioner_rank: int = RL_AGENT.preconditioner_rank,
+        rat_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
         **kwargs: Any,
     ) -> None:
         if not 0.0 < line_search_shrinking_factor < 1.0:
@@ -103,7 +136,39 @@ tensorboard_log, policy_kwargs, verbose, seed, device
             )
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
-        super().__init__(policy, env, learning_rate, n_steps, batch_size, gamma, **kwargs)
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            n_steps,
+            batch_size,
+            gamma,
+            n_critic_updates=n_critic_updates,
+            gae_lambda=gae_lambda,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            normalize_advantage=normalize_advantage,
+            target_kl=target_kl,
+            sub_sampling_factor=sub_sampling_factor,
+            damping=damping,
+            solver=solver,
+            tol=tol,
+            block_size=block_size,
+            max_epochs=max_epochs,
+            max_iters=max_iters,
+            preconditioner_rank=preconditioner_rank,
+            rat_kwargs=rat_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=_init_setup_model,
+            **kwargs,
+        )
 
     def _policy_step(
         self, batch: PolicyBatch, ng: NaturalGradient, old: Distribution, objective: float
