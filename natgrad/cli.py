@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="natgrad", description="Train, plot and evaluate RL agents with RAT natural gradients."
     )
+    from natgrad import __version__
+
+    parser.add_argument("--version", action="version", version=f"natgrad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,plot,eval}")
     train = _add_train(sub)
     train.set_defaults(subparser=train)
@@ -250,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["train", *argv]  # `natgrad [options]` is `natgrad train [options]`
     args = parser.parse_args(argv)
     sub: argparse.ArgumentParser = args.subparser  # errors are reported in its usage
