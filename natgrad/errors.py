@@ -16,6 +16,7 @@ __all__ = [
     "NotConvergedWarning",
     "PolicyMutationError",
     "PrecisionWarning",
+    "ProcessGroupError",
     "SampleCouplingError",
     "UnderflowError",
 ]
@@ -61,6 +62,15 @@ class SampleCouplingError(NatgradError, ValueError):
 
     Per-sample scores are then ill-defined: e.g. BatchNorm in train mode, or observations
     normalized with statistics of the batch (``obs.std(0)`` is NaN for one sample).
+    """
+
+
+class ProcessGroupError(NatgradError, ValueError):
+    """A ``process_group`` cannot be used, or the ranks of one do not agree.
+
+    Raised on every rank alike (the check is collective): ``torch.distributed`` is not
+    initialized, the ranks were given different ``damping``, solver options or parameter
+    shapes, the solver has no distributed form, or another rank failed.
     """
 
 

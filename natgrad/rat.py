@@ -23,6 +23,12 @@ from natgrad._checks import (
 )
 from natgrad._guard import unchanged_module
 from natgrad._tree import Tree
+from natgrad.distributed import (
+    CommunicationStats,
+    ProcessGroup,
+    check_process_group,
+    distributed_natural_gradient,
+)
 from natgrad.factored import FACTORED_MISMATCH, build_factored_scores
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.scores import (
@@ -129,11 +135,22 @@ class RATNaturalGradient(OptionsView):
         compilation. Used with the factored and materialized backends (the streaming
         backend runs eagerly, noted in ``diagnostics.fallbacks``). Whether it is faster
         depends on the device and problem; see the performance page for measurements.
+    process_group
+        A ``torch.distributed`` process group: every rank calls with its *own* samples
+        (local batch sizes may differ) and gets the natural gradient of the union of all
+        ranks' samples -- ``natural_gradient(...).direction`` is the same on every rank,
+        ``__call__`` returns this rank's rows of ``A~`` (the gradient of
+        ``sum(A~ * log pi) / N_total``, summed over ranks, is the direction). Solvers
+        ``"cg"`` (block-Jacobi preconditioned), ``"cholesky"`` and ``"kaczmarz"`` (averaged
+        block Kaczmarz); see the docs page *Distributed*. ``None``: one process.
 
     Attributes
     ----------
     diagnostics
         :class:`~natgrad.Diagnostics` of the latest call, ``None`` before the first.
+    communication
+        With a ``process_group``: the collectives of the latest call
+        (:class:`~natgrad.distributed.CommunicationStats`), else ``None``.
     generator
         The ``torch.Generator`` driving block sampling.
 
@@ -175,6 +192,7 @@ class RATNaturalGradient(OptionsView):
         resample_blocks: bool = _DEFAULT.resample_blocks,
         compile: bool = _DEFAULT.compile,
         preconditioner_rank: int = _DEFAULT.preconditioner_rank,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         if log_prob_fn is not None and not callable(log_prob_fn):
             raise TypeError(
@@ -188,6 +206,8 @@ class RATNaturalGradient(OptionsView):
         self.backend = check_choice("backend", backend, BACKENDS)
         self.memory_budget = check_positive_int("memory_budget", memory_budget, " bytes")
         self.diagnostics: Diagnostics | None = None
+        self.process_group = check_process_group(process_group)
+        self.communication: CommunicationStats | None = None
 
     @classmethod
     def from_options(
@@ -251,8 +271,11 @@ class RATNaturalGradient(OptionsView):
         -------
         Tensor
             ``A~``, detached, with the shape, dtype and device of ``adv``. The gradient of
-            ``mean(A~ * log pi)`` over ``params`` is the natural gradient ``d``.
+            ``mean(A~ * log pi)`` over ``params`` is the natural gradient ``d``. With a
+            ``process_group``: this rank's rows (see the class docstring).
         """
+        if self.process_group is not None:
+            return distributed_natural_gradient(self, policy, obs, acts, adv, params).advantages
         advantages, _, _ = self._run(policy, obs, acts, adv, params)
         return advantages
 
@@ -268,8 +291,11 @@ class RATNaturalGradient(OptionsView):
 
         Same arguments as :meth:`__call__`. ``J d``, ``g^T d`` and ``d^T F d`` come from the
         solve without extra passes (Cholesky: ``J d = A - lam A~``; iterative solvers: the
-        ``J v`` of the final residual check).
+        ``J v`` of the final residual check). With a ``process_group``, ``advantages`` and
+        ``jd`` are this rank's rows; the rest is global and the same on every rank.
         """
+        if self.process_group is not None:
+            return distributed_natural_gradient(self, policy, obs, acts, adv, params)
         advantages, result, scores = self._run(policy, obs, acts, adv, params)
         assert self.diagnostics is not None
         n = scores.num_samples
@@ -301,24 +327,9 @@ class RATNaturalGradient(OptionsView):
         params: Iterable[Tensor] | None,
     ) -> tuple[Tensor, SolveResult, PolicyScores]:
         start = time.perf_counter()
-        check_policy(policy)
-        names = select_parameters(policy, params)
-        first = dict(policy.named_parameters())[names[0]]
-        device, dtype = first.device, first.dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"policy parameters must be floating point, got {dtype}")
-        check_finite_parameters(policy)
-        check_advantages(adv, device)
+        scores, operator, backend_note = self._prepare(policy, obs, acts, adv, params)
         n = adv.shape[0]
-        check_batch("obs", obs, n, device, dtype)
-        check_batch("acts", acts, n, device, dtype)
-        with unchanged_module(policy):
-            with torch.no_grad():
-                log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
-            scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
-            with torch.enable_grad():  # the factored backend needs one backward pass
-                operator, backend_note = self._operator(scores, policy, obs, acts)
-        rhs = adv.detach().to(device=device, dtype=torch.float64)
+        rhs = adv.detach().to(device=scores.device, dtype=torch.float64)
         with torch.no_grad():  # solvers only combine detached tensors
             result, solver_used, notes = solve(operator, rhs, self.options, self.generator)
         fallbacks: list[str] = []
@@ -354,6 +365,34 @@ class RATNaturalGradient(OptionsView):
             precision=result.precision,
         )
         return advantages, result, scores
+
+    def _prepare(
+        self,
+        policy: nn.Module,
+        obs: Tree,
+        acts: Tree,
+        adv: Tensor,
+        params: Iterable[Tensor] | None,
+    ) -> tuple[PolicyScores, ScoreOperator, str]:
+        """Check the inputs and build the scores and their operator (no solve)."""
+        check_policy(policy)
+        names = select_parameters(policy, params)
+        first = dict(policy.named_parameters())[names[0]]
+        device, dtype = first.device, first.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"policy parameters must be floating point, got {dtype}")
+        check_finite_parameters(policy)
+        check_advantages(adv, device)
+        n = adv.shape[0]
+        check_batch("obs", obs, n, device, dtype)
+        check_batch("acts", acts, n, device, dtype)
+        with unchanged_module(policy):
+            with torch.no_grad():
+                log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
+            scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
+            with torch.enable_grad():  # the factored backend needs one backward pass
+                operator, backend_note = self._operator(scores, policy, obs, acts)
+        return scores, operator, backend_note
 
     def _operator(
         self, scores: PolicyScores, policy: nn.Module, obs: Tree, acts: Tree

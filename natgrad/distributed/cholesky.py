@@ -1,0 +1,82 @@
+"""Exact distributed solve: assemble ``K = J J^T`` of all ranks, factor it on every rank.
+
+The kernel couples every pair of samples, so its off-diagonal blocks ``J_k J_l^T`` need
+one rank's rows next to another's. Here the rows travel chunk by chunk: rank ``l``
+broadcasts ``c`` of its rows at a time (``c = block_size``), every rank ``k`` multiplies
+them by its own rows into its rows of ``K`` and drops the chunk. Each rank then holds
+only its ``n_k x N`` rows of ``K``; one all-reduce of ``N x (N + 1)`` floats gives every
+rank the whole kernel and the whole right-hand side, and each rank factors
+``K / N + lam I`` and solves (the same inputs, so the same answer). One last all-reduce of
+``P`` floats forms ``d = J^T x / N`` from the local rows of ``x``.
+
+Communication: ``N P`` floats broadcast (in ``sum_l ceil(n_l / c)`` calls), ``N (N + 1)``
+all-reduced once, ``P`` all-reduced once. Memory: ``N^2`` floats on every rank. It is
+meant for small ``N`` (a few thousand samples); CG and Kaczmarz exchange ``P``-vectors
+only. The score rows of other ranks are seen one chunk at a time, never kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from natgrad.distributed.operator import ShardedOperator, local_rows
+from natgrad.solvers._base import SolveResult, cholesky_factor, relative_residual
+
+__all__ = ["distributed_cholesky"]
+
+
+def distributed_cholesky(
+    operator: ShardedOperator, rhs: Tensor, damping: float, chunk_size: int
+) -> SolveResult:
+    """Solve ``(K / N + lam I) x = rhs`` exactly for the union of all ranks' samples.
+
+    Parameters
+    ----------
+    operator
+        The sharded score operator.
+    rhs
+        This rank's rows of the right-hand side (float64).
+    damping
+        ``lam > 0``.
+    chunk_size
+        Rows per broadcast.
+
+    Raises
+    ------
+    IllConditionedError
+        On every rank alike, if ``K / N + lam I`` is not numerically positive definite.
+    """
+    comm, total, n = operator.comm, operator.num_samples, operator.num_local
+    device = rhs.device
+    rows = local_rows(operator.local, torch.arange(n, device=operator.device))
+    kernel_rows = torch.empty(n, total, dtype=torch.float64, device=device)
+    start = 0
+    for source, size in enumerate(operator.sizes):
+        for first in range(0, size, chunk_size):
+            count = min(chunk_size, size - first)
+            if comm.rank == source:
+                chunk = rows[first : first + count].contiguous()
+            else:
+                chunk = torch.empty(count, operator.num_params, dtype=rows.dtype, device=device)
+            comm.broadcast(chunk, source)
+            columns = slice(start + first, start + first + count)
+            kernel_rows[:, columns] = (rows @ chunk.T).to(torch.float64)
+        start += size
+    assembled = torch.zeros(total, total + 1, dtype=torch.float64, device=device)
+    mine = slice(operator.offset, operator.offset + n)
+    assembled[mine, :total] = kernel_rows
+    assembled[mine, total] = rhs
+    comm.all_reduce(assembled)
+    kernel = assembled[:, :total] / total
+    rhs_all = assembled[:, total].clone()
+    kernel.diagonal().add_(damping)
+    factor = cholesky_factor(kernel, damping, operator.score_dtype)
+    x_all = torch.cholesky_solve(rhs_all.unsqueeze(1), factor).squeeze(1)
+    jv_all = (kernel @ x_all) - damping * x_all
+    residual = relative_residual(rhs_all, jv_all, x_all, damping)
+    x, jv = x_all[mine].clone(), jv_all[mine].clone()
+    comm.phase = "check"
+    v, _ = operator.direction(x)
+    comm.stats.iterations = 1
+    return SolveResult(x=x, v=v, jv=jv, residual=residual, iterations=1, converged=True)

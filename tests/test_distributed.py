@@ -1,0 +1,279 @@
+"""RATNaturalGradient over torch.distributed: the union's answer from each rank's samples.
+
+Each check spawns one gloo group on CPU (``torch.multiprocessing.spawn``, file store) and
+runs several checks inside it; a failed assertion in any rank fails the test. The
+reference is the single-process result on the concatenated batch, float64, to 1e-10.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from natgrad import RATNaturalGradient
+from natgrad.errors import NonFiniteError, ProcessGroupError
+
+RTOL = 1e-10
+DAMPING = 5e-2
+SOLVERS = {
+    "cholesky": {"solver": "cholesky"},
+    "cg": {"solver": "cg", "tol": 1e-12, "max_iters": 500, "preconditioner_rank": 3},
+    "cg-plain": {"solver": "cg", "tol": 1e-12, "max_iters": 500, "preconditioner_rank": 0},
+    # Kaczmarz needs ~350 epochs at damping 0.05 to reach 1e-12 even in one process
+    "kaczmarz": {
+        "solver": "kaczmarz",
+        "tol": 1e-12,
+        "block_size": 4,
+        "max_epochs": 2000,
+        "damping": 0.5,
+    },
+}
+
+
+class Policy(nn.Module):
+    """A small Gaussian MLP policy (P = 60 > N: the kernel form's regime)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        self.log_std = nn.Parameter(torch.full((2,), -0.3))
+
+    def forward(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(self.mean(obs), self.log_std.exp())
+
+
+def make_problem(total: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same policy and concatenated batch on every rank (seeded)."""
+    torch.manual_seed(0)
+    policy = Policy().double()
+    obs = torch.randn(total, 4, dtype=torch.float64)
+    with torch.no_grad():
+        acts = policy(obs).sample()
+    adv = torch.randn(total, dtype=torch.float64)
+    return policy, obs, acts, adv
+
+
+def flat(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, what: str) -> None:
+    error = float((actual - expected).norm() / scale.norm())
+    assert error <= RTOL, f"{what}: relative error {error:.3g} > {RTOL}"
+
+
+def _worker(rank: int, world: int, path: str, check: Callable[..., None], args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        check(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world: int, check: Callable[..., None], *args: object) -> None:
+    """Run ``check(rank, world, *args)`` on ``world`` gloo ranks; any rank's failure fails.
+
+    The ranks are forked from this process after it has imported what a first call of
+    ``torch.func`` imports (``torch._dynamo``, seconds per process), so each group costs
+    well under a second to start; the rendezvous is a file store.
+    """
+    import torch._dynamo  # noqa: F401 - imported once here, inherited by the forked ranks
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "store")
+        mp.start_processes(
+            _worker, args=(world, path, check, args), nprocs=world, join=True, start_method="fork"
+        )
+
+
+def local_slice(sizes: list[int], rank: int) -> slice:
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def summed_gradient(policy: nn.Module, obs, acts, adv_t, total: int) -> torch.Tensor:
+    """Gradient of sum(A~ log pi) / N_total on this rank, all-reduced over ranks."""
+    policy.zero_grad()
+    log_prob = policy(obs).log_prob(acts).sum(-1)
+    ((adv_t * log_prob).sum() / total).backward()
+    grad = flat(tuple(p.grad for p in policy.parameters())).clone()
+    dist.all_reduce(grad)
+    policy.zero_grad()
+    return grad
+
+
+# -- the equality checks, run inside one spawned group ------------------------------------
+def check_equal_to_concatenated_batch(rank: int, world: int, sizes: list[int], cases) -> None:
+    total = sum(sizes)
+    policy, obs, acts, adv = make_problem(total)
+    mine = local_slice(sizes, rank)
+    for name, backend in cases:
+        options = {"damping": DAMPING, **SOLVERS[name]}
+        single = RATNaturalGradient(seed=0, backend=backend, **options)
+        reference = single.natural_gradient(policy, obs, acts, adv)
+        expected_adv, expected_dir = reference.advantages, flat(reference.direction)
+        rat = RATNaturalGradient(
+            seed=0,
+            backend=backend,
+            on_nonconvergence="raise",
+            process_group=dist.group.WORLD,
+            **options,
+        )
+        label = f"{name}/{backend} rank {rank} of {sizes}"
+        result = rat.natural_gradient(policy, obs[mine], acts[mine], adv[mine])
+        direction = flat(result.direction)
+        close(direction, expected_dir, expected_dir, f"{label}: direction")
+        close(result.advantages, expected_adv[mine], expected_adv, f"{label}: A~ rows")
+        close(result.jd, reference.jd[mine], reference.jd, f"{label}: J d rows")
+        assert abs(result.g_dot_d - reference.g_dot_d) <= RTOL * abs(reference.g_dot_d)
+        assert abs(result.d_fisher_d - reference.d_fisher_d) <= RTOL * reference.d_fisher_d
+        diagnostics = rat.diagnostics
+        assert diagnostics.converged and diagnostics.solver == options["solver"], label
+        assert diagnostics.num_samples == total and diagnostics.residual <= max(
+            options.get("tol", 1e-12), 1e-12
+        )
+        # the direction is the same on every rank, bit for bit
+        gathered = [torch.empty_like(direction) for _ in range(world)]
+        dist.all_gather(gathered, direction)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), f"{label}: ranks differ"
+        # __call__: the local rows; the all-reduced gradient of sum(A~ log pi) / N is d
+        adv_t = rat(policy, obs[mine], acts[mine], adv[mine])
+        close(adv_t, expected_adv[mine], expected_adv, f"{label}: __call__ rows")
+        grad = summed_gradient(policy, obs[mine], acts[mine], adv_t, total)
+        close(grad, expected_dir, expected_dir, f"{label}: summed gradient")
+
+
+ALL_CASES = [
+    ("cholesky", "factored"),
+    ("cholesky", "materialized"),
+    ("cholesky", "streaming"),
+    ("cg", "auto"),
+    ("cg-plain", "auto"),
+    ("kaczmarz", "auto"),
+]
+
+
+def test_three_ranks_unequal_batches_reproduce_the_concatenated_batch() -> None:
+    spawn(3, check_equal_to_concatenated_batch, [7, 12, 5], ALL_CASES)
+
+
+def test_two_ranks_reproduce_the_concatenated_batch() -> None:
+    cases = [("cholesky", "auto"), ("cg", "streaming"), ("kaczmarz", "materialized")]
+    spawn(2, check_equal_to_concatenated_batch, [9, 4], cases)
+
+
+# -- communication, counted by wrapping the collectives ----------------------------------
+def check_communication(rank: int, world: int, sizes: list[int]) -> None:
+    total = sum(sizes)
+    policy, obs, acts, adv = make_problem(total)
+    mine = local_slice(sizes, rank)
+    num_params = sum(p.numel() for p in policy.parameters())
+    seen: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        seen.append(tensor.numel() * tensor.element_size())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        for name in ("cg", "kaczmarz"):
+            seen.clear()
+            options = {"damping": DAMPING, **SOLVERS[name]}
+            rat = RATNaturalGradient(seed=0, process_group=dist.group.WORLD, **options)
+            rat.natural_gradient(policy, obs[mine], acts[mine], adv[mine])
+            stats = rat.communication
+            # every all-reduce went through the counted wrapper, with the recorded bytes
+            reduced = {k: v for k, v in stats.bytes.items() if k.endswith("/all_reduce")}
+            assert len(seen) == sum(stats.calls[k] for k in reduced)
+            assert sum(seen) == sum(reduced.values())
+            # nothing of size N x P or N x N: a P-vector and 1 (CG) or 3 scalars at most
+            assert max(seen) == 8 * (num_params + (1 if name == "cg" else 3))
+            solve_calls = stats.calls["solve/all_reduce"]
+            steps = stats.iterations
+            assert steps > 0
+            if name == "cg":
+                # one (P + 1)-float all-reduce and one of 2 floats per iteration (+2 to start)
+                assert solve_calls == 2 * steps + 2
+                assert stats.bytes["solve/all_reduce"] == steps * 8 * (num_params + 3) + 8 * 3
+            else:
+                # one (P + 3)-float all-reduce per block step (+2: |A|, factor agreement)
+                assert solve_calls == steps + 2
+                assert stats.bytes["solve/all_reduce"] == steps * 8 * (num_params + 3) + 16
+            # the exact final check: one P-vector and one scalar
+            assert stats.calls["check/all_reduce"] == 2
+            assert stats.bytes["check/all_reduce"] == 8 * (num_params + 1)
+    finally:
+        dist.all_reduce = original
+
+
+def test_communication_per_iteration_is_one_p_vector() -> None:
+    spawn(2, check_communication, [9, 6])
+
+
+# -- errors: the same decision on every rank, natgrad's own errors -------------------------
+def check_errors(rank: int, world: int) -> None:
+    policy, obs, acts, adv = make_problem(10)
+    mine = slice(5 * rank, 5 * rank + 5)
+    group = dist.group.WORLD
+    # ranks disagree on damping
+    rat = RATNaturalGradient(damping=0.1 * (rank + 1), process_group=group)
+    with pytest.raises(ProcessGroupError, match="disagree on damping"):
+        rat(policy, obs[mine], acts[mine], adv[mine])
+    # ranks disagree on the parameters
+    params = list(policy.parameters())[: 2 + rank]
+    rat = RATNaturalGradient(damping=0.1, process_group=group)
+    with pytest.raises(ProcessGroupError, match="disagree on parameters"):
+        rat(policy, obs[mine], acts[mine], adv[mine], params=params)
+    # one rank's bad input: it raises its own error, the others natgrad's, nobody hangs
+    bad = adv[mine].clone()
+    if rank == 1:
+        bad[0] = float("nan")
+    expected = NonFiniteError if rank == 1 else ProcessGroupError
+    with pytest.raises(expected, match="non-finite" if rank == 1 else "rank 1"):
+        rat(policy, obs[mine], acts[mine], bad)
+    # a solver without a distributed form
+    from natgrad.solvers import Solver, register_solver, unregister_solver
+
+    register_solver(Solver("noop", lambda *a, **k: None))
+    try:
+        rat = RATNaturalGradient(damping=0.1, solver="noop", process_group=group)
+        with pytest.raises(ProcessGroupError, match="no distributed form"):
+            rat(policy, obs[mine], acts[mine], adv[mine])
+    finally:
+        unregister_solver("noop")
+    # the group still works after every error: a good call succeeds
+    assert rat.__class__(damping=0.1, process_group=group)(
+        policy, obs[mine], acts[mine], adv[mine]
+    ).shape == (5,)
+
+
+def test_errors_are_raised_on_every_rank_alike() -> None:
+    spawn(2, check_errors)
+
+
+def test_process_group_needs_an_initialized_torch_distributed() -> None:
+    assert not dist.is_initialized()
+    with pytest.raises(ProcessGroupError, match="init_process_group"):
+        RATNaturalGradient(process_group=object())
+
+
+def test_process_group_none_is_the_single_process_call() -> None:
+    policy, obs, acts, adv = make_problem(24)
+    for options in SOLVERS.values():
+        options = {"damping": DAMPING, **options}
+        plain = RATNaturalGradient(seed=3, **options)
+        explicit = RATNaturalGradient(seed=3, process_group=None, **options)
+        a = plain.natural_gradient(policy, obs, acts, adv)
+        b = explicit.natural_gradient(policy, obs, acts, adv)
+        assert torch.equal(a.advantages, b.advantages)
+        assert torch.equal(flat(a.direction), flat(b.direction))
+        assert explicit.communication is None and explicit.process_group is None
