@@ -288,10 +288,12 @@ def test_conditioning_matches_the_dense_spectrum(case):
     largest = float(torch.linalg.eigvalsh(scores @ scores.T / n)[-1])
     result = estimate_conditioning(operator, damping, tol=1e-30)
     condition = (largest + damping) / damping
-    eps = torch.finfo(torch.float64).eps
-    assert result.condition == pytest.approx(condition, rel=1e-6)
-    assert result.product_error == pytest.approx(condition * eps, rel=1e-6)
-    assert result.precision == pytest.approx(condition * eps + condition**0.5 * eps, rel=1e-6)
+    eps = torch.finfo(torch.float64).eps  # abs=0: these are ~1e-13, below approx's default abs
+    assert result.condition == pytest.approx(condition, rel=1e-6, abs=0.0)
+    assert result.product_error == pytest.approx(condition * eps, rel=1e-6, abs=0.0)
+    assert result.precision == pytest.approx(
+        condition * eps + condition**0.5 * eps, rel=1e-6, abs=0.0
+    )
 
 
 def test_minimum_damping_just_above_the_reachable_limit():
@@ -379,3 +381,13 @@ def test_solver_entries_are_immutable_and_names_checked():
         with pytest.raises(ValueError, match="identifier other than 'auto'"):
             register_solver(Solver(bad, solver.solve))
         assert bad not in SOLVER_REGISTRY
+
+
+def test_cg_on_a_zero_right_hand_side_does_no_work():
+    # public cg_solve: zero rhs -> x = 0 in zero iterations, converged; kills cg.py:68 (0 -> -1)
+    from natgrad.solvers import cg_solve
+
+    operator, rhs = _problem()
+    result = cg_solve(operator, torch.zeros_like(rhs), 0.1, tol=1e-8, max_iters=50)
+    assert result.iterations == 0 and result.converged
+    assert not result.x.any() and not result.v.any()
