@@ -277,3 +277,26 @@ def test_process_group_none_is_the_single_process_call() -> None:
         assert torch.equal(a.advantages, b.advantages)
         assert torch.equal(flat(a.direction), flat(b.direction))
         assert explicit.communication is None and explicit.process_group is None
+
+
+def test_docs_scaling_table_is_rendered_from_the_committed_results() -> None:
+    """docs/distributed.md shows exactly the table of benchmarks/distributed/results."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    path = root / "benchmarks" / "distributed" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("distributed_scaling", path)
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    data = json.loads(scaling.RESULTS.read_text())
+    text = scaling.DOCS.read_text()
+    shown = text.split(scaling.BEGIN, 1)[1].split(scaling.END, 1)[0].strip()
+    assert shown == scaling.table(data), "run: python benchmarks/distributed/scaling.py --render"
+    rows = data["rows"]
+    assert {row["ranks"] for row in rows} == {1, 2, 3, 4} and all(r["converged"] for r in rows)
+    for row in rows:  # the payload per step is 8 (P + 3) bytes, whatever the ranks
+        if row["solver"] != "cholesky":
+            setup = 24 if row["solver"] == "cg" else 16
+            assert row["solve_bytes"] - setup == row["steps"] * 8 * (row["params"] + 3)

@@ -1,9 +1,10 @@
 """Exact distributed solve: assemble ``K = J J^T`` of all ranks, factor it on every rank.
 
 The kernel couples every pair of samples, so its off-diagonal blocks ``J_k J_l^T`` need
-one rank's rows next to another's. Here the rows travel chunk by chunk: rank ``l``
-broadcasts ``c`` of its rows at a time (``c = block_size``), every rank ``k`` multiplies
-them by its own rows into its rows of ``K`` and drops the chunk. Each rank then holds
+one rank's rows next to another's. Each rank forms its diagonal block ``K_kk`` with its
+backend's own Gram matrix; the rows travel chunk by chunk: rank ``l`` broadcasts ``c`` of
+its rows at a time (``c = block_size``), every other rank ``k`` multiplies them by its own
+rows into its rows of ``K`` and drops the chunk. Each rank then holds
 only its ``n_k x N`` rows of ``K``; one all-reduce of ``N x (N + 1)`` floats gives every
 rank the whole kernel and the whole right-hand side, and each rank factors
 ``K / N + lam I`` and solves (the same inputs, so the same answer). One last all-reduce of
@@ -49,22 +50,27 @@ def distributed_cholesky(
     """
     comm, total, n = operator.comm, operator.num_samples, operator.num_local
     device = rhs.device
-    rows = local_rows(operator.local, torch.arange(n, device=operator.device))
+    mine = slice(operator.offset, operator.offset + n)
     kernel_rows = torch.empty(n, total, dtype=torch.float64, device=device)
+    kernel_rows[:, mine] = operator.local.gram().to(torch.float64)  # the backend's own K_kk
+    if comm.size == 1:
+        rows = torch.empty(0, operator.num_params, device=device)  # nothing to send
+    else:
+        rows = local_rows(operator.local, torch.arange(n, device=operator.device))
     start = 0
     for source, size in enumerate(operator.sizes):
-        for first in range(0, size, chunk_size):
+        for first in range(0, size if comm.size > 1 else 0, chunk_size):
             count = min(chunk_size, size - first)
             if comm.rank == source:
                 chunk = rows[first : first + count].contiguous()
             else:
                 chunk = torch.empty(count, operator.num_params, dtype=rows.dtype, device=device)
             comm.broadcast(chunk, source)
-            columns = slice(start + first, start + first + count)
-            kernel_rows[:, columns] = (rows @ chunk.T).to(torch.float64)
+            if comm.rank != source:
+                columns = slice(start + first, start + first + count)
+                kernel_rows[:, columns] = (rows @ chunk.T).to(torch.float64)
         start += size
     assembled = torch.zeros(total, total + 1, dtype=torch.float64, device=device)
-    mine = slice(operator.offset, operator.offset + n)
     assembled[mine, :total] = kernel_rows
     assembled[mine, total] = rhs
     comm.all_reduce(assembled)
