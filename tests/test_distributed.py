@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from natgrad import RATNaturalGradient
-from natgrad.errors import NonFiniteError, ProcessGroupError
+from natgrad.errors import NonFiniteError, NotConvergedError, ProcessGroupError
 
 RTOL = 1e-10
 DAMPING = 5e-2
@@ -33,6 +33,14 @@ SOLVERS = {
         "block_size": 4,
         "max_epochs": 2000,
         "damping": 0.5,
+    },
+    "kaczmarz-resample": {
+        "solver": "kaczmarz",
+        "tol": 1e-12,
+        "block_size": 3,
+        "max_epochs": 2000,
+        "damping": 0.5,
+        "resample_blocks": True,
     },
 }
 
@@ -137,6 +145,7 @@ def check_equal_to_concatenated_batch(rank: int, world: int, sizes: list[int], c
         assert abs(result.d_fisher_d - reference.d_fisher_d) <= RTOL * reference.d_fisher_d
         diagnostics = rat.diagnostics
         assert diagnostics.converged and diagnostics.solver == options["solver"], label
+        assert diagnostics.fallbacks == (), label
         assert diagnostics.num_samples == total and diagnostics.residual <= max(
             options.get("tol", 1e-12), 1e-12
         )
@@ -166,7 +175,12 @@ def test_three_ranks_unequal_batches_reproduce_the_concatenated_batch() -> None:
 
 
 def test_two_ranks_reproduce_the_concatenated_batch() -> None:
-    cases = [("cholesky", "auto"), ("cg", "streaming"), ("kaczmarz", "materialized")]
+    cases = [
+        ("cholesky", "auto"),
+        ("cg", "streaming"),
+        ("kaczmarz", "materialized"),
+        ("kaczmarz-resample", "auto"),
+    ]
     spawn(2, check_equal_to_concatenated_batch, [9, 4], cases)
 
 
@@ -250,6 +264,20 @@ def check_errors(rank: int, world: int) -> None:
             rat(policy, obs[mine], acts[mine], adv[mine])
     finally:
         unregister_solver("noop")
+    # an iterative solver stopping above tol falls back to the distributed Cholesky
+    rat = RATNaturalGradient(damping=0.1, solver="cg", tol=1e-10, max_iters=1, process_group=group)
+    result = rat.natural_gradient(policy, obs[mine], acts[mine], adv[mine])
+    exact = RATNaturalGradient(damping=0.1, solver="cholesky").natural_gradient(
+        policy, obs, acts, adv
+    )
+    assert rat.diagnostics.solver == "cholesky" and "instead" in rat.diagnostics.fallbacks[0]
+    close(flat(result.direction), flat(exact.direction), flat(exact.direction), "fallback")
+    rat = RATNaturalGradient(
+        damping=0.1, solver="cg", tol=1e-10, max_iters=1, on_nonconvergence="raise",
+        process_group=group,
+    )  # fmt: skip
+    with pytest.raises(NotConvergedError, match="distributed"):
+        rat(policy, obs[mine], acts[mine], adv[mine])
     # the group still works after every error: a good call succeeds
     assert rat.__class__(damping=0.1, process_group=group)(
         policy, obs[mine], acts[mine], adv[mine]
