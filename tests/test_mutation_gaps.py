@@ -269,7 +269,7 @@ def test_deprecated_solver_aliases_point_at_the_caller():
     assert record[0].filename == __file__
 
 
-@pytest.mark.parametrize("case", ["two orthogonal rows", "twelve rows"])
+@pytest.mark.parametrize("case", ["two orthogonal rows", "twelve rows", "lambda_max below one"])
 def test_conditioning_matches_the_dense_spectrum(case):
     # condition = (lambda_max(K/N) + lam) / lam from the dense eigenvalues, precision =
     # condition eps_w + sqrt(condition) eps_s; with n = 2 equal orthogonal rows the trace is
@@ -279,10 +279,15 @@ def test_conditioning_matches_the_dense_spectrum(case):
 
     if case == "two orthogonal rows":
         scores = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64)
-    else:
+    elif case == "twelve rows":
         gen = torch.Generator().manual_seed(3)
         scores = torch.randn(12, 5, generator=gen, dtype=torch.float64)
         scores[:, 0] *= 6.0  # a clear spectral gap: the power iteration converges
+    else:  # eigenvalues of K / N: 0.8 and eleven times 0.1 (trace 1.9 > 1 > lambda_max)
+        gen = torch.Generator().manual_seed(4)
+        basis, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=torch.float64))
+        spectrum = torch.tensor([0.8] + [0.1] * 11, dtype=torch.float64)
+        scores = basis * (12 * spectrum).sqrt()  # kills conditioning.py:111 max(., 1.0)
     operator = MaterializedScores(scores)
     n, damping = scores.shape[0], 1e-2
     largest = float(torch.linalg.eigvalsh(scores @ scores.T / n)[-1])
@@ -391,3 +396,35 @@ def test_cg_on_a_zero_right_hand_side_does_no_work():
     result = cg_solve(operator, torch.zeros_like(rhs), 0.1, tol=1e-8, max_iters=50)
     assert result.iterations == 0 and result.converged
     assert not result.x.any() and not result.v.any()
+
+
+def test_uncompiled_products_never_build_the_fused_kernel(monkeypatch):
+    # compile=False must not reach torch.compile (slow, and absent on some platforms);
+    # kills _products.py:21 `if compiled` -> `if not compiled`
+    from natgrad.solvers import _products
+
+    operator, _ = _problem()
+    monkeypatch.setattr(operator, "functional", lambda: pytest.fail("functional() called"))
+    v, jv = _products.apply_kernel(operator, torch.ones(operator.num_samples, dtype=torch.float64))
+    assert torch.allclose(jv, operator.matvec(v))
+
+
+def test_cg_direction_error_bounds_the_true_error_when_stopped_early():
+    # the reported bound must hold for an unconverged iterate; kills cg.py:102
+    # residual * rhs_norm -> residual - rhs_norm (a negative "bound")
+    from natgrad.solvers import cg_solve
+
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(30, 40, generator=gen, dtype=torch.float64)
+    scores[:, :3] *= 10.0
+    operator = MaterializedScores(scores)
+    rhs = torch.randn(30, generator=gen, dtype=torch.float64)
+    damping = 1e-2
+    exact = cholesky_solve(operator, rhs, damping).v
+    for iterations in (1, 2, 4):
+        result = cg_solve(operator, rhs, damping, tol=1e-12, max_iters=iterations)
+        assert not result.converged
+        true_error = float(torch.linalg.vector_norm(result.v - exact)) / float(
+            torch.linalg.vector_norm(exact)
+        )
+        assert result.direction_error >= true_error > 0
