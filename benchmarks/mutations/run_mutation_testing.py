@@ -135,9 +135,12 @@ def sample_fraction(module: str, population: int) -> float:
 
 SAMPLE_SEED = 20261126
 
-# The small tests written for the gaps this run found run first for every core module.
+# The small tests written for the gaps this run found run first for every module.
 GAP_TESTS = "tests/test_mutation_gaps.py"
-MODULES = {m: t if m.startswith("natgrad/rl") else [GAP_TESTS, *t] for m, t in MODULES.items()}
+RL_GAP_TESTS = "tests/test_mutation_gaps_rl.py"
+MODULES = {
+    m: [RL_GAP_TESTS if m.startswith("natgrad/rl") else GAP_TESTS, *t] for m, t in MODULES.items()
+}
 
 # cosmic-ray replaces each binary/comparison operator by every other one; keep the replacements
 # a plausible bug makes (+ - * / among themselves, boundary and negation of comparisons, ...)
