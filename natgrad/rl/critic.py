@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,12 @@ class CriticTrainer:
         Adam learning rate, passes over the batch and minibatch size.
     seed
         Seed of the minibatch shuffling generator.
+
+    Attributes
+    ----------
+    sync_grads
+        Called with the critic's parameters between each backward pass and Adam step
+        (``None``: nothing); a data-parallel run averages the gradients over ranks there.
     """
 
     def __init__(self, critic: nn.Module, lr: float, epochs: int, minibatch: int, seed: int):
@@ -29,6 +36,7 @@ class CriticTrainer:
         self.minibatch = minibatch
         self.optimizer = torch.optim.Adam(critic.parameters(), lr=lr, eps=1e-5)
         self.generator = torch.Generator().manual_seed(seed)
+        self.sync_grads: Callable[[list[Tensor]], None] | None = None
 
     def fit(self, obs: Tensor, returns: Tensor) -> float:
         """Regress values onto ``returns``; return the mean squared error before fitting."""
@@ -42,6 +50,8 @@ class CriticTrainer:
                 loss = ((self.critic(obs[idx]) - returns[idx]) ** 2).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if self.sync_grads is not None:
+                    self.sync_grads(list(self.critic.parameters()))
                 self.optimizer.step()
         return before
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from natgrad.distributions import entropy, mean_kl
+from natgrad.distributions import entropy
+from natgrad.distributions import kl as kl_divergence
 from natgrad.errors import NatgradError
 from natgrad.rl._errors import ConfigError, MissingExtraError, first_line
 from natgrad.rl.algorithms import make_algorithm
@@ -35,8 +36,6 @@ from natgrad.rl.checkpoint import (
     POLICY_NAME,
     atomic_write_text,
     checkpoint_content,
-    load_checkpoint,
-    load_env_state,
     save_checkpoint,
 )
 from natgrad.rl.config import TrainConfig
@@ -44,6 +43,7 @@ from natgrad.rl.critic import CriticTrainer
 from natgrad.rl.envs import env_state, is_discrete, make_vec_env, restore_env_state
 from natgrad.rl.logger import RunLogger
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_tensor
+from natgrad.rl.parallel import LocalRun, NullLogger
 from natgrad.rl.policies import build_actor_critic
 from natgrad.rl.rollout import Collector, RolloutBuffer
 
@@ -132,6 +132,10 @@ class Trainer:
         With ``resume``: unpickle the saved environments (``checkpoint.env.pkl``), so the
         run continues bit for bit. Unpickling runs code from the file: only for run
         directories you trust.
+    parallel
+        The run layout: :class:`~natgrad.rl.parallel.LocalRun` (the default, one process)
+        or a :class:`~natgrad.rl.parallel.DataParallel` rank (``natgrad train --nproc K``),
+        which shares the batch with the other ranks; only rank 0 writes ``out_dir``.
 
     Raises
     ------
@@ -149,14 +153,16 @@ class Trainer:
         steps: int | None = None,
         tensorboard: bool = True,
         trust_env_state: bool = False,
+        parallel: LocalRun | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.parallel = parallel = parallel if parallel is not None else LocalRun()
         self.resume_note: str | None = None
         checkpoint = None
         if trust_env_state and not resume:
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         if resume:
-            checkpoint = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+            checkpoint = parallel.load_checkpoint(self.out_dir)
             with checkpoint_content(self.out_dir / CHECKPOINT_NAME):
                 config = TrainConfig.from_dict(checkpoint["config"])
                 done = int(checkpoint["global_step"])
@@ -171,10 +177,11 @@ class Trainer:
         if config is None:
             raise ConfigError("a TrainConfig is required unless resuming")
         self.config = config
-        seeds = _seeds(config.seed)
+        seeds = parallel.rank_seeds(_seeds(config.seed), config.seed)
         self.env = make_vec_env(config.env, config.num_envs)
         try:  # after the env: a typo in --env must not leave an empty run directory behind
-            _check_writable(self.out_dir)
+            if parallel.is_writer:
+                _check_writable(self.out_dir)
         except ConfigError:
             self.env.close()
             raise
@@ -218,17 +225,20 @@ class Trainer:
         self._warned: set[type[Warning]] = set()
         self._registry: dict[Any, Any] = {}
         self._policy_export = True
+        parallel.attach(self)
         if checkpoint is None:
             self.collector.reset(seeds["envs"])
         else:
             with checkpoint_content(self.out_dir / CHECKPOINT_NAME):
-                self._load(checkpoint, seeds["envs"], trust_env_state)
-        atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
-        self.logger = RunLogger(
-            self.out_dir,
-            resume_step=self.global_step if checkpoint is not None else None,
-            tensorboard=tensorboard,
-        )
+                self._load(parallel.rank_state(checkpoint), seeds["envs"], trust_env_state)
+        self.logger: RunLogger | NullLogger = NullLogger()
+        if parallel.is_writer:
+            atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
+            self.logger = RunLogger(
+                self.out_dir,
+                resume_step=self.global_step if checkpoint is not None else None,
+                tensorboard=tensorboard,
+            )
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -266,7 +276,7 @@ class Trainer:
         self.collector.load_state_dict(state["collector"])
         digest = state["env_state_sha256"]
         if trust_env_state and digest is not None:
-            saved = load_env_state(self.out_dir / CHECKPOINT_NAME, digest)
+            saved = self.parallel.load_env_state(self.out_dir, digest)
             restore_env_state(self.env, saved)
             return
         if digest is None:
@@ -286,7 +296,11 @@ class Trainer:
     def save(self) -> None:
         """Write ``checkpoint.pt``, the environments and ``policy.safetensors``."""
         path = self.out_dir / CHECKPOINT_NAME
-        state, envs = self.state_dict(), env_state(self.env)
+        state = self.parallel.gather_state(self.state_dict())
+        envs = self.parallel.gather_env_state(env_state(self.env))
+        if not self.parallel.is_writer:
+            self.saved_step = self.global_step
+            return
         try:
             save_checkpoint(path, state, env_state=envs, policy=self._policy_file())
         except MissingExtraError as error:  # safetensors missing: the checkpoint still counts
@@ -373,19 +387,20 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> dict[str, float]:
         """Collect one rollout and update policy and critic; return the logged row."""
-        cfg = self.config
+        cfg, parallel = self.config, self.parallel
         start = time.perf_counter()
         finished = self.collector.collect(
             self.policy, self.critic, self.buffer, self.action_generator
         )
-        self.global_step += cfg.batch_size
+        parallel.sync_statistics(self.collector)
+        steps = cfg.batch_size * parallel.world_size  # every rank's environment steps
+        self.global_step += steps
         self.iteration += 1
         batch = self.buffer.batch(cfg.gamma, cfg.gae_lambda)
-        adv = batch.advantages
-        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        adv = parallel.normalize_advantages(batch.advantages)
         with torch.no_grad():
             old_dist = self.policy(batch.obs)
-            old_entropy = float(entropy(old_dist).mean())
+            old_entropy = float(parallel.mean(entropy(old_dist)))
         policy_state, algo_state, critic_state, critic_trainer_state = self._snapshot()
         stats: dict[str, float] = {}
         kl = math.nan
@@ -397,7 +412,7 @@ class Trainer:
                 fault: str | None = first_line(error)
             else:
                 with torch.no_grad():
-                    kl = float(mean_kl(old_dist, self.policy(batch.obs)))
+                    kl = float(parallel.mean(kl_divergence(old_dist, self.policy(batch.obs))))
                 fault = self._policy_fault(kl, stats)
         own_warnings = self._reemit(caught)
         if fault is not None:
@@ -424,21 +439,19 @@ class Trainer:
             )
         seconds = time.perf_counter() - start
         self.wall_time += seconds
-        recent = self.collector.recent_return()
+        episodes = parallel.episodes(self.collector, finished)
+        recent = episodes["episodic_return_mean"]
         if math.isfinite(recent):
             self.best_return = max(self.best_return, recent)
         row: dict[str, float] = {
             "step": self.global_step,
             "iteration": self.iteration,
-            "episodic_return_mean": recent,
-            "episodic_length_mean": self.collector.recent_length(),
-            "episodes": self.collector.total_episodes,
-            "episodes_this_update": len(finished),
+            **episodes,
             "kl": kl,
             "kl_target": stats.pop("kl_target", math.nan),
             "entropy": old_entropy,
             "value_loss": value_loss,
-            "steps_per_sec": cfg.batch_size / seconds,
+            "steps_per_sec": steps / seconds,
             "wall_time": self.wall_time,
             "update_rejected": float(fault is not None),
             "rejected_updates": self.rejected_updates,
@@ -470,15 +483,17 @@ class Trainer:
             learning curve).
         """
         cfg = self.config
-        callbacks = [
-            Threads(cfg.threads),
-            SolvedThreshold(solved_threshold),
-            RejectionLimit(cfg.max_rejections),
-            Checkpoints(cfg.checkpoint_every),
-            *([ProgressBar()] if progress else []),
-            LearningCurve(),
-            *callbacks,
-        ]
+        callbacks = self.parallel.callbacks(
+            [
+                Threads(cfg.threads),
+                SolvedThreshold(solved_threshold),
+                RejectionLimit(cfg.max_rejections),
+                Checkpoints(cfg.checkpoint_every),
+                *([ProgressBar()] if progress else []),
+                LearningCurve(),
+                *callbacks,
+            ]
+        )
         try:
             for callback in callbacks:
                 callback.on_start(self)

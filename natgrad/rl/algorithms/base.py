@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import Distribution
 
-from natgrad.distributions import mean_kl
+from natgrad.distributions import kl, mean_kl
 from natgrad.rl.options import AlgorithmOptions, option, positive
 
 __all__ = [
@@ -26,9 +28,17 @@ __all__ = [
 ]
 
 
-def surrogate(log_probs: Tensor, old_log_probs: Tensor, adv: Tensor) -> Tensor:
-    """Importance-weighted surrogate ``mean(pi / pi_old * A)``; its gradient at ``pi_old`` is g."""
-    return (torch.exp(log_probs - old_log_probs) * adv).mean()
+def surrogate(
+    log_probs: Tensor,
+    old_log_probs: Tensor,
+    adv: Tensor,
+    mean: Callable[[Tensor], Tensor] = torch.mean,
+) -> Tensor:
+    """Importance-weighted surrogate ``mean(pi / pi_old * A)``; its gradient at ``pi_old`` is g.
+
+    ``mean`` averages the per-sample terms (a data-parallel run passes the global mean).
+    """
+    return mean(torch.exp(log_probs - old_log_probs) * adv)
 
 
 @dataclasses.dataclass
@@ -52,6 +62,12 @@ class PolicyUpdate(ABC):
         The algorithm's options, an instance of :attr:`Options` (``None``: its defaults).
     seed
         Seed of any randomness the update itself uses.
+
+    Attributes
+    ----------
+    sample_mean
+        Mean of per-sample values (measured KLs, surrogates) over every rank's batch
+        after :meth:`use_process_group`; ``None``: over this batch.
     """
 
     Options: ClassVar[type[AlgorithmOptions]] = AlgorithmOptions
@@ -61,6 +77,7 @@ class PolicyUpdate(ABC):
         self.policy = policy
         self.options = self._coerce(options)
         self.seed = seed
+        self.sample_mean: Callable[[Tensor], Tensor] | None = None
 
     @classmethod
     def _coerce(cls, options: Any) -> Any:
@@ -114,6 +131,35 @@ class PolicyUpdate(ABC):
         adv
             Normalized advantages, ``(N,)``.
         """
+
+    def measured_kl(self, old: Distribution, new: Distribution) -> Tensor:
+        """Mean ``KL(old || new)`` over the batch (over every rank's, see :attr:`sample_mean`)."""
+        if self.sample_mean is None:
+            return mean_kl(old, new)
+        return self.sample_mean(kl(old, new))
+
+    def use_process_group(self, group: Any, mean: Callable[[Tensor], Tensor]) -> None:
+        """Update with the union of the batches of every rank of ``group`` (data parallel).
+
+        Parameters
+        ----------
+        group
+            An initialized ``torch.distributed`` process group.
+        mean
+            Mean of per-sample values over every rank's samples (becomes
+            :attr:`sample_mean`).
+
+        Raises
+        ------
+        ConfigError
+            The algorithm has no data-parallel form (this default).
+        """
+        from natgrad.rl._errors import ConfigError
+
+        raise ConfigError(
+            f"{type(self).__name__} has no data-parallel form: train it without --nproc "
+            "(or torchrun), or use --algo rat-npg or rat-trpo"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (optimizer moments, RNG, curvature estimates)."""

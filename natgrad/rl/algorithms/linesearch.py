@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.func import functional_call
 
+from natgrad.distributions import kl as kl_divergence
 from natgrad.distributions import log_prob, mean_kl
 from natgrad.rl.algorithms.base import surrogate
 from natgrad.rl.options import AlgorithmOptions, option, positive, unit_interval
@@ -63,6 +64,7 @@ def backtracking_line_search(
     max_kl: float,
     max_backtracks: int,
     coeff: float,
+    mean: Callable[[Tensor], Tensor] | None = None,
 ) -> LineSearchResult:
     """Try ``theta + coeff**j * step`` for ``j = 0, 1, ...``; keep the first safe improvement.
 
@@ -85,16 +87,24 @@ def backtracking_line_search(
         KL trust-region radius.
     max_backtracks, coeff
         Number of candidates tried and the shrink factor between them.
+    mean
+        Mean of per-sample KLs and surrogate terms (``None``: over this batch). A
+        data-parallel run passes the mean over every rank's samples, so every rank
+        accepts the same candidate.
     """
     params = dict(policy.named_parameters())
-    base = surrogate(old_log_probs, old_log_probs, adv).item()
+    extra = () if mean is None else (mean,)
+    base = surrogate(old_log_probs, old_log_probs, adv, *extra).item()
     kl = improvement = float("nan")
     for j in range(max_backtracks):
         fraction = coeff**j
         candidate = {n: params[n] + fraction * s for n, s in zip(names, step, strict=True)}
         dist = functional_call(policy, candidate, (obs,))
-        kl = mean_kl(old_dist, dist).item()
-        improvement = surrogate(log_prob(dist, acts), old_log_probs, adv).item() - base
+        if mean is None:
+            kl = mean_kl(old_dist, dist).item()
+        else:
+            kl = mean(kl_divergence(old_dist, dist)).item()
+        improvement = surrogate(log_prob(dist, acts), old_log_probs, adv, *extra).item() - base
         if kl <= max_kl and improvement > 0.0:
             for n in names:
                 params[n].copy_(candidate[n])

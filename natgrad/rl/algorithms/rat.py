@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from natgrad import NaturalGradient, RATNaturalGradient
-from natgrad.distributions import log_prob, mean_kl
+from natgrad.distributions import log_prob
+from natgrad.rl._errors import ConfigError
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
 from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
 from natgrad.rl.options import at_least_one_or_off, nonnegative_int, option, positive
@@ -105,6 +107,34 @@ class _RatBase(PolicyUpdate):
         }
         return ng, stats
 
+    def use_process_group(self, group: Any, mean: Callable[[Tensor], Tensor]) -> None:
+        """Solve for the natural gradient of the union of every rank's batch.
+
+        The RAT object is rebuilt with ``process_group=group`` (same options and seed);
+        the KL guard and the line search measure global means with ``mean``.
+
+        Raises
+        ------
+        ConfigError
+            The sampled Fisher is not the one asked for (only it has a distributed form).
+        """
+        rat = self.rat
+        fisher = getattr(rat, "fisher", "sampled")
+        if fisher != "sampled":
+            raise ConfigError(
+                f"--rat-fisher {fisher} has no data-parallel form; use --rat-fisher sampled "
+                "with --nproc (or torchrun), or train in one process"
+            )
+        self.rat = RATNaturalGradient(
+            rat.log_prob_fn,
+            seed=rat.seed,
+            backend=rat.backend,
+            memory_budget=rat.memory_budget,
+            process_group=group,
+            **rat.options.keywords(),
+        )
+        self.sample_mean = mean
+
     def state_dict(self) -> dict[str, Any]:
         """The block-sampling generator of the RAT solver."""
         return {"rat_generator": self.rat.generator.get_state()}
@@ -149,7 +179,8 @@ class RatNPG(_RatBase):
                 }
                 if old_dist is None or shrinks == _MAX_SHRINKS:
                     break
-                kl = float(mean_kl(old_dist, functional_call(self.policy, candidate, (obs,))))
+                new_dist = functional_call(self.policy, candidate, (obs,))
+                kl = float(self.measured_kl(old_dist, new_dist))
                 if kl <= cfg.kl_guard * cfg.max_kl:
                     break
                 eta *= min(0.5, math.sqrt(cfg.max_kl / kl))
@@ -189,6 +220,7 @@ class RatTRPO(_RatBase):
             self.options.max_kl,
             self.options.backtrack_iters,
             self.options.backtrack_coeff,
+            self.sample_mean,
         )
         return {
             **stats,
