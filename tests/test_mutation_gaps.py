@@ -396,6 +396,7 @@ def test_cg_on_a_zero_right_hand_side_does_no_work():
     result = cg_solve(operator, torch.zeros_like(rhs), 0.1, tol=1e-8, max_iters=50)
     assert result.iterations == 0 and result.converged
     assert not result.x.any() and not result.v.any()
+    assert result.residual == 0.0 and result.direction_error == 0.0  # kills :68 0.0 -> 1.0
 
 
 def test_uncompiled_products_never_build_the_fused_kernel(monkeypatch):
@@ -424,7 +425,20 @@ def test_cg_direction_error_bounds_the_true_error_when_stopped_early():
     for iterations in (1, 2, 4):
         result = cg_solve(operator, rhs, damping, tol=1e-12, max_iters=iterations)
         assert not result.converged
+        assert result.iterations == iterations  # kills cg.py:83 < max_iters -> <= max_iters
         true_error = float(torch.linalg.vector_norm(result.v - exact)) / float(
             torch.linalg.vector_norm(exact)
         )
         assert result.direction_error >= true_error > 0
+
+
+def test_cg_compiles_exactly_the_operators_with_a_functional_form():
+    # kills cg.py:130 `functional() is not None` -> `is None`
+    from natgrad.scores import StreamingScores
+
+    dense, _ = _problem()
+    assert dense.functional() is not None
+    assert SOLVER_REGISTRY["cg"].compiles(dense) is True
+    streaming = StreamingScores.__new__(StreamingScores)  # functional() needs no state
+    assert streaming.functional() is None
+    assert SOLVER_REGISTRY["cg"].compiles(streaming) is False

@@ -24,20 +24,20 @@ class _Linear(nn.Module):
         super().__init__()
         self.layer = nn.Linear(3, 1)
         nn.init.zeros_(self.layer.weight)
-        nn.init.zeros_(self.layer.bias)
+        nn.init.constant_(self.layer.bias, 2.0)  # V = 2: (V - R)^2 differs from (V + R)^2
 
     def forward(self, obs):
         return self.layer(obs).squeeze(-1)
 
 
 def test_critic_fit_reports_the_error_before_and_then_fits():
-    # fit returns mean((V - R)^2) before fitting (V = 0 here: mean(R^2)); kills critic.py:36
-    # (- -> +); the regression then fits (kills :40 minibatch loop removed, :42 - -> *)
+    # fit returns mean((V - R)^2) before fitting (V = 2 here); kills critic.py:36 (- -> +);
+    # the regression then fits (kills :40 minibatch loop removed, :42 - -> *)
     obs, returns = _regression()
     critic = _Linear()
     trainer = CriticTrainer(critic, lr=0.05, epochs=200, minibatch=16, seed=0)
     before = trainer.fit(obs, returns)
-    assert before == pytest.approx(float((returns**2).mean()), rel=1e-6)
+    assert before == pytest.approx(float(((2.0 - returns) ** 2).mean()), rel=1e-6)
     with torch.no_grad():
         after = float(((critic(obs) - returns) ** 2).mean())
     assert after < 1e-3 * before
@@ -51,3 +51,48 @@ def test_critic_takes_one_step_per_minibatch_per_epoch():
     trainer.optimizer.step = lambda *a, **k: steps.append(1) or original(*a, **k)
     trainer.fit(obs, returns)
     assert len(steps) == 3 * 4  # ceil(50 / 16) minibatches in each of 3 epochs
+
+
+def test_critic_sees_every_sample_once_per_epoch_in_minibatches():
+    # rows through the critic: the whole batch once (the error before), then per epoch a
+    # permutation cut into minibatches of 16, 16, 16 and 2; kills critic.py:40
+    # range(0, ...) -> range(-1, ...) and :41 start + minibatch -> start - minibatch
+    obs, returns = _regression(n=50)
+    critic = _Linear()
+    seen = []
+    critic.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    CriticTrainer(critic, lr=1e-3, epochs=3, minibatch=16, seed=0).fit(obs, returns)
+    assert [len(rows) for rows in seen] == [50] + [16, 16, 16, 2] * 3
+    for epoch in range(3):
+        rows = torch.cat(seen[1 + 4 * epoch : 5 + 4 * epoch])
+        assert torch.equal(rows[rows[:, 0].argsort()], obs[obs[:, 0].argsort()])
+
+
+def test_minatar_torso_is_128_wide_by_default():
+    # the MinAtar baseline's dense layer (documented width 128); kills policies.py:72 and :87
+    from natgrad.rl.policies import MinAtarTorso, _torso
+
+    assert MinAtarTorso((10, 10, 4)).out_dim == 128
+    assert _torso((10, 10, 4), ()).out_dim == 128
+    assert _torso((10, 10, 4), (64, 32)).out_dim == 32
+
+
+def test_only_the_last_layer_gets_the_head_gain():
+    # orthogonal init: sqrt(2) for hidden layers, 0.01 for the policy head (1.0 for the
+    # critic's); kills policies.py:165 len(layers) - 1 -> len(layers) * 1
+    gymnasium = pytest.importorskip("gymnasium")
+    from natgrad.rl.policies import build_actor_critic
+
+    space = gymnasium.spaces.Box(-1.0, 1.0, (4,))
+    policy, critic = build_actor_critic(
+        space, gymnasium.spaces.Discrete(3), (64, 64), torch.Generator().manual_seed(0)
+    )
+    for module, head_gain in ((policy, 0.01), (critic, 1.0)):
+        layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        for i, layer in enumerate(layers):
+            gain = head_gain if i == len(layers) - 1 else 2.0**0.5
+            rows, cols = layer.weight.shape
+            # orthogonal rows (or columns) of norm `gain`
+            gram = layer.weight @ layer.weight.T if rows <= cols else layer.weight.T @ layer.weight
+            eye = torch.eye(min(rows, cols))
+            assert torch.allclose(gram, gain**2 * eye, atol=1e-5 * max(gain**2, 1.0)), (i, gain)
