@@ -8,6 +8,7 @@ argument or quantity at fault, the problem and the fix.
 from __future__ import annotations
 
 __all__ = [
+    "FisherError",
     "IllConditionedError",
     "MissingExtraError",
     "NatgradError",
@@ -71,6 +72,15 @@ class ProcessGroupError(NatgradError, ValueError):
     Raised on every rank alike (the check is collective): ``torch.distributed`` is not
     initialized, the ranks were given different ``damping``, solver options or parameter
     shapes, the solver has no distributed form, or another rank failed.
+    """
+
+
+class FisherError(NatgradError, ValueError):
+    """The requested ``fisher=`` cannot be used as asked.
+
+    An unknown value, an action distribution without a closed-form expected Fisher, or
+    ``fisher="expected"`` where only the sampled Fisher has a form (``__call__``'s ``A~``,
+    a ``process_group``). The message names ``fisher=`` and the way out.
     """
 
 

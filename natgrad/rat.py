@@ -29,7 +29,9 @@ from natgrad.distributed import (
     check_process_group,
     distributed_natural_gradient,
 )
+from natgrad.errors import FisherError
 from natgrad.factored import FACTORED_MISMATCH, build_factored_scores
+from natgrad.fisher.expected import check_fisher, expected_natural_gradient
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.scores import (
     LogProbFn,
@@ -54,6 +56,7 @@ _DEFAULT = SolverOptions()  # the defaults below are SolverOptions' own
 
 BackendName = Literal["auto", "factored", "materialized", "streaming"]
 BACKENDS: tuple[str, ...] = ("auto", "factored", "materialized", "streaming")
+FisherName = Literal["sampled", "expected"]
 
 
 class RATNaturalGradient(OptionsView):
@@ -143,6 +146,16 @@ class RATNaturalGradient(OptionsView):
         ``sum(A~ * log pi) / N_total``, summed over ranks, is the direction). Solvers
         ``"cg"`` (block-Jacobi preconditioned), ``"cholesky"`` and ``"kaczmarz"`` (averaged
         block Kaczmarz); see the docs page *Distributed*. ``None``: one process.
+    fisher
+        ``"sampled"`` (the default): ``F = J^T J / N`` from the scores of the taken
+        actions. ``"expected"``: ``F = mean_i E_{a ~ pi(.|s_i)}[psi psi^T]``, the Hessian of
+        the mean KL divergence (TRPO's curvature), exact for ``Categorical`` (also
+        multi-discrete), ``Normal`` and ``Independent`` of them, read from
+        ``policy(obs)``; ``g`` stays ``J^T A / N``. Only :meth:`natural_gradient` supports
+        it (its ``advantages`` is ``None``: ``d`` is not in the span of the sampled scores,
+        so no ``A~`` exists); ``__call__`` raises :class:`~natgrad.errors.FisherError`. The
+        ``m`` rows per sample (``m`` classes, or 2 per action dimension) are held in
+        memory. See the derivation page, *Sampled or expected Fisher*.
 
     Attributes
     ----------
@@ -193,6 +206,7 @@ class RATNaturalGradient(OptionsView):
         compile: bool = _DEFAULT.compile,
         preconditioner_rank: int = _DEFAULT.preconditioner_rank,
         process_group: ProcessGroup | None = None,
+        fisher: FisherName = "sampled",
     ) -> None:
         if log_prob_fn is not None and not callable(log_prob_fn):
             raise TypeError(
@@ -207,6 +221,12 @@ class RATNaturalGradient(OptionsView):
         self.memory_budget = check_positive_int("memory_budget", memory_budget, " bytes")
         self.diagnostics: Diagnostics | None = None
         self.process_group = check_process_group(process_group)
+        self.fisher = check_fisher(fisher)
+        if self.fisher == "expected" and self.process_group is not None:
+            raise FisherError(
+                "fisher='expected' has no distributed form; use fisher='sampled' with a "
+                "process_group, or drop process_group"
+            )
         self.communication: CommunicationStats | None = None
 
     @classmethod
@@ -218,8 +238,13 @@ class RATNaturalGradient(OptionsView):
         *,
         backend: BackendName = "auto",
         memory_budget: int = 2**30,
+        process_group: ProcessGroup | None = None,
+        fisher: FisherName = "sampled",
     ) -> RATNaturalGradient:
         """Build from a :class:`~natgrad.solvers.SolverOptions` instead of solver keywords.
+
+        The other keywords are the constructor's (``process_group``: the union of every
+        rank's samples, as ``natgrad train --nproc`` uses it).
 
         Examples
         --------
@@ -232,6 +257,8 @@ class RATNaturalGradient(OptionsView):
             seed=seed,
             backend=backend,
             memory_budget=memory_budget,
+            process_group=process_group,
+            fisher=fisher,
             **options.keywords(),
         )
 
@@ -240,7 +267,8 @@ class RATNaturalGradient(OptionsView):
             f"RATNaturalGradient(damping={self.damping}, solver={self.solver!r}, "
             f"block_size={self.block_size}, max_epochs={self.max_epochs}, tol={self.tol}, "
             f"max_iters={self.max_iters}, seed={self.seed}, backend={self.backend!r}, "
-            f"compile={self.compile}, preconditioner_rank={self.preconditioner_rank})"
+            f"compile={self.compile}, preconditioner_rank={self.preconditioner_rank}, "
+            f"fisher={self.fisher!r})"
         )
 
     def __call__(
@@ -273,7 +301,19 @@ class RATNaturalGradient(OptionsView):
             ``A~``, detached, with the shape, dtype and device of ``adv``. The gradient of
             ``mean(A~ * log pi)`` over ``params`` is the natural gradient ``d``. With a
             ``process_group``: this rank's rows (see the class docstring).
+
+        Raises
+        ------
+        FisherError
+            With ``fisher="expected"``: use :meth:`natural_gradient` (no ``A~`` exists).
         """
+        if self.fisher == "expected":
+            raise FisherError(
+                "fisher='expected' has no transformed advantages: the direction is not in the "
+                "span of the sampled scores, so no A~ makes mean(A~ * log pi) its gradient; "
+                "call rat.natural_gradient(policy, obs, acts, adv) and step along .direction, "
+                "or use fisher='sampled'"
+            )
         if self.process_group is not None:
             return distributed_natural_gradient(self, policy, obs, acts, adv, params).advantages
         advantages, _, _ = self._run(policy, obs, acts, adv, params)
@@ -292,10 +332,14 @@ class RATNaturalGradient(OptionsView):
         Same arguments as :meth:`__call__`. ``J d``, ``g^T d`` and ``d^T F d`` come from the
         solve without extra passes (Cholesky: ``J d = A - lam A~``; iterative solvers: the
         ``J v`` of the final residual check). With a ``process_group``, ``advantages`` and
-        ``jd`` are this rank's rows; the rest is global and the same on every rank.
+        ``jd`` are this rank's rows; the rest is global and the same on every rank. With
+        ``fisher="expected"``, ``advantages`` is ``None`` and ``d_fisher_d`` uses the
+        expected Fisher.
         """
         if self.process_group is not None:
             return distributed_natural_gradient(self, policy, obs, acts, adv, params)
+        if self.fisher == "expected":
+            return self._expected(policy, obs, acts, adv, params)
         advantages, result, scores = self._run(policy, obs, acts, adv, params)
         assert self.diagnostics is not None
         n = scores.num_samples
@@ -366,6 +410,28 @@ class RATNaturalGradient(OptionsView):
         )
         return advantages, result, scores
 
+    def _expected(
+        self,
+        policy: nn.Module,
+        obs: Tree,
+        acts: Tree,
+        adv: Tensor,
+        params: Iterable[Tensor] | None,
+    ) -> NaturalGradient:
+        """``natural_gradient`` with ``fisher="expected"`` (:mod:`natgrad.fisher.expected`)."""
+        start = time.perf_counter()
+        scores = self._scores(policy, obs, acts, adv, params)
+        notes: list[str] = []
+        if self.backend in ("factored", "streaming"):
+            notes.append(f"backend={self.backend!r} unused: fisher='expected' holds its rows")
+        with unchanged_module(policy), torch.enable_grad():
+            result = expected_natural_gradient(
+                policy, obs, acts, scores, self.log_prob_fn, adv, self.options,
+                self.generator, self._chunk_size(scores), notes, start,
+            )  # fmt: skip
+        self.diagnostics = result.diagnostics
+        return result
+
     def _prepare(
         self,
         policy: nn.Module,
@@ -375,6 +441,20 @@ class RATNaturalGradient(OptionsView):
         params: Iterable[Tensor] | None,
     ) -> tuple[PolicyScores, ScoreOperator, str]:
         """Check the inputs and build the scores and their operator (no solve)."""
+        scores = self._scores(policy, obs, acts, adv, params)
+        with unchanged_module(policy), torch.enable_grad():  # factored: one backward pass
+            operator, backend_note = self._operator(scores, policy, obs, acts)
+        return scores, operator, backend_note
+
+    def _scores(
+        self,
+        policy: nn.Module,
+        obs: Tree,
+        acts: Tree,
+        adv: Tensor,
+        params: Iterable[Tensor] | None,
+    ) -> PolicyScores:
+        """Check the inputs; the per-sample score computation of the batch (lazy)."""
         check_policy(policy)
         names = select_parameters(policy, params)
         first = dict(policy.named_parameters())[names[0]]
@@ -386,13 +466,9 @@ class RATNaturalGradient(OptionsView):
         n = adv.shape[0]
         check_batch("obs", obs, n, device, dtype)
         check_batch("acts", acts, n, device, dtype)
-        with unchanged_module(policy):
-            with torch.no_grad():
-                log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
-            scores = PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
-            with torch.enable_grad():  # the factored backend needs one backward pass
-                operator, backend_note = self._operator(scores, policy, obs, acts)
-        return scores, operator, backend_note
+        with unchanged_module(policy), torch.no_grad():
+            log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
+        return PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
 
     def _operator(
         self, scores: PolicyScores, policy: nn.Module, obs: Tree, acts: Tree

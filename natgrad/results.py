@@ -74,7 +74,8 @@ class NaturalGradient:
     Attributes
     ----------
     advantages
-        Transformed advantages ``A~``, detached, shaped like the input ``adv``.
+        Transformed advantages ``A~``, detached, shaped like the input ``adv``; ``None``
+        with ``fisher="expected"`` (the direction is not in the span of the sampled scores).
     direction
         ``d = (F + lam I)^{-1} g``, one tensor per selected parameter (same shapes).
         Ascent direction of the surrogate ``mean(A * log pi)``.
@@ -91,7 +92,7 @@ class NaturalGradient:
         The :class:`Diagnostics` of the call.
     """
 
-    advantages: Tensor
+    advantages: Tensor | None
     direction: tuple[Tensor, ...]
     param_names: tuple[str, ...]
     jd: Tensor

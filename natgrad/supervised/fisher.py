@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from natgrad.fisher.factors import categorical_rows
+
 LossName = Literal["mse", "cross_entropy"]
 FisherName = Literal["exact", "sampled"]
 LOSSES: tuple[str, ...] = ("mse", "cross_entropy")
@@ -134,11 +136,7 @@ def fisher_rows(
     onehot = torch.nn.functional.one_hot(labels, outputs.shape[1]).to(torch.float64)
     gradient = torch.einsum("ncp,nc->p", jac64, p - onehot) / n
     if fisher == "exact":
-        mean_row = torch.einsum("nc,ncp->np", p.to(dtype), jacobians)
-        sqrt_p = (0.5 * log_p).exp()
-        rows = (sqrt_p.to(dtype)[:, :, None] * (jacobians - mean_row[:, None, :])).reshape(
-            -1, jacobians.shape[2]
-        )
+        rows = categorical_rows(log_p, jacobians).reshape(-1, jacobians.shape[2])
         coefficients = torch.zeros_like(p)
         # exp(-log p / 2) rather than 1 / sqrt(p): finite for far smaller p_y.
         coefficients.scatter_(1, labels[:, None], -(-0.5 * log_p.gather(1, labels[:, None])).exp())

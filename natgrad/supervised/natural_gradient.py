@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +22,7 @@ from natgrad._checks import (
 from natgrad._guard import unchanged_module
 from natgrad._tree import Tree, tree_leaves, unflatten
 from natgrad.errors import NonFiniteError
-from natgrad.operators import DenseOperator, working_dtype
+from natgrad.fisher.solve import Form, damped_direction
 from natgrad.results import Diagnostics
 from natgrad.solvers import (
     SUPERVISED,
@@ -33,7 +31,6 @@ from natgrad.solvers import (
     SolverName,
     SolverOptions,
     seeded_generator,
-    solve,
 )
 from natgrad.solvers.options import OptionsView
 from natgrad.supervised.fisher import (
@@ -45,8 +42,6 @@ from natgrad.supervised.fisher import (
     fisher_rows,
 )
 from natgrad.supervised.jacobians import output_jacobians
-
-Form = Literal["kernel", "push_through"]
 
 __all__ = ["SupervisedNaturalGradient", "SupervisedResult", "natural_gradient"]
 
@@ -291,27 +286,14 @@ class SupervisedNaturalGradient(OptionsView):
 
     # -- internals ----------------------------------------------------------------------
     def _direction(self, built: FisherRows) -> tuple[Tensor, Form, SolveResult, str, list[str]]:
-        n = built.num_samples
-        num_rows = built.rows.shape[0]
-        # The solvers normalize by their row count R, the Fisher by N: rows scaled by
-        # sqrt(R / N) make the operator's J^T J / R equal F = W^T W / N.
-        scale = math.sqrt(num_rows / n)
-        operator = DenseOperator((built.rows * scale).to(working_dtype(built.rows.dtype)))
-        operator.score_dtype = built.rows.dtype
-        if built.coefficients is not None:
-            form: Form = "kernel"
-            rhs = built.coefficients * scale
-        else:
-            form = "push_through"
-            rhs = built.rows.to(torch.float64) @ built.gradient
-        offset = None if form == "kernel" else built.gradient / scale
-        result, solver_used, fallbacks = solve(
-            operator, rhs, self.options, self.generator, direction_offset=offset
+        return damped_direction(
+            built.rows,
+            built.num_samples,
+            built.gradient,
+            self.options,
+            self.generator,
+            coefficients=built.coefficients,
         )
-        v = result.v
-        if form == "kernel":
-            return v, form, result, solver_used, fallbacks
-        return (built.gradient - scale * v) / self.damping, form, result, solver_used, fallbacks
 
 
 def natural_gradient(

@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from natgrad import NaturalGradient, RATNaturalGradient
 from natgrad.distributions import log_prob
+from natgrad.fisher.expected import FISHERS
 from natgrad.rl._errors import ConfigError
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
 from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
@@ -57,6 +58,12 @@ class RatOptions(TrustRegionOptions):
         "Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).",
         nonnegative_int(" (0 turns it off)"),
     )
+    rat_fisher: str = option(
+        "sampled",
+        "Fisher of the RAT natural gradient: sampled (scores of the taken actions) or "
+        "expected (E over actions, TRPO's KL Hessian; Categorical and Normal policies).",
+        choices=lambda: FISHERS,
+    )
 
 
 @dataclasses.dataclass
@@ -88,7 +95,9 @@ class _RatBase(PolicyUpdate):
             tol=config.rat_tol,
             preconditioner_rank=config.rat_preconditioner_rank,
         )
-        self.rat = RATNaturalGradient.from_options(options, _rat_log_prob, seed)
+        self.rat = RATNaturalGradient.from_options(
+            options, _rat_log_prob, seed, fisher=config.rat_fisher
+        )
 
     def _direction(
         self, obs: Tensor, acts: Tensor, adv: Tensor
