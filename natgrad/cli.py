@@ -89,6 +89,15 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "bit for bit; unpickling runs code from the file, so only for runs you trust",
     )
     parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="K",
+        help="data-parallel training on K local CPU processes (rat-npg, rat-trpo): each "
+        "steps its own environments, the update uses the union of the batches; under "
+        "torchrun leave it out (see docs/distributed.md)",
+    )
+    parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
     )
     parser.add_argument(
@@ -158,12 +167,34 @@ def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     print(f"natgrad: warning: {message}", file=sys.stderr)
 
 
-def _train(args: argparse.Namespace) -> int:
+def _launch(args: argparse.Namespace, given: dict[str, Any]) -> int:
+    """``--nproc K`` outside a launcher: check what can be checked, then start the ranks."""
     from natgrad.rl._errors import ConfigError
     from natgrad.rl.checkpoint import CHECKPOINT_NAME
     from natgrad.rl.config import TrainConfig
-    from natgrad.rl.envs import make_env
-    from natgrad.rl.train import Trainer, default_out_dir, summary_json
+    from natgrad.rl.launch import check_data_parallel, launch
+    from natgrad.rl.train import default_out_dir
+
+    argv = list(args.argv)
+    if args.resume:
+        if args.out is None:
+            raise ConfigError("--resume needs --out DIR, the directory of the run to continue")
+    else:
+        config = TrainConfig.from_dict(given)
+        check_data_parallel(config.algo, config.options, args.nproc)
+        out = args.out if args.out is not None else default_out_dir(config)
+        if (out / CHECKPOINT_NAME).exists():
+            raise ConfigError(
+                f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
+                "choose another directory"
+            )
+        argv += ["--out", str(out)]  # one timestamped directory for every rank
+    return launch(argv, args.nproc)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.launch import join_from_env, launched_world_size
 
     given = {
         f.name: getattr(args, f.name)
@@ -172,8 +203,37 @@ def _train(args: argparse.Namespace) -> int:
     }
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
+    world = launched_world_size()
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
+    if world and args.nproc not in (None, world):
+        raise ConfigError(
+            f"--nproc {args.nproc} disagrees with the launcher's WORLD_SIZE={world}; under "
+            "torchrun leave --nproc out"
+        )
+    if not world and (args.nproc or 1) > 1:
+        return _launch(args, given)
+    parallel = join_from_env()
+    try:
+        return _train_rank(args, given, parallel)
+    finally:
+        if parallel.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train_rank(args: argparse.Namespace, given: dict[str, Any], parallel: Any) -> int:
+    """Train as one process, or as one rank of a data-parallel run (``parallel``)."""
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.checkpoint import CHECKPOINT_NAME
+    from natgrad.rl.config import TrainConfig
+    from natgrad.rl.envs import make_env
+    from natgrad.rl.train import Trainer, default_out_dir, summary_json
+
+    writer = parallel.is_writer
     callbacks = []
-    if args.track:  # before the run directory is touched: a missing extra writes nothing
+    if args.track and writer:  # before the run directory is touched: a missing extra writes nothing
         from natgrad.rl.tracking import WandbTracker
 
         callbacks.append(
@@ -191,32 +251,34 @@ def _train(args: argparse.Namespace) -> int:
             )
         trainer = Trainer(None, args.out, resume=True, steps=given.get("steps"),
                           tensorboard=args.tensorboard,
-                          trust_env_state=args.trust_env_state)  # fmt: skip
+                          trust_env_state=args.trust_env_state, parallel=parallel)  # fmt: skip
     else:
         if args.trust_env_state:
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         config = TrainConfig.from_dict(given)
         out = args.out if args.out is not None else default_out_dir(config)
-        if (out / CHECKPOINT_NAME).exists():
+        if writer and (out / CHECKPOINT_NAME).exists():
             raise ConfigError(
                 f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
                 "choose another directory"
             )
-        trainer = Trainer(config, out, tensorboard=args.tensorboard)
+        trainer = Trainer(config, out, tensorboard=args.tensorboard, parallel=parallel)
     config = trainer.config
     threshold = args.solved_threshold
     if threshold is None:
         spec = make_env(config.env).spec
         threshold = getattr(spec, "reward_threshold", None)
-    print(f"natgrad train -> {trainer.out_dir}", file=sys.stderr)
-    print(config.to_json(), file=sys.stderr)
+    if writer:
+        print(f"natgrad train -> {trainer.out_dir}", file=sys.stderr)
+        print(config.to_json(), file=sys.stderr)
     try:
         result = trainer.run(
-            progress=args.progress, solved_threshold=threshold, callbacks=callbacks
+            progress=args.progress and writer, solved_threshold=threshold, callbacks=callbacks
         )
     finally:
         trainer.close()
-    print(summary_json(result))
+    if writer:
+        print(summary_json(result))
     return 0
 
 
@@ -256,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["train", *argv]  # `natgrad [options]` is `natgrad train [options]`
     args = parser.parse_args(argv)
+    args.argv = argv[1:] if args.command == "train" else argv
     sub: argparse.ArgumentParser = args.subparser  # errors are reported in its usage
     from natgrad.errors import NatgradError
     from natgrad.rl._errors import ConfigError, MissingExtraError
