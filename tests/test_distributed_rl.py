@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -125,14 +123,16 @@ def test_two_ranks_share_the_update_and_resume_exactly():
         assert not torch.equal(ranks[0]["action_generator"], ranks[1]["action_generator"])
 
 
-def test_cli_nproc_two_trains_and_only_rank0_writes(tmp_path):
+def test_cli_nproc_two_trains_and_only_rank0_writes(tmp_path, capfd, monkeypatch):
+    from natgrad.cli import main
+
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "natgrad", "train", "--nproc", "2", "--steps", "512",
-               *TINY_FLAGS, "--out", str(out), "--no-progress", "--no-tensorboard"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert '"steps": 512' in done.stdout and done.stdout.count('"out_dir"') == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = main(["train", "--nproc", "2", "--steps", "512", *TINY_FLAGS, "--out", str(out),
+                 "--no-progress", "--no-tensorboard"])  # fmt: skip
+    printed = capfd.readouterr()
+    assert code == 0, printed.err
+    assert '"steps": 512' in printed.out and printed.out.count('"out_dir"') == 1  # rank 0 only
     assert [r["step"] for r in read_progress(out / "progress.csv")] == [256.0, 512.0]
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["global_step"] == 512 and state["data_parallel"]["world_size"] == 2
