@@ -130,3 +130,23 @@ def test_compiled_float32_close_to_eager(backend):
 def test_compile_must_be_bool():
     with pytest.raises(TypeError, match="compile must be True or False"):
         RATNaturalGradient(compile="yes")
+
+
+def test_compiled_block_factor_is_the_eager_factor(monkeypatch):
+    """The compiled Cholesky factor of ``J_S J_S^T / N + lam I`` is the eager one; a wrong
+    compiled factor must not hide behind the eager retry on LinAlgError."""
+    from natgrad.scores import MaterializedScores
+    from natgrad.solvers import kaczmarz
+
+    gen = torch.Generator().manual_seed(0)
+    operator = MaterializedScores(torch.randn(16, 10, generator=gen, dtype=torch.float64))
+    block = operator.block(torch.arange(6))
+    eager = kaczmarz.block_factor(block, 16, 0.3)
+    calls = []
+    original = kaczmarz.fused_block_factor
+    monkeypatch.setattr(kaczmarz, "fused_block_factor", lambda *a: calls.append(1) or original(*a))
+    compiled = kaczmarz.block_factor(block, 16, 0.3, compiled=True)
+    assert calls, "the compiled factor was not used"
+    assert torch.allclose(compiled, eager, rtol=1e-10, atol=1e-12)
+    direct = original(*block.functional(), 0.3, 1.0 / 16)  # no eager retry in between
+    assert torch.allclose(direct, eager, rtol=1e-10, atol=1e-12)

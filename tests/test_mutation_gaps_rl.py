@@ -96,3 +96,69 @@ def test_only_the_last_layer_gets_the_head_gain():
             gram = layer.weight @ layer.weight.T if rows <= cols else layer.weight.T @ layer.weight
             eye = torch.eye(min(rows, cols))
             assert torch.allclose(gram, gain**2 * eye, atol=1e-5 * max(gain**2, 1.0)), (i, gain)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    pytest.importorskip("gymnasium")
+    from natgrad.rl import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(
+        env="CartPole-v1", steps=128, num_envs=2, num_steps=64, hidden=(8,), critic_epochs=1
+    )
+    train(config, out_dir=out, tensorboard=False)
+    return out
+
+
+def test_evaluate_plays_whole_episodes_without_rendering(tiny_run):
+    # CartPole pays 1 per step: each return equals its length >= 1; without --gif nothing is
+    # rendered (gymnasium warns when render() is called without a render mode). Kills
+    # evaluate.py:150 done = False -> True and :152 `gif and k == 0` -> `gif or k == 0`
+    import warnings
+
+    from natgrad.rl.evaluate import evaluate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = evaluate(tiny_run, episodes=2, seed=5)
+    assert len(result.returns) == 2
+    assert all(length >= 1 for length in result.lengths)
+    assert list(result.returns) == [float(length) for length in result.lengths]
+
+
+def test_option_checks_accept_and_refuse_the_documented_ranges():
+    # kills options.py:68 (`and` -> `or`) and :86 (0 or >= 1 -> 1 or >= 1, 0 or >= 0)
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.options import at_least_one_or_off, positive
+
+    positive("--x", 1e-9)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="--x must be > 0"):
+            positive("--x", bad)
+    for good in (0, 0.0, 1, 1.5):
+        at_least_one_or_off("--kl-guard", good)
+    for bad in (0.5, -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="--kl-guard must be 0"):
+            at_least_one_or_off("--kl-guard", bad)
+
+
+def test_options_from_dict_names_unknown_keys():
+    # kills options.py:144 set(data) - set(names) -> /
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.algorithms import RatNPGOptions
+
+    options = RatNPGOptions()
+    assert RatNPGOptions.from_dict(options.to_dict()) == options
+    with pytest.raises(ConfigError, match=r"unknown options \['bogus'\] for RatNPGOptions"):
+        RatNPGOptions.from_dict({**options.to_dict(), "bogus": 1})
+
+
+def test_unknown_env_suggests_up_to_three_close_ids():
+    # kills envs.py:41 n=3 -> 2 and cutoff -> -0.25 (a ValueError from difflib)
+    pytest.importorskip("gymnasium")
+    from natgrad.rl.envs import _unknown_env
+
+    message = str(_unknown_env("Hoper-v5"))
+    assert "did you mean 'Hopper-v5', 'Hopper-v4', 'Hopper-v3'?" in message
+    assert "did you mean" not in str(_unknown_env("xyz-v9"))
