@@ -5,6 +5,7 @@ Each test names the surviving mutants it kills; all of them run in about a secon
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -162,3 +163,131 @@ def test_unknown_env_suggests_up_to_three_close_ids():
     message = str(_unknown_env("Hoper-v5"))
     assert "did you mean 'Hopper-v5', 'Hopper-v4', 'Hopper-v3'?" in message
     assert "did you mean" not in str(_unknown_env("xyz-v9"))
+
+
+def test_evaluate_reads_the_checkpoint_when_there_is_no_policy_file(tiny_run, tmp_path):
+    # kills evaluate.py:66 run / CHECKPOINT_NAME -> run + / * CHECKPOINT_NAME
+    import shutil
+
+    from natgrad.rl.evaluate import evaluate
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    (copy / "policy.safetensors").unlink()
+    assert evaluate(copy, episodes=2, seed=5) == evaluate(tiny_run, episodes=2, seed=5)
+
+
+def test_evaluate_seeds_episode_k_with_seed_plus_k(tiny_run):
+    # deterministic policy: episode 1 of seed 5 is episode 0 of seed 6; kills evaluate.py:149
+    from natgrad.rl.evaluate import evaluate
+
+    both = evaluate(tiny_run, episodes=2, seed=5)
+    assert both.returns[1] == evaluate(tiny_run, episodes=1, seed=6).returns[0]
+
+
+def test_policy_file_without_natgrad_metadata_is_a_checkpoint_error(tiny_run, tmp_path):
+    # kills evaluate.py:86 (ValueError no longer caught: a raw json error)
+    from safetensors.torch import load_file, save_file
+
+    from natgrad.rl._errors import CheckpointError
+    from natgrad.rl.evaluate import evaluate
+
+    path = tmp_path / "policy.safetensors"
+    tensors = load_file(tiny_run / "policy.safetensors")
+    save_file(tensors, path, metadata={"config": "{not json", "obs_norm": "{}", "global_step": "1"})
+    with pytest.raises(CheckpointError, match="lacks natgrad's metadata"):
+        evaluate(path, episodes=1)
+
+
+def test_gif_holds_the_first_episode_and_loops(tiny_run, tmp_path, monkeypatch):
+    # one frame per step of episode 0 only, looping forever; kills evaluate.py:152 k == 0 ->
+    # k == 1, :190 `not images` -> `not not images`, :195 loop=0 -> 1
+    import importlib
+
+    from PIL import Image
+
+    module = importlib.import_module("natgrad.rl.evaluate")  # the module, not the function
+
+    count = iter(range(1, 256))  # distinct frames: Pillow merges identical ones
+    monkeypatch.setattr(
+        module, "_render", lambda env, env_id: np.full((8, 8, 3), next(count), dtype=np.uint8)
+    )
+    gif = tmp_path / "play.gif"
+    result = module.evaluate(tiny_run, episodes=2, seed=5, gif=gif)
+    with Image.open(gif) as image:
+        assert image.n_frames == result.lengths[0]
+        assert image.info.get("loop") == 0
+
+
+def test_render_and_pillow_failures_are_natgrad_errors(monkeypatch, tmp_path):
+    # kills evaluate.py:177 (any render failure -> ConfigError) and :187 (no Pillow ->
+    # MissingExtraError)
+    import sys
+
+    from natgrad.errors import MissingExtraError
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.evaluate import _render, _write_gif
+
+    class NoDisplay:
+        def render(self):
+            raise RuntimeError("no OpenGL context")
+
+    with pytest.raises(ConfigError, match="--gif: rendering CartPole-v1 failed"):
+        _render(NoDisplay(), "CartPole-v1")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(MissingExtraError, match="pillow"):
+        _write_gif(tmp_path / "x.gif", [np.zeros((2, 2, 3), dtype=np.uint8)])
+
+
+class _Trainer:
+    """The attributes the callbacks read."""
+
+    def __init__(self, steps: int, batch: int) -> None:
+        self.config = type("Config", (), {"steps": steps, "batch_size": batch, "env": "E",
+                                          "algo": "a"})()  # fmt: skip
+        self.global_step, self.iteration, self.saved = 0, 0, []
+
+    def save(self) -> None:
+        self.saved.append(self.global_step)
+
+
+def test_checkpoints_every_k_updates_and_at_the_budget():
+    # kills callbacks.py:120 global_step >= steps -> <
+    from natgrad.rl.callbacks import Checkpoints
+
+    trainer, callback = _Trainer(steps=500, batch=100), Checkpoints(every=3)
+    for _ in range(5):
+        trainer.global_step += 100
+        trainer.iteration += 1
+        callback.on_update(trainer, {})
+    assert trainer.saved == [300, 500]
+
+
+def test_progress_bar_stops_at_the_budget():
+    # the last batch overshoots the budget: the bar ends at steps; kills callbacks.py:151
+    pytest.importorskip("tqdm")
+    from natgrad.rl.callbacks import ProgressBar
+
+    trainer, bar = _Trainer(steps=300, batch=128), ProgressBar()
+    bar.on_start(trainer)
+    row = {"steps_per_sec": 1.0, "episodic_return_mean": 0.0, "kl": 0.0}
+    for _ in range(3):
+        bar.on_update(trainer, row)
+    assert bar.bar.n == 300
+    bar.on_close(trainer)
+
+
+def test_threads_are_set_for_training_and_restored():
+    # kills callbacks.py:65 `if self.threads` -> `if not self.threads`
+    from natgrad.rl.callbacks import Threads
+
+    before = torch.get_num_threads()
+    callback = Threads(1 if before != 1 else 2)
+    callback.on_start(None)
+    assert torch.get_num_threads() == callback.threads
+    callback.on_close(None)
+    assert torch.get_num_threads() == before
+    unchanged = Threads(0)
+    unchanged.on_start(None)
+    assert torch.get_num_threads() == before
+    unchanged.on_close(None)

@@ -108,7 +108,7 @@ MODULES: dict[str, list[str]] = {
     "natgrad/rl/options.py": ["tests/test_rl_config.py"],
     "natgrad/rl/checkpoint.py": ["tests/test_checkpoint.py", "tests/test_rl_resume_algorithms.py"],
     "natgrad/rl/envs.py": [*RL_CORE, "tests/test_rl_train.py", "tests/test_cli.py"],
-    "natgrad/rl/evaluate.py": ["tests/test_rl_train.py"],
+    "natgrad/rl/evaluate.py": ["tests/test_rl_train.py", "tests/test_cli.py"],
     "natgrad/rl/callbacks.py": ["tests/test_rl_train.py"],
     "natgrad/rl/logger.py": ["tests/test_rl_train.py"],
     "natgrad/rl/tracking.py": ["tests/test_tracking.py"],
