@@ -9,6 +9,7 @@ batches; a resume continues bit for bit; unsupported algorithms are refused up f
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -133,7 +134,11 @@ def test_cli_nproc_two_trains_and_only_rank0_writes(tmp_path, capfd, monkeypatch
     printed = capfd.readouterr()
     assert code == 0, printed.err
     assert '"steps": 512' in printed.out and printed.out.count('"out_dir"') == 1  # rank 0 only
-    assert [r["step"] for r in read_progress(out / "progress.csv")] == [256.0, 512.0]
+    rows = read_progress(out / "progress.csv")
+    assert [r["step"] for r in rows] == [256.0, 512.0]
+    # the summary's final return is the logged one (every rank's episodes), not rank 0's
+    summary = json.loads(printed.out[printed.out.index("{") :])
+    assert summary["final_return"] == rows[-1]["episodic_return_mean"]
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["global_step"] == 512 and state["data_parallel"]["world_size"] == 2
     with pytest.raises(ConfigError, match="--nproc 2"):

@@ -102,6 +102,17 @@ def test_load_rebuilds_rat_with_overrides(tmp_path):
     assert RATNPG.load(tmp_path / "m", damping=0.05).rat.damping == 0.05
 
 
+def test_load_refuses_trpo_and_unknown_keywords(tmp_path):
+    """SB3 would store any load keyword as a dead attribute: refused as in the constructor."""
+    model = RATNPG("MlpPolicy", "CartPole-v1", **SMALL)
+    model.save(tmp_path / "m")
+    with pytest.raises(UnsupportedArgumentError, match="rename cg_damping=<value> to damping"):
+        RATNPG.load(tmp_path / "m", cg_damping=0.05)
+    with pytest.raises(UnsupportedArgumentError, match="unexpected keyword argument 'dampng'"):
+        RATNPG.load(tmp_path / "m", dampng=0.05)
+    assert RATNPG.load(tmp_path / "m", device="cpu", target_kl=0.02).target_kl == 0.02
+
+
 def flat(tensors):
     return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
 

@@ -65,8 +65,9 @@ def check_data_parallel(algo: str, options: object, nproc: int) -> None:
         supported = [n for n, c in ALGORITHMS.items() if c.use_process_group is not
                      PolicyUpdate.use_process_group]  # fmt: skip
         raise ConfigError(
-            f"--nproc {nproc}: --algo {algo} has no data-parallel form (its update would "
-            f"need averaged gradients); use --algo {' or '.join(supported)}, or drop --nproc"
+            f"--nproc {nproc}: --algo {algo} has no data-parallel form yet (its update would "
+            "need gradients or Fisher-vector products averaged over ranks); use --algo "
+            f"{' or '.join(supported)}, or drop --nproc"
         )
     fisher = getattr(options, "rat_fisher", "sampled")
     if fisher != "sampled":

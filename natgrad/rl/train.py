@@ -90,7 +90,8 @@ class TrainResult:
     steps
         Environment steps taken in total (across resumes).
     final_return
-        Mean return of the last finished episodes (window of 20), NaN if none.
+        ``episodic_return_mean`` of the last update: the mean return of the last 20
+        finished episodes (of every rank when data-parallel), NaN if none.
     best_return
         Highest ``episodic_return_mean`` logged.
     solved_step
@@ -217,6 +218,7 @@ class Trainer:
         self.iteration = 0
         self.wall_time = 0.0
         self.best_return = -math.inf
+        self.last_return: float | None = None  # episodic_return_mean of the last update
         self.solved_step: int | None = None
         self.rejected_updates = 0
         self.consecutive_rejections = 0
@@ -441,6 +443,7 @@ class Trainer:
         self.wall_time += seconds
         episodes = parallel.episodes(self.collector, finished)
         recent = episodes["episodic_return_mean"]
+        self.last_return = recent
         if math.isfinite(recent):
             self.best_return = max(self.best_return, recent)
         row: dict[str, float] = {
@@ -511,7 +514,10 @@ class Trainer:
         return TrainResult(
             out_dir=self.out_dir,
             steps=self.global_step,
-            final_return=self.collector.recent_return(),
+            # the logged value (every rank's episodes when data-parallel)
+            final_return=self.collector.recent_return()
+            if self.last_return is None
+            else self.last_return,
             best_return=self.best_return,
             solved_step=self.solved_step,
             wall_time=self.wall_time,

@@ -10,6 +10,7 @@ policy's actor parameters, and its KL step size in closed form.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -231,6 +232,27 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "rat", "_actor_names"]
+
+    @classmethod
+    def load(cls, path: Any, env: GymEnv | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """SB3's ``load``; keyword overrides must be keywords of the constructor.
+
+        SB3 sets any keyword as an attribute, so a TRPO keyword (``cg_damping=``) or a typo
+        would be stored and ignored; they are refused as in the constructor instead.
+        """
+        loading = {"device", "custom_objects", "print_system_info", "force_reset"}
+        accepted = set(inspect.signature(cls.__init__).parameters) - {
+            "self",
+            "policy",
+            "env",
+            "kwargs",
+            "_init_setup_model",
+        }
+        refuse_keywords(
+            f"{cls.__name__}.load",
+            {k: v for k, v in kwargs.items() if k not in accepted | loading},
+        )
+        return super().load(path, env=env, **kwargs)
 
     # -- one update ---------------------------------------------------------------------
     def _policy_batch(self) -> PolicyBatch:
