@@ -442,3 +442,56 @@ def test_cg_compiles_exactly_the_operators_with_a_functional_form():
     streaming = StreamingScores.__new__(StreamingScores)  # functional() needs no state
     assert streaming.functional() is None
     assert SOLVER_REGISTRY["cg"].compiles(streaming) is False
+
+
+def test_kaczmarz_public_functions_keep_their_documented_signatures(monkeypatch):
+    # keywords by name (kills kaczmarz.py:127 `*` -> `/`); max_epochs=0 does nothing
+    # (kills :181 epoch = 0 -> -1); zero rhs (kills :170 0.0 -> 1.0); kaczmarz_step is
+    # eager unless asked (kills :76 compiled=False -> True)
+    from natgrad.solvers import kaczmarz
+    from natgrad.solvers.kaczmarz import KaczmarzState, kaczmarz_solve, kaczmarz_step
+
+    operator, rhs = _problem()
+    kwargs = dict(block_size=3, max_epochs=0, tol=1e-8, generator=torch.Generator())
+    nothing = kaczmarz_solve(operator=operator, rhs=rhs, damping=0.5, **kwargs)
+    assert nothing.iterations == 0 and not nothing.converged and not nothing.x.any()
+    zero = kaczmarz_solve(operator, torch.zeros_like(rhs), 0.5, **{**kwargs, "max_epochs": 5})
+    assert zero.converged and zero.iterations == 0
+    assert zero.residual == 0.0 and zero.direction_error == 0.0
+    monkeypatch.setattr(kaczmarz, "fused_block_step", lambda *a: pytest.fail("compiled"))
+    state = KaczmarzState.zeros(operator, rhs.device)
+    index = torch.arange(3)
+    kaczmarz_step(state, operator.block(index), index, rhs, 0.5)
+    assert state.x[3:].eq(0).all() and state.x[:3].ne(0).any()
+
+
+def test_kaczmarz_stops_as_soon_as_it_is_accurate():
+    # the sweep's residuals show convergence long before max_epochs; kills kaczmarz.py:196
+    # sqrt(swept) -> swept + 0.5 (never accurate until the last epoch)
+    from natgrad.solvers.kaczmarz import kaczmarz_solve
+
+    operator, rhs = _problem(n=12, p=40)
+    result = kaczmarz_solve(operator, rhs, 2.0, block_size=4, max_epochs=500, tol=1e-8,
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.converged and result.iterations < 100
+
+
+def test_scaled_push_through_solve_bounds_the_direction_error():
+    # d ~ v - v0 with a large rhs scale: dispatch scales rhs and v0 together; kills
+    # dispatch.py:112 direction_offset / scale -> direction_offset - scale
+    from natgrad.solvers import solve
+
+    operator, rhs = _problem(n=20, p=30)
+    gen = torch.Generator().manual_seed(7)
+    offset = torch.randn(30, generator=gen, dtype=torch.float64)
+    scale = 1e3
+    exact = cholesky_solve(operator, rhs, 0.05).v - offset
+    options = SolverOptions(solver="cg", damping=0.05, tol=1e-12, max_iters=2,
+                            on_nonconvergence="warn", preconditioner_rank=0)  # fmt: skip
+    with pytest.warns(Warning):
+        result, _, _ = solve(operator, scale * rhs, options, torch.Generator(),
+                             direction_offset=scale * offset)  # fmt: skip
+    true_error = float(torch.linalg.vector_norm(result.v / scale - offset - exact)) / float(
+        torch.linalg.vector_norm(exact)
+    )
+    assert result.direction_error >= true_error > 1e-6

@@ -291,3 +291,63 @@ def test_threads_are_set_for_training_and_restored():
     unchanged.on_start(None)
     assert torch.get_num_threads() == before
     unchanged.on_close(None)
+
+
+def test_a_fresh_log_replaces_a_stale_progress_file(tmp_path):
+    # no resume: an old progress.csv is removed, not filtered; kills logger.py:58 and -> or
+    from natgrad.rl.logger import RunLogger, read_progress
+
+    (tmp_path / "progress.csv").write_text("step,kl\n1,0.5\n")
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.write({"step": 2, "kl": 0.25})
+    logger.close()
+    assert read_progress(tmp_path / "progress.csv") == [{"step": 2.0, "kl": 0.25}]
+
+
+def test_nan_is_an_empty_cell_and_tensorboard_gets_every_finite_scalar(tmp_path):
+    # kills logger.py:103 (NaN written as "nan") and :91 (no TensorBoard scalars)
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from natgrad.rl.logger import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=True)
+    logger.write({"step": 3, "episodic_return_mean": 5.5, "kl": float("nan"), "value_loss": 2.0})
+    logger.close()
+    lines = (tmp_path / "progress.csv").read_text().splitlines()
+    assert lines == ["step,episodic_return_mean,kl,value_loss", "3,5.5,,2.0"]
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["charts/episodic_return_mean", "train/value_loss"]
+    (point,) = events.Scalars("train/value_loss")
+    assert (point.step, point.value) == (3, 2.0)
+
+
+def test_learning_curve_band_is_the_95_percent_interval_of_the_mean(tmp_path, monkeypatch):
+    # two runs: a band mean +- 1.96 sd / sqrt(2); kills plotting.py:106 (> 1 -> > 2) and
+    # :107 (1.96 * sd -> 1.96 / sd)
+    import importlib
+    import json
+
+    plotting = importlib.import_module("natgrad.rl.plotting")
+    runs = []
+    for k, values in enumerate(([1.0, 2.0, 3.0], [3.0, 6.0, 5.0])):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"env": "E", "algo": "a"}))
+        rows = "".join(f"{100 * (i + 1)},{v}\n" for i, v in enumerate(values))
+        (run / "progress.csv").write_text("step,episodic_return_mean\n" + rows)
+        runs.append(run)
+    figures = []
+    original = plotting._figure
+    monkeypatch.setattr(plotting, "_figure", lambda: figures.append(original()) or figures[-1])
+    plotting.plot_runs(runs, tmp_path / "curves.png")
+    (axes,) = figures[0].axes
+    (band,) = axes.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    grid = np.linspace(100, 300, 200)
+    curves = np.stack([np.interp(grid, [100, 200, 300], v) for v in ([1, 2, 3], [3, 6, 5])])
+    half = 1.96 * curves.std(0, ddof=1) / np.sqrt(2)
+    mean = curves.mean(0)
+    assert ys.min() == pytest.approx((mean - half).min())
+    assert ys.max() == pytest.approx((mean + half).max())

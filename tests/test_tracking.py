@@ -117,3 +117,12 @@ def test_tracker_is_a_plain_callback(fake_wandb, tmp_path):
     tracker.on_update(None, {"step": 1.0, "kl": 0.1})  # before on_start: nothing, no error
     tracker.on_close(None)
     assert fake_wandb.runs == []
+
+
+def test_tags_reach_the_run_and_none_without_them(fake_wandb, tmp_path):
+    trainer = types.SimpleNamespace(
+        out_dir=tmp_path, config=types.SimpleNamespace(to_dict=lambda: {"env": "E"})
+    )
+    WandbTracker(mode="offline", tags=("rat", "cartpole")).on_start(trainer)
+    WandbTracker(mode="offline").on_start(trainer)
+    assert [run.kwargs["tags"] for run in fake_wandb.runs] == [["rat", "cartpole"], None]
