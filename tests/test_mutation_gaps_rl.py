@@ -351,3 +351,43 @@ def test_learning_curve_band_is_the_95_percent_interval_of_the_mean(tmp_path, mo
     mean = curves.mean(0)
     assert ys.min() == pytest.approx((mean - half).min())
     assert ys.max() == pytest.approx((mean + half).max())
+
+
+def test_digest_records_keep_the_last_three_per_file(tmp_path):
+    # kills checkpoint.py:155 (== -> !=, < -> <=)
+    import json
+
+    from natgrad.rl.checkpoint import save_checkpoint
+
+    for step in range(1, 6):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"global_step": step}, env_state=b"e%d" % step)
+    records = json.loads((tmp_path / "checkpoint.json").read_text())["files"]
+    for name in ("checkpoint.pt", "checkpoint.env.pkl"):
+        assert [r["global_step"] for r in records if r["file"] == name] == [3, 4, 5]
+
+
+def test_damaged_digest_file_and_foreign_checkpoints_are_checkpoint_errors(tmp_path):
+    # checkpoint.json without "files" (kills checkpoint.py:139, KeyError escaping); a file
+    # that is not a dict or has another format names what it found (kills :301)
+    import hashlib
+    import io
+    import json
+
+    from natgrad.rl._errors import CheckpointError
+    from natgrad.rl.checkpoint import load_checkpoint
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"format": 2}))
+    with pytest.raises(CheckpointError, match="unreadable or corrupted"):
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    for state, found in (([1, 2], "found list"), ({"format": 99}, "found 99")):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        (tmp_path / "checkpoint.pt").write_bytes(data)
+        (tmp_path / "checkpoint.json").write_text(
+            json.dumps({"format": 2, "files": [{"file": "checkpoint.pt", "sha256": digest}]})
+        )
+        with pytest.raises(CheckpointError, match=found):
+            load_checkpoint(tmp_path / "checkpoint.pt")
