@@ -9,7 +9,8 @@ The fused kernel hides the pre-activations, so the layer's forward is recomputed
 (:func:`natgrad._rnn.unrolled_forward`, PyTorch's equations) from the recorded inputs,
 and the gradients at the module's outputs (one ordinary backward pass) are pulled back to
 every step's pre-activations by one more backward pass through that recomputation; the
-rows then come from one batched matrix product per weight (:class:`RowsFactor`).
+rows then come from one batched matrix product per layer and direction
+(:class:`RowsFactor`).
 
 Multi-layer, bidirectional and ``batch_first`` modules and initial states passed
 positionally are factored; ``proj_size > 0`` is left to the generic scores, and a
@@ -38,7 +39,7 @@ from natgrad._rnn import (
 from natgrad.layers._base import FactorableLayer, LayerCall, register_layer
 from natgrad.layers.rows import RowsFactor
 
-__all__ = ["GRULayer", "LSTMLayer", "RNNLayer", "RecurrentLayer"]
+__all__ = ["GRULayer", "LSTMLayer", "PackedSequenceError", "RNNLayer", "RecurrentLayer"]
 
 
 def _tensors(tree: object) -> list[Tensor]:
@@ -50,9 +51,40 @@ def _tensors(tree: object) -> list[Tensor]:
     return []
 
 
-def _time_rows(grads: Tensor, inputs: Tensor) -> Tensor:
-    """``sum_t grads[t, i] inputs[t, i]^T`` per sample, flattened: ``(N, G * in)``."""
-    return torch.bmm(grads.permute(1, 2, 0), inputs.permute(1, 0, 2)).flatten(1)
+def _block_rows(
+    g_i: Tensor, g_h: list[Tensor], inputs: Tensor, hidden: list[Tensor], bias: bool
+) -> Tensor:
+    """One layer and direction's rows, ``(N, G * Z)``, in one batched matrix product.
+
+    ``g_i``, ``inputs``: ``(T, N, .)``; ``g_h``, ``hidden``: one ``(N, .)`` per step. Per
+    gate row the columns are ``[W_ih | b_ih | W_hh | b_hh]``: the product of
+    ``[G_i, G_h]^T`` (``(N, G, 2T)``) with the block-diagonal ``[[X, 1, 0, 0], [0, 0, H, 1]]``
+    (``(N, 2T, Z)``) sums both weights' outer products over time at once, written straight
+    into the rows (no concatenation of per-weight pieces).
+    """
+    steps, n, gates = g_i.shape
+    width, size = inputs.shape[2] + bias, hidden[0].shape[1]
+    left = g_i.new_empty(n, 2 * steps, gates)
+    left[:, :steps] = g_i.transpose(0, 1)
+    right = inputs.new_zeros(n, 2 * steps, width + size + bias)
+    right[:, :steps, : inputs.shape[2]] = inputs.transpose(0, 1)
+    for t in range(steps):
+        left[:, steps + t] = g_h[t]
+        right[:, steps + t, width : width + size] = hidden[t]
+    if bias:
+        right[:, :steps, width - 1] = 1
+        right[:, steps:, -1] = 1
+    return torch.bmm(left.transpose(1, 2), right).flatten(1)
+
+
+def _block_positions(module: nn.Module, names: list[str], positions: dict[str, Tensor]) -> Tensor:
+    """The flat-vector indices of :func:`_block_rows`' columns.
+
+    ``names`` are one layer and direction's ``weight_ih, weight_hh[, bias_ih, bias_hh]``.
+    """
+    gates = getattr(module, names[0]).shape[0]
+    order = [names[0], names[2], names[1], names[3]] if len(names) == 4 else names
+    return torch.cat([positions[n].reshape(gates, -1) for n in order], dim=1).reshape(-1)
 
 
 class RecurrentLayer(FactorableLayer):
@@ -102,19 +134,16 @@ class RecurrentLayer(FactorableLayer):
         pulled = [
             torch.zeros_like(w) if g is None else g for w, g in zip(wanted, pulled, strict=True)
         ]
-        steps = len(trace.layers[0].hidden_preacts)
-        input_grads = pulled[: len(trace.layers)]
-        hidden_grads = pulled[len(trace.layers) :]
-        rows = []
+        blocks, steps = len(trace.layers), len(trace.layers[0].hidden_preacts)
+        per_block = len(names) // blocks
+        rows, index = [], []
         for k, record in enumerate(trace.layers):
-            g_i = input_grads[k]
-            g_h = torch.stack(hidden_grads[k * steps : (k + 1) * steps])
-            rows += [_time_rows(g_i, record.inputs), _time_rows(g_h, torch.stack(record.hidden))]
-            if module.bias:
-                rows += [g_i.sum(0), g_h.sum(0)]
-        matrix = torch.cat(rows, dim=1).to(dtype)
-        index = torch.cat([positions[n].reshape(-1) for n in names])
-        return RowsFactor(matrix, index)
+            g_h = pulled[blocks + k * steps : blocks + (k + 1) * steps]
+            rows.append(_block_rows(pulled[k], g_h, record.inputs, record.hidden, module.bias))
+            block = list(names[k * per_block : (k + 1) * per_block])
+            index.append(_block_positions(module, block, positions))
+        matrix = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        return RowsFactor(matrix.to(dtype), torch.cat(index))
 
 
 class RNNLayer(RecurrentLayer):
