@@ -391,3 +391,29 @@ def test_damaged_digest_file_and_foreign_checkpoints_are_checkpoint_errors(tmp_p
         )
         with pytest.raises(CheckpointError, match=found):
             load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_trainer_options_refuse_bad_widths_and_threads():
+    # kills config.py:42 (`or` -> `and`: empty widths reach min()) and :52 (threads -1)
+    from natgrad.rl import TrainConfig
+    from natgrad.rl._errors import ConfigError
+
+    for hidden in ((), (0,), (64, 0)):
+        with pytest.raises(ConfigError, match="--hidden must be positive widths"):
+            TrainConfig(hidden=hidden)
+    with pytest.raises(ConfigError, match="--threads must be >= 1, or 0"):
+        TrainConfig(threads=-1)
+    assert TrainConfig(threads=0).threads == 0
+
+
+def test_trainer_defaults_and_config_json_order():
+    # documented defaults (docs/rl.md, `natgrad train --help`) and config.json with sorted
+    # keys; kills config.py:89 norm_obs True -> False, :97 critic_lr 1e-3, :189 sort_keys
+    import json
+
+    from natgrad.rl import TrainConfig
+
+    config = TrainConfig()
+    assert (config.norm_obs, config.norm_reward, config.critic_lr) == (True, True, 1e-3)
+    keys = list(json.loads(config.to_json()))
+    assert keys == sorted(keys)
