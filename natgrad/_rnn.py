@@ -207,13 +207,14 @@ def unrolled_forward(
             out: list[Tensor | None] = [None] * steps
             hidden: list[Tensor | None] = [None] * steps
             hidden_pre: list[Tensor | None] = [None] * steps
+            per_step = gi.unbind(0)  # one backward node for all steps (not one gi-sized zero each)
             order = range(steps - 1, -1, -1) if direction else range(steps)
             for t in order:
                 gh = h @ w_hh.T
                 if module.bias:
                     gh = gh + weight(f"bias_hh{suffix}")
                 hidden[t], hidden_pre[t] = h.detach(), gh
-                h, c = _cell(mode, nonlinearity, gi[t], gh, h, c)
+                h, c = _cell(mode, nonlinearity, per_step[t], gh, h, c)
                 out[t] = h
             if record is not None:
                 record.hidden, record.hidden_preacts = hidden, hidden_pre
