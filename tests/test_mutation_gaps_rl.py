@@ -417,3 +417,61 @@ def test_trainer_defaults_and_config_json_order():
     assert (config.norm_obs, config.norm_reward, config.critic_lr) == (True, True, 1e-3)
     keys = list(json.loads(config.to_json()))
     assert keys == sorted(keys)
+
+
+def test_observation_whitening_formula():
+    # (obs - mean) / sqrt(var + 1e-8), clipped to +-10; kills normalize.py:95 (- -> /,
+    # + 1e-8 -> - 1e-8: NaN for a constant feature)
+    from natgrad.rl.normalize import ObsNormalizer
+
+    norm = ObsNormalizer((2,))
+    batch = np.array([[1.0, 5.0], [3.0, 5.0]])
+    out = norm(batch, update=True)
+    mean, var = norm.rms.mean, norm.rms.var
+    assert np.allclose(out, (batch - mean) / np.sqrt(var + 1e-8), atol=1e-6)
+    constant = ObsNormalizer((1,))  # a feature that never varies: var far below 1e-8
+    constant(np.full((10**6, 1), 5.0), update=True)
+    assert constant.rms.var[0] < 1e-8
+    assert np.isfinite(constant(np.full((1, 1), 5.0), update=False)).all()
+
+
+def test_reward_scaling_divides_by_the_return_std_and_clips_both_signs():
+    # kills normalize.py:128 (clip 10 -> 11), :144 (+ 1e-8 -> + 1.00000001) and :145
+    # (clip range (-clip, clip) -> (clip, clip))
+    from natgrad.rl.normalize import RewardScaler
+
+    scaler = RewardScaler(num_envs=2, gamma=0.9)
+    assert scaler.clip == 10.0
+    first = scaler(np.array([1.0, -2.0]), np.array([False, False]))
+    assert np.allclose(first, np.array([1.0, -2.0]) / np.sqrt(scaler.rms.var + 1e-8), rtol=1e-6)
+    for _ in range(5000):  # small rewards: a small return std
+        scaler(np.array([0.01, -0.01]), np.array([False, False]))
+    huge = scaler(np.array([1e6, -1e6]), np.array([True, True]))
+    assert huge.tolist() == [10.0, -10.0]
+
+
+def test_rollout_bookkeeping_of_episodes_and_statistics():
+    # CartPole pays 1 per step, so each finished episode's return equals its length; the
+    # episode count starts at 0; every new observation is folded into the normalizer;
+    # actions are integers. Kills rollout.py:57, :117, :152, :161, :164 and :165
+    pytest.importorskip("gymnasium")
+    from natgrad.rl.envs import make_vec_env
+    from natgrad.rl.normalize import ObsNormalizer, RewardScaler
+    from natgrad.rl.policies import build_actor_critic
+    from natgrad.rl.rollout import Collector, RolloutBuffer
+
+    env = make_vec_env("CartPole-v1", 2)  # same-step autoreset, as natgrad trains
+    policy, critic = build_actor_critic(
+        env.single_observation_space, env.single_action_space, (8,), torch.Generator()
+    )
+    collector = Collector(env, ObsNormalizer((4,)), RewardScaler(2, 0.99), gamma=0.99)
+    assert collector.total_episodes == 0
+    collector.reset(seed=0)
+    buffer = RolloutBuffer(200, 2, (4,), (), True)
+    assert buffer.acts.dtype == torch.long
+    assert RolloutBuffer(3, 2, (4,), (1,), False).acts.dtype == torch.float32
+    finished = collector.collect(policy, critic, buffer, torch.Generator().manual_seed(0))
+    env.close()
+    assert len(finished) >= 4 and collector.total_episodes == len(finished)
+    assert all(ret == float(length) >= 1 for ret, length in finished)
+    assert collector.obs_norm.rms.count == pytest.approx(2 + 200 * 2, abs=1)
