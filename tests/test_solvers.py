@@ -239,7 +239,9 @@ def test_preconditioned_cg_converges_to_cholesky_solution(problem, rank):
     exact = cholesky_solve(op, rhs, damping).x
     apply = nystrom_preconditioner(op, damping, rank, torch.Generator().manual_seed(seed))
     result = cg_solve(op, rhs, damping, tol=1e-10, max_iters=500, preconditioner=apply)
-    assert result.converged
+    # Converged, or stopped at rounding level where the direction-error bound cannot certify
+    # 1e-10 (found by hypothesis: residual 2.6e-14, bound 1.9e-10 at damping 1e-3)
+    assert result.converged or result.residual <= 1e-12
     assert torch.linalg.vector_norm(result.x - exact) <= 1e-7 * max(
         1.0, float(torch.linalg.vector_norm(exact))
     )

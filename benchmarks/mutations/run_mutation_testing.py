@@ -205,6 +205,7 @@ def env_for(copy: Path) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
     env["MPLBACKEND"] = "Agg"
+    env["CI"] = "true"  # tests/conftest.py: the same hypothesis examples on every run
     return env
 
 
