@@ -495,3 +495,45 @@ def test_scaled_push_through_solve_bounds_the_direction_error():
         torch.linalg.vector_norm(exact)
     )
     assert result.direction_error >= true_error > 1e-6
+
+
+class _PolicyWithValueHead(torch.nn.Module):
+    """Gaussian policy whose forward also runs a value head the distribution never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(3, 5)
+        self.mean = torch.nn.Linear(5, 2)
+        self.value = torch.nn.Linear(5, 1)  # called, but not part of log pi
+        self.log_std = torch.nn.Parameter(torch.tensor([0.1, -0.2]))  # a non-factored "rest"
+
+    def forward(self, obs):
+        h = torch.tanh(self.body(obs))
+        self.last_value = self.value(h)
+        return torch.distributions.Normal(self.mean(h), self.log_std.exp())
+
+
+def test_factored_norms_rows_and_unused_outputs_match_the_dense_scores():
+    # squared norms and dense rows include the non-factored parameters exactly (kills
+    # factored.py:200 ** 2 -> + 2, * 2, ** 3, ** 1 and :206/:208 in dense_rows); a factorable
+    # layer whose output log pi does not use keeps the factored path (kills :274
+    # allow_unused=True -> False)
+    from natgrad import default_log_prob
+    from natgrad.factored import build_factored_scores
+    from natgrad.scores import PolicyScores
+
+    torch.manual_seed(0)
+    policy = _PolicyWithValueHead().double()
+    obs = torch.randn(16, 3, dtype=torch.float64)
+    acts = torch.randn(16, 2, dtype=torch.float64)
+    names = [n for n, _ in policy.named_parameters()]  # value.*: all-zero score columns
+    with torch.no_grad():
+        log_probs = default_log_prob(policy, obs, acts)
+    scores = PolicyScores(policy, default_log_prob, obs, acts, names, log_probs)
+    factored, reason = build_factored_scores(scores, policy, default_log_prob, obs, acts, 8)
+    assert factored is not None, reason
+    assert factored.rest is not None  # log_std is not in a factorable layer
+    dense = MaterializedScores.from_policy(scores, 8)
+    assert torch.allclose(factored.squared_norms(), dense.squared_norms(), rtol=1e-12)
+    index = torch.tensor([0, 5, 11])
+    assert torch.allclose(factored.dense_rows(index), dense.rows(index), rtol=1e-12, atol=0)
