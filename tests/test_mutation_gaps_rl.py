@@ -475,3 +475,90 @@ def test_rollout_bookkeeping_of_episodes_and_statistics():
     assert len(finished) >= 4 and collector.total_episodes == len(finished)
     assert all(ret == float(length) >= 1 for ret, length in finished)
     assert collector.obs_norm.rms.count == pytest.approx(2 + 200 * 2, abs=1)
+
+
+def test_trainer_rows_counters_and_callbacks(tmp_path):
+    # steps_per_sec = batch / update seconds, kl_ratio = kl / kl_target, best_return the
+    # best logged mean, no rejections in a healthy run, and every hook of a user callback
+    # called; kills train.py:220, :223, :224, :457, :465 and :501
+    pytest.importorskip("gymnasium")
+    from natgrad.rl import TrainConfig
+    from natgrad.rl.callbacks import Callback
+    from natgrad.rl.train import Trainer
+
+    class Hooks(Callback):
+        def __init__(self) -> None:
+            self.calls = []
+
+        def on_start(self, trainer):
+            self.calls.append("start")
+
+        def on_update(self, trainer, row):
+            self.calls.append("update")
+
+        def on_finish(self, trainer):
+            self.calls.append("finish")
+
+        def on_close(self, trainer):
+            self.calls.append("close")
+
+    config = TrainConfig(env="CartPole-v1", steps=384, num_envs=2, num_steps=64, hidden=(8,),
+                         critic_epochs=1)  # fmt: skip
+    trainer = Trainer(config, tmp_path, tensorboard=False)
+    hooks, rows = Hooks(), []
+    original = trainer.logger.write
+    trainer.logger.write = lambda row: rows.append(dict(row)) or original(row)
+    result = trainer.run(progress=False, callbacks=[hooks])
+    trainer.close()
+    assert hooks.calls == ["start", "update", "update", "update", "finish", "close"]
+    previous = 0.0
+    for row in rows:
+        seconds = row["wall_time"] - previous
+        previous = row["wall_time"]
+        assert row["steps_per_sec"] == pytest.approx(128 / seconds, rel=1e-6)
+        assert row["kl_ratio"] == pytest.approx(row["kl"] / row["kl_target"], rel=1e-12)
+        assert row["update_rejected"] == 0.0 and row["rejected_updates"] == 0
+    assert trainer.consecutive_rejections == 0
+    finite = [r["episodic_return_mean"] for r in rows if np.isfinite(r["episodic_return_mean"])]
+    assert result.best_return == max(finite)
+
+
+def test_kl_reject_is_off_at_zero_and_active_from_one(tmp_path):
+    # kills train.py:356 (kl_reject > 0 -> >= 0, -> > 1)
+    pytest.importorskip("gymnasium")
+    from natgrad.rl import TrainConfig
+    from natgrad.rl.train import Trainer
+
+    for kl_reject, rejected in ((0.0, False), (1.0, True)):
+        config = TrainConfig(steps=128, num_envs=2, num_steps=64, hidden=(8,), kl_reject=kl_reject)
+        trainer = Trainer(config, tmp_path / str(kl_reject), tensorboard=False)
+        fault = trainer._policy_fault(0.03, {"kl_target": 0.01})
+        trainer.close()
+        assert (fault is not None) == rejected
+
+
+def test_only_natgrads_own_warnings_are_counted_and_every_foreign_one_reemitted(tmp_path):
+    # kills train.py:376 (continue -> break) and :377 (own += 1 -> += 0)
+    import warnings
+
+    pytest.importorskip("gymnasium")
+    from natgrad import PrecisionWarning
+    from natgrad.rl import TrainConfig
+    from natgrad.rl.train import Trainer
+
+    trainer = Trainer(TrainConfig(steps=128, num_envs=2, num_steps=64, hidden=(8,)), tmp_path,
+                      tensorboard=False)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("foreign one", UserWarning, stacklevel=1)
+        warnings.warn("foreign two", DeprecationWarning, stacklevel=1)
+        warnings.warn("ours", PrecisionWarning, stacklevel=1)
+        warnings.warn("ours again", PrecisionWarning, stacklevel=1)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert trainer._reemit(caught) == 2
+    trainer.close()
+    assert [str(w.message) for w in again if w.category is not PrecisionWarning] == [
+        "foreign one",
+        "foreign two",
+    ]
