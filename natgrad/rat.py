@@ -392,21 +392,15 @@ class RATNaturalGradient(OptionsView):
         )
         advantages = representable("the transformed advantages A~", result.x, adv.dtype)
         advantages = advantages.to(adv.device).reshape(adv.shape)
-        self.diagnostics = Diagnostics(
+        self.diagnostics = Diagnostics.of_solve(
+            result,
             solver=solver_used,
             backend=operator.backend,
             score_path=scores.path,
-            residual=result.residual,
-            iterations=result.iterations,
-            converged=result.converged,
-            seconds=time.perf_counter() - start,
-            fallbacks=tuple(fallbacks),
+            fallbacks=fallbacks,
             num_samples=n,
             num_params=scores.num_params,
-            compiled=result.compiled,
-            direction_error=result.direction_error,
-            condition=result.condition,
-            precision=result.precision,
+            started=start,
         )
         return advantages, result, scores
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from natgrad.solvers import SolveResult
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,41 @@ class Diagnostics:
     direction_error: float | None = None
     condition: float | None = None
     precision: float | None = None
+
+    @classmethod
+    def of_solve(
+        cls,
+        result: SolveResult,
+        *,
+        solver: str,
+        backend: str,
+        score_path: str,
+        fallbacks: Sequence[str],
+        num_samples: int,
+        num_params: int,
+        started: float,
+        compiled: bool | None = None,
+    ) -> Diagnostics:
+        """The diagnostics of a finished solve; ``started`` is its ``time.perf_counter()``.
+
+        ``compiled`` defaults to the result's own flag.
+        """
+        return cls(
+            solver=solver,
+            backend=backend,
+            score_path=score_path,
+            residual=result.residual,
+            iterations=result.iterations,
+            converged=result.converged,
+            seconds=time.perf_counter() - started,
+            fallbacks=tuple(fallbacks),
+            num_samples=num_samples,
+            num_params=num_params,
+            compiled=result.compiled if compiled is None else compiled,
+            direction_error=result.direction_error,
+            condition=result.condition,
+            precision=result.precision,
+        )
 
 
 @dataclass(frozen=True)

@@ -159,21 +159,16 @@ def distributed_natural_gradient(
     if backend_note:
         fallbacks.append(backend_note)
     fallbacks.extend(notes)
-    rat.diagnostics = Diagnostics(
+    rat.diagnostics = Diagnostics.of_solve(
+        result,
         solver=solver_used,
         backend=local.backend,
         score_path=scores.path,
-        residual=result.residual,
-        iterations=result.iterations,
-        converged=result.converged,
-        seconds=time.perf_counter() - start,
-        fallbacks=tuple(fallbacks),
+        fallbacks=fallbacks,
         num_samples=total,
         num_params=scores.num_params,
+        started=start,
         compiled=False,
-        direction_error=result.direction_error,
-        condition=result.condition,
-        precision=result.precision,
     )
     return NaturalGradient(
         advantages=advantages,

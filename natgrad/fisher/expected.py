@@ -10,8 +10,6 @@ policy gradient of the taken actions, ``g = J^T A / N``. ``g`` is not in the row
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
@@ -177,21 +175,15 @@ def expected_natural_gradient(
     if jac.fallback_reason is not None:
         fallbacks.append(f"distribution Jacobians one sample at a time: {jac.fallback_reason}")
     fallbacks.extend(more)
-    diagnostics = Diagnostics(
+    diagnostics = Diagnostics.of_solve(
+        result,
         solver=solver_used,
         backend="materialized",
         score_path=jac.path,
-        residual=result.residual,
-        iterations=result.iterations,
-        converged=result.converged,
-        seconds=time.perf_counter() - start,
-        fallbacks=tuple(fallbacks),
+        fallbacks=fallbacks,
         num_samples=n,
         num_params=scores.num_params,
-        compiled=result.compiled,
-        direction_error=result.direction_error,
-        condition=result.condition,
-        precision=result.precision,
+        started=start,
     )
     return NaturalGradient(
         advantages=None,
