@@ -537,3 +537,16 @@ def test_factored_norms_rows_and_unused_outputs_match_the_dense_scores():
     assert torch.allclose(factored.squared_norms(), dense.squared_norms(), rtol=1e-12)
     index = torch.tensor([0, 5, 11])
     assert torch.allclose(factored.dense_rows(index), dense.rows(index), rtol=1e-12, atol=0)
+
+
+def test_cg_solves_a_right_hand_side_of_unit_norm():
+    # |rhs| = 1 exactly is an ordinary system (only |rhs| = 0 is the trivial one); kills
+    # cg.py:67 rhs_norm == 0.0 -> == 1.0
+    from natgrad.solvers import cg_solve
+
+    operator, _ = _problem()
+    rhs = torch.zeros(operator.num_samples, dtype=torch.float64)
+    rhs[2] = 1.0
+    result = cg_solve(operator, rhs, 0.1, tol=1e-10, max_iters=100)
+    assert result.converged and result.iterations > 0
+    assert torch.allclose(result.x, cholesky_solve(operator, rhs, 0.1).x, rtol=1e-8, atol=1e-12)
