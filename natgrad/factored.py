@@ -10,15 +10,17 @@ output gradients (a column of ones appended to ``A`` for the bias):
 * ``J_S v = rowsum((A_S V^T) * G_S)``, with ``V`` the layer's slice of ``v`` as a matrix;
 * ``J_S^T x = G_S^T diag(x) A_S``.
 
-No ``N x P`` (or ``b x P``) matrix is ever formed for these layers; the remaining selected
-parameters (convolutions, log-std vectors, embeddings, ...) keep generic per-sample scores.
+No ``N x P`` (or ``b x P``) matrix is ever formed for these layers. Convolutions and
+recurrent layers (weights shared over positions or time steps) form their exact rows once
+from their captured factors (:class:`~natgrad.layers.RowsFactor`); the remaining selected
+parameters (log-std vectors, embeddings, attention, ...) keep generic per-sample scores.
 Each layer kind's factors and products live in its own module of :mod:`natgrad.layers`,
 registered for its module type; this module combines whatever kinds are registered.
 This is the per-example-gradient factorization of Goodfellow (2015, "Efficient per-example
 gradient computations") applied to the kernel ``K = J J^T``.
 
-The factorization is exact only when each such layer is called exactly once on a 2-D input
-and its weights are not used elsewhere; layers that break the first two conditions are
+The factorization is exact only when each such layer is called exactly once on a batched
+input and its weights are not used elsewhere; layers that break the first two conditions are
 detected and left to the generic path, and the whole factored ``J`` is verified on the
 whole batch by a randomized identity (:func:`verify_on_batch`; mismatch: the generic path
 is used).
@@ -255,7 +257,7 @@ def capture_factors(
         for name, records in calls.items()
         if len(records) == 1
         and FACTORABLE_LAYERS[type(modules[name])].usable(records[0], num_samples)
-        and records[0].output.requires_grad
+        and any(t.requires_grad for t in _output_tensors(records[0].output))
     }
     if not usable:
         return {}, {}, log_probs.detach()
@@ -273,7 +275,7 @@ def capture_factors(
         retain_graph=True,
         allow_unused=True,
     )
-    grads = output_gradients(log_probs.sum(), [call.output for call in usable.values()])
+    grads = _grouped_output_gradients(log_probs.sum(), [call.output for call in usable.values()])
     factors = {}
     for (name, call), grad in zip(usable.items(), grads, strict=True):
         module = modules[name]
@@ -286,6 +288,33 @@ def capture_factors(
         for n, g in zip(checked, reference, strict=True)
     }
     return factors, expected, log_probs.detach()
+
+
+def _output_tensors(output: object) -> list[Tensor]:
+    """The tensors of a layer's output (a tensor, or nested tuples such as an LSTM's)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _output_tensors(item)]
+    return []
+
+
+def _grouped_output_gradients(
+    total: Tensor, outputs: list[object]
+) -> list[Tensor | tuple[Tensor, ...]]:
+    """:func:`output_gradients` per layer: a tensor, or a tuple for a tuple output.
+
+    A tuple output (``nn.GRU``'s ``(output, h_n)``) gets the gradients at its tensors in
+    order (zeros for those that do not require grad).
+    """
+    groups = [_output_tensors(output) for output in outputs]
+    live = [t for group in groups for t in group if t.requires_grad]
+    found = dict(zip(map(id, live), output_gradients(total, live), strict=True))
+    grads = [tuple(found.get(id(t), torch.zeros_like(t)) for t in group) for group in groups]
+    return [
+        grad[0] if isinstance(output, Tensor) else grad
+        for output, grad in zip(outputs, grads, strict=True)
+    ]
 
 
 def check_weights(num_samples: int, device: torch.device) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from natgrad import distributions
+from natgrad._rnn import batched_recurrent
 from natgrad._tree import Tree, take, unflatten, unsqueeze
 from natgrad._vmap import is_vmap_limitation
 from natgrad.errors import SampleCouplingError
@@ -152,7 +153,8 @@ class PolicyScores:
         return torch.cat([grads[k].reshape(batch, -1) for k in self._params], dim=1)
 
     def _rows_vmap(self, obs_s: Tree, acts_s: Tree) -> tuple[Tensor, Tensor]:
-        with warnings.catch_warnings():
+        # Recurrent modules run unrolled: the fused kernels have no batching rule.
+        with warnings.catch_warnings(), batched_recurrent(self._module):
             # vmap's generic fallback for ops without a batching rule is slower but exact.
             warnings.filterwarnings("ignore", message="There is a performance drop")
             grads, values = vmap(grad_and_value(self._log_prob_single), in_dims=(None, 0, 0))(

@@ -304,22 +304,40 @@ def test_seed_none_seeds_from_the_operating_system():
 
 
 # -- score_path for recurrent policies ---------------------------------------------------------
-@pytest.mark.parametrize("name", ["gru", "lstm", "gaussian_mlp"])
-def test_recurrent_policies_report_the_per_sample_loop(name):
-    """docs/sharp-bits.md: vmap cannot batch the fused GRU/LSTM kernels, so scores are
-    computed one sample at a time, reported as ``score_path == "loop"`` with the reason."""
-    case = case_named(name)
+class ProjectedLSTM(nn.Module):
+    """An LSTM with ``proj_size``: not unrolled, so vmap meets the fused kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 6, proj_size=4, batch_first=True)
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, obs):
+        out, _ = self.rnn(obs)
+        return torch.distributions.Categorical(logits=self.head(out[:, -1]))
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "gaussian_mlp", "projected_lstm"])
+def test_recurrent_policies_report_their_score_path(name):
+    """docs/sharp-bits.md: vmap cannot batch the fused GRU/LSTM kernels, so natgrad runs
+    nn.RNN/GRU/LSTM unrolled under vmap (``score_path == "vmap"``); a layer it does not
+    unroll (LSTM ``proj_size``) is computed one sample at a time, reported as
+    ``score_path == "loop"`` with the reason."""
+    case = case_named("gru" if name == "projected_lstm" else name)
     policy, obs, acts, adv = build(case, N)
+    if name == "projected_lstm":
+        torch.manual_seed(0)
+        policy = ProjectedLSTM().double()
     _, expected = reference_for(case, policy, obs, acts, adv, 0.1)
     rat = RATNaturalGradient(damping=0.1, solver="cholesky", backend="materialized")
     result = rat.natural_gradient(policy, obs, acts, adv)
     assert close(flat(result.direction), expected)
     notes = [f for f in result.diagnostics.fallbacks if "one sample at a time" in f]
-    if name == "gaussian_mlp":
-        assert result.diagnostics.score_path == "vmap" and not notes
-    else:
+    if name == "projected_lstm":
         assert result.diagnostics.score_path == "loop"
         assert len(notes) == 1 and "vmap failed" in notes[0]
+    else:
+        assert result.diagnostics.score_path == "vmap" and not notes
 
 
 # -- cross_gram and the Nystrom preconditioner on every backend ---------------------------------

@@ -102,7 +102,7 @@ def test_no_linear_layer_notes_the_fallback():
     class ConvOnly(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(1, 3, 3)
+            self.conv = nn.ConvTranspose2d(1, 3, 3)  # no registered layer kind
 
         def forward(self, obs):
             return Categorical(logits=self.conv(obs).mean(dim=(2, 3)))

@@ -5,7 +5,11 @@ backend (:mod:`natgrad.factored`) uses every registered kind, and the K-FAC agen
 its layers with the same :func:`capture_layer_calls` and :func:`output_gradients`.
 """
 
-from natgrad.layers import linear  # noqa: F401  (registers nn.Linear)
+from natgrad.layers import (  # noqa: F401  (each registers its module types)
+    conv,
+    linear,
+    recurrent,
+)
 from natgrad.layers._base import (
     FACTORABLE_LAYERS,
     FactorableLayer,
@@ -17,6 +21,7 @@ from natgrad.layers._base import (
     unregister_layer,
 )
 from natgrad.layers.linear import LinearFactor, LinearLayer
+from natgrad.layers.rows import RowsFactor
 
 __all__ = [
     "FACTORABLE_LAYERS",
@@ -25,6 +30,7 @@ __all__ = [
     "LayerFactor",
     "LinearFactor",
     "LinearLayer",
+    "RowsFactor",
     "capture_layer_calls",
     "output_gradients",
     "register_layer",
