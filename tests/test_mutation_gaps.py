@@ -550,3 +550,20 @@ def test_cg_solves_a_right_hand_side_of_unit_norm():
     result = cg_solve(operator, rhs, 0.1, tol=1e-10, max_iters=100)
     assert result.converged and result.iterations > 0
     assert torch.allclose(result.x, cholesky_solve(operator, rhs, 0.1).x, rtol=1e-8, atol=1e-12)
+
+
+def test_diagnostics_of_a_solve_take_its_figures_and_compiled_flag():
+    # kills results.py:104 (`compiled is None` -> `not compiled is None`)
+    import time
+
+    from natgrad.solvers import SolveResult
+
+    zero = torch.zeros(3, dtype=torch.float64)
+    result = SolveResult(zero, zero, zero, 1e-9, 7, True, 2e-9, 10.0, 1e-15, True)
+    kwargs = dict(solver="cg", backend="materialized", score_path="vmap", fallbacks=["a"],
+                  num_samples=3, num_params=3, started=time.perf_counter())  # fmt: skip
+    own = Diagnostics.of_solve(result, **kwargs)
+    assert own.compiled is True and own.fallbacks == ("a",)
+    assert (own.residual, own.iterations, own.direction_error) == (1e-9, 7, 2e-9)
+    assert (own.condition, own.precision) == (10.0, 1e-15) and own.seconds >= 0
+    assert Diagnostics.of_solve(result, **kwargs, compiled=False).compiled is False
