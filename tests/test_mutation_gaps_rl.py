@@ -518,6 +518,7 @@ def test_trainer_rows_counters_and_callbacks(tmp_path):
         assert row["steps_per_sec"] == pytest.approx(128 / seconds, rel=1e-6)
         assert row["kl_ratio"] == pytest.approx(row["kl"] / row["kl_target"], rel=1e-12)
         assert row["update_rejected"] == 0.0 and row["rejected_updates"] == 0
+        assert row["kl"] > 0.0  # the update was kept, not rolled back (kills train.py:420)
     assert trainer.consecutive_rejections == 0
     finite = [r["episodic_return_mean"] for r in rows if np.isfinite(r["episodic_return_mean"])]
     assert result.best_return == max(finite)
@@ -562,3 +563,16 @@ def test_only_natgrads_own_warnings_are_counted_and_every_foreign_one_reemitted(
         "foreign one",
         "foreign two",
     ]
+
+
+def test_images_are_not_whitened(tmp_path):
+    # norm_obs applies to vector observations only; kills train.py:196 `and` -> `or`
+    pytest.importorskip("minatar")
+    from natgrad.rl import TrainConfig
+    from natgrad.rl.train import Trainer
+
+    for env, whitened in (("MinAtar/Breakout-v1", False), ("CartPole-v1", True)):
+        config = TrainConfig(env=env, steps=128, num_envs=2, num_steps=64, hidden=(8,))
+        trainer = Trainer(config, tmp_path / env.replace("/", "-"), tensorboard=False)
+        assert trainer.collector.obs_norm.enabled is whitened
+        trainer.close()
