@@ -6,6 +6,7 @@ policy-gradient backward pass yields the Tikhonov-damped natural gradient.
 """
 
 from natgrad.errors import (
+    GramMemoryError,
     IllConditionedError,
     NatgradError,
     NonFiniteError,
@@ -31,6 +32,7 @@ __all__ = [
     "NaturalGradient",
     # errors and warnings
     "NatgradError",
+    "GramMemoryError",
     "IllConditionedError",
     "NonFiniteError",
     "NotConvergedError",

@@ -84,6 +84,16 @@ class FisherError(NatgradError, ValueError):
     """
 
 
+class GramMemoryError(NatgradError, MemoryError):
+    """Forming the ``N x N`` kernel (``solver="cholesky"``) would not fit in free memory.
+
+    Raised before anything is allocated, also when an iterative solver that missed ``tol``
+    would fall back to Cholesky (``on_nonconvergence="fallback"``). The message gives the
+    bytes needed and free, and the way out: an iterative solver with
+    ``on_nonconvergence="raise"`` or ``"warn"``, or fewer samples per call.
+    """
+
+
 class MissingExtraError(NatgradError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 

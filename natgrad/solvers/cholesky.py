@@ -10,6 +10,7 @@ from torch import Tensor
 from natgrad.operators import ScoreOperator
 from natgrad.solvers._base import SolveResult, cholesky_factor, relative_residual
 from natgrad.solvers._products import direction_of
+from natgrad.solvers.memory import check_gram_fits
 from natgrad.solvers.registry import Solver, register_solver
 
 if TYPE_CHECKING:
@@ -35,6 +36,9 @@ def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> Solv
     ------
     IllConditionedError
         If ``K / N + lam I`` is not numerically positive definite.
+    GramMemoryError
+        If the kernel and its factor would not fit in the device's free memory (checked
+        before anything is allocated).
 
     Returns
     -------
@@ -43,6 +47,7 @@ def cholesky_solve(operator: ScoreOperator, rhs: Tensor, damping: float) -> Solv
         ``v = J^T x / N`` costs one more product.
     """
     n = operator.num_samples
+    check_gram_fits(n, operator.score_dtype, rhs.device)
     kernel = operator.gram().to(torch.float64) / n
     kernel.diagonal().add_(damping)
     factor = cholesky_factor(kernel, damping, operator.score_dtype)

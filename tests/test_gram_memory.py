@@ -1,0 +1,72 @@
+"""An exact solve never tries to form an N x N kernel that cannot fit in free memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import natgrad.solvers.memory as memory
+from natgrad import GramMemoryError, NotConvergedWarning, RATNaturalGradient
+
+
+def log_prob(policy: nn.Module, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    return torch.distributions.Categorical(logits=policy(obs)).log_prob(acts)
+
+
+def batch(n: int = 300):
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    return (
+        policy,
+        torch.randn(n, 4, dtype=torch.float64),
+        torch.randint(0, 3, (n,)),
+        torch.randn(n, dtype=torch.float64),
+    )
+
+
+def test_gram_bytes_counts_the_kernel_and_its_factor() -> None:
+    assert memory.gram_bytes(1000, torch.float64) == 2 * 8 * 10**6
+    assert memory.gram_bytes(1000, torch.float32) == 2 * 8 * 10**6 + 4 * 10**6
+
+
+def test_free_memory_is_known_on_this_cpu() -> None:
+    free = memory.available_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+
+
+@pytest.fixture
+def little_memory(monkeypatch: pytest.MonkeyPatch) -> int:
+    free = memory.gram_bytes(300, torch.float64) - 1  # one byte short for N = 300
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    return free
+
+
+def test_cholesky_refuses_before_allocating(little_memory: int) -> None:
+    policy, obs, acts, adv = batch()
+    before = [p.detach().clone() for p in policy.parameters()]
+    rat = RATNaturalGradient(log_prob, damping=0.1, solver="cholesky")
+    with pytest.raises(GramMemoryError, match=r"N=300 needs ~.* GiB.*free on cpu.*solver='cg'"):
+        rat(policy, obs, acts, adv)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+
+
+def test_fallback_after_a_missed_tol_is_refused_not_attempted(little_memory: int) -> None:
+    policy, obs, acts, adv = batch()
+    rat = RATNaturalGradient(log_prob, damping=1e-3, solver="cg", max_iters=1, tol=1e-12)
+    with pytest.raises(GramMemoryError, match="on_nonconvergence='fallback'"):
+        rat(policy, obs, acts, adv)
+    warned = RATNaturalGradient(
+        log_prob, damping=1e-3, solver="cg", max_iters=1, tol=1e-12, on_nonconvergence="warn"
+    )
+    with pytest.warns(NotConvergedWarning):
+        adv_t = warned(policy, obs, acts, adv)
+    assert torch.isfinite(adv_t).all() and warned.diagnostics.solver == "cg"
+
+
+def test_one_sample_short_of_the_limit_is_solved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "available_bytes", lambda d: memory.gram_bytes(300, torch.float64))
+    policy, obs, acts, adv = batch()
+    rat = RATNaturalGradient(log_prob, damping=0.1, solver="cholesky")
+    rat(policy, obs, acts, adv)
+    assert rat.diagnostics.solver == "cholesky" and rat.diagnostics.converged
