@@ -32,7 +32,7 @@ import json
 import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -151,25 +151,21 @@ def train_one(out: Path, algo: str, env_id: str, seed: int, steps: int) -> dict:
 
 
 def provenance() -> dict:
+    """Commit, versions and machine (the solver benchmarks' record, plus SB3's versions)."""
     import sb3_contrib
     import stable_baselines3
-    import torch
 
-    import natgrad
+    sys.path.insert(0, str(HERE.parent / "solvers"))
+    from run import provenance as solver_provenance
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-    ).stdout.strip()
-    return {
-        "commit": commit,
-        "natgrad": natgrad.__version__,
-        "torch": torch.__version__,
-        "stable_baselines3": stable_baselines3.__version__,
-        "sb3_contrib": sb3_contrib.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": 1,
-    }
+    record = solver_provenance(
+        f"{platform.machine()}, {platform.system()} {platform.release()}, "
+        f"{os.cpu_count()} CPUs, one torch thread per run"
+    )
+    record["versions"].update(
+        stable_baselines3=stable_baselines3.__version__, sb3_contrib=sb3_contrib.__version__
+    )
+    return record
 
 
 def learning_curve(episodes: list, steps: int, points: int = 60) -> np.ndarray:
@@ -212,6 +208,14 @@ def summarize(out: Path, env_id: str, steps: int, seeds: list[int]) -> dict:
         row["provenance"] = runs[0]["provenance"]
         summary["algorithms"][algo] = row
         curves[algo] = np.array([learning_curve(r["episodes"], steps) for r in runs])
+    records = [row["provenance"] for row in summary["algorithms"].values()]
+    if records:
+        commits = sorted({r["commit"] for r in records})
+        summary["provenance"] = dict(records[0], commit=commits[0])
+        if len(commits) > 1:
+            summary["provenance"]["commit_source"] = (
+                f"recorded per run; the runs span commits {', '.join(c[:7] for c in commits)}"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot(out, env_id, steps, curves)
