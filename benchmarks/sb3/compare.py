@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -168,6 +169,13 @@ def provenance() -> dict:
     return record
 
 
+def commit_time(commit: str) -> int:
+    proc = subprocess.run(
+        ["git", "log", "-1", "--format=%ct", commit], capture_output=True, text=True, cwd=HERE
+    )
+    return int(proc.stdout.strip() or 0)
+
+
 def learning_curve(episodes: list, steps: int, points: int = 60) -> np.ndarray:
     """Mean return of the episodes finished in each of ``points`` equal step windows
     (carried forward over windows with none)."""
@@ -208,13 +216,19 @@ def summarize(out: Path, env_id: str, steps: int, seeds: list[int]) -> dict:
         row["provenance"] = runs[0]["provenance"]
         summary["algorithms"][algo] = row
         curves[algo] = np.array([learning_curve(r["episodes"], steps) for r in runs])
-    records = [row["provenance"] for row in summary["algorithms"].values()]
+    # natgrad's code matters only to the RATTRPO runs: their (oldest) commit is the one shown.
+    records = [
+        json.loads(run_path(out, "rat_trpo", env_id, s).read_text())["provenance"]
+        for s in seeds
+        if run_path(out, "rat_trpo", env_id, s).exists()
+    ]
     if records:
-        commits = sorted({r["commit"] for r in records})
+        commits = sorted({r["commit"] for r in records}, key=commit_time)
         summary["provenance"] = dict(records[0], commit=commits[0])
         if len(commits) > 1:
             summary["provenance"]["commit_source"] = (
-                f"recorded per run; the runs span commits {', '.join(c[:7] for c in commits)}"
+                "recorded per run; the RATTRPO runs span commits "
+                + ", ".join(c[:7] for c in commits)
             )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
