@@ -111,10 +111,13 @@ MODULES: dict[str, list[str]] = {
         "tests/test_distributions.py",
     ],
     "natgrad/rat.py": [
+        "tests/test_mutation_gaps_rat.py",
         *RAT_TESTS,
         "tests/test_trust.py",
         "tests/test_hostile.py",
         "tests/test_faults.py",
+        "tests/test_expected_fisher.py",
+        "tests/test_distributed.py",
     ],
     "natgrad/supervised/jacobians.py": ["tests/test_supervised.py"],
     "natgrad/supervised/fisher.py": ["tests/test_supervised.py"],

@@ -1,0 +1,61 @@
+"""Tests for the gaps that mutation testing of natgrad/rat.py found (mutation_report.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from natgrad import NonFiniteError, RATNaturalGradient
+from natgrad.solvers import RL_AGENT
+
+
+class Bilinear(nn.Module):
+    """A policy with no registered layer: scores take the generic (per-sample) path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(4, 3, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ni,ij->nj", obs, self.weight) * self.scale
+
+
+def log_prob(policy: nn.Module, obs: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    return torch.distributions.Categorical(logits=policy(obs)).log_prob(acts)
+
+
+def batch(n: int = 200):
+    torch.manual_seed(0)
+    policy = Bilinear()
+    obs = torch.randn(n, 4, dtype=torch.float64)
+    return policy, obs, torch.randint(0, 3, (n,)), torch.randn(n, dtype=torch.float64)
+
+
+def test_the_default_memory_budget_is_one_gibibyte() -> None:
+    # kills rat.py:203 and rat.py:240 (2**30 -> 2**29, 2**31, 3**30, 2 + 30, 2 * 30)
+    assert RATNaturalGradient(log_prob).memory_budget == 2**30
+    assert RATNaturalGradient.from_options(RL_AGENT).memory_budget == 2**30
+
+
+def test_generic_scores_under_auto_are_materialized_without_a_note() -> None:
+    # kills rat.py:480 (a spurious "backend='factored' unavailable" note under "auto")
+    policy, obs, acts, adv = batch()
+    rat = RATNaturalGradient(log_prob, damping=0.1, solver="cholesky")
+    rat(policy, obs, acts, adv)
+    assert rat.diagnostics.backend == "materialized"
+    assert not any("unavailable" in note for note in rat.diagnostics.fallbacks)
+
+
+def test_overflowing_a_tilde_names_the_bound_it_reached() -> None:
+    # kills rat.py:390 (|A| / damping -> |A| * damping in the message)
+    policy, obs, acts, _ = batch(20)
+    adv = torch.full((20,), 1e300, dtype=torch.float64)
+    adv[::2] = -1e300
+    damping = 1e-9
+    rat = RATNaturalGradient(log_prob, damping=damping, solver="cholesky")
+    with pytest.raises(NonFiniteError) as caught:
+        rat(policy, obs, acts, adv)
+    bound = f"{1e300 / damping:.3g}"  # "inf": the bound itself is beyond float64
+    assert f"|A| / damping = {bound}" in str(caught.value), str(caught.value)
