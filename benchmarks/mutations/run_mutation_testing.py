@@ -111,7 +111,6 @@ MODULES: dict[str, list[str]] = {
         "tests/test_distributions.py",
     ],
     "natgrad/rat.py": [
-        "tests/test_mutation_gaps_rat.py",
         *RAT_TESTS,
         "tests/test_trust.py",
         "tests/test_hostile.py",
@@ -181,9 +180,18 @@ SAMPLE_SEED = 20261126
 # The small tests written for the gaps this run found run first for every module.
 GAP_TESTS = "tests/test_mutation_gaps.py"
 RL_GAP_TESTS = "tests/test_mutation_gaps_rl.py"
-MODULES = {
-    m: [RL_GAP_TESTS if m.startswith("natgrad/rl") else GAP_TESTS, *t] for m, t in MODULES.items()
-}
+CORE_GAP_TESTS = "tests/test_mutation_gaps_core.py"  # for the sampled core modules
+
+
+def gap_tests(module: str) -> list[str]:
+    if module.startswith("natgrad/rl"):
+        return [RL_GAP_TESTS]
+    if module.startswith(CORE_SAMPLED):
+        return [GAP_TESTS, CORE_GAP_TESTS]
+    return [GAP_TESTS]
+
+
+MODULES = {m: [*gap_tests(m), *t] for m, t in MODULES.items()}
 
 # cosmic-ray replaces each binary/comparison operator by every other one; keep the replacements
 # a plausible bug makes (+ - * / among themselves, boundary and negation of comparisons, ...)
