@@ -252,6 +252,17 @@ def test_zoo_trains_and_enjoys_cartpole(tmp_path, capsys):
     assert "usage" in capsys.readouterr().err
 
 
+def test_zoo_reports_a_trpo_keyword_in_one_line(tmp_path, capsys):
+    pytest.importorskip("rl_zoo3")
+    from natgrad.sb3 import zoo
+
+    args = ["--algo", "rat_trpo", "--env", "CartPole-v1", "-f", str(tmp_path), "-n", "64"]
+    assert zoo.main(["train", *args, "-params", "cg_damping:0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "natgrad.sb3.zoo train: error: RATTRPO got cg_damping=0.1" in err
+    assert "damping=<value>" in err and "Traceback" not in err
+
+
 def test_zoo_hyperparameter_files_load_for_both_algorithms():
     pytest.importorskip("rl_zoo3")
     import yaml

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from natgrad.errors import MissingExtraError
+from natgrad.errors import MissingExtraError, NatgradError
 from natgrad.sb3.rat_npg import RATNPG
 from natgrad.sb3.rat_trpo import RATTRPO
 
@@ -128,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.argv = [f"natgrad.sb3.zoo {command}", *rest]
     try:
         run()
+    except NatgradError as error:  # a bad hyperparameter: natgrad's message, no traceback
+        print(f"natgrad.sb3.zoo {command}: error: {error}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0
