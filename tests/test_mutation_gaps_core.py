@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from natgrad import NonFiniteError, RATNaturalGradient
+from natgrad import NonFiniteError, RATNaturalGradient, SampleCouplingError
 from natgrad.scores import MaterializedScores, PolicyScores, StreamingScores
 from natgrad.solvers import RL_AGENT
 
@@ -74,3 +74,42 @@ def test_streaming_gram_over_several_chunks_equals_the_dense_one() -> None:
     dense = MaterializedScores.from_policy(scores, 40).gram()
     streamed = StreamingScores(scores, 16).gram()  # chunks of 16, 16 and 8 samples
     assert torch.allclose(streamed, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_streaming_squared_norms_are_the_rows_squared_norms() -> None:
+    # kills scores.py:335 (** 2 -> ** 3, ** 1): the trace the conditioning estimate uses
+    policy, obs, acts, adv = batch(40)
+    scores = RATNaturalGradient(log_prob, damping=0.1)._prepare(policy, obs, acts, adv, None)[0]
+    dense = MaterializedScores.from_policy(scores, 40)
+    expected = (dense.matrix**2).sum(dim=1)
+    assert torch.allclose(StreamingScores(scores, 16).squared_norms(), expected, rtol=1e-12)
+
+
+def _scores_with_log_probs(log_probs: list[float]) -> PolicyScores:
+    policy, obs, acts, adv = batch(len(log_probs))
+    scores = RATNaturalGradient(log_prob, damping=0.1)._prepare(policy, obs, acts, adv, None)[0]
+    scores.log_probs = torch.tensor(log_probs, dtype=torch.float64)
+    return scores
+
+
+def test_consistency_tolerance_is_relative_with_an_absolute_floor() -> None:
+    # kills scores.py:215 ((1 + |lp|) -> (0 + |lp|), tol * (1 + |lp|) -> tol / (1 + |lp|))
+    scores = _scores_with_log_probs([0.0, -50.0])
+    tol = scores._consistency_tol
+    rows = torch.zeros(2, scores.num_params, dtype=torch.float64)
+    index = torch.arange(2)
+    # within tol of a log-probability of 0 (the absolute floor) and within 50 tol of -50
+    scores._check(rows, torch.tensor([0.5 * tol, -50.0 + 40 * tol]), index)
+    with pytest.raises(SampleCouplingError):
+        scores._check(rows, torch.tensor([2 * tol, -50.0]), index)
+    with pytest.raises(SampleCouplingError):
+        scores._check(rows, torch.tensor([0.0, -50.0 + 60 * tol]), index)
+
+
+def test_the_coupling_error_names_the_sample_furthest_beyond_its_tolerance() -> None:
+    # kills scores.py:217 (gap - allowed -> gap * allowed when choosing the sample to name)
+    scores = _scores_with_log_probs([-1.0, -1000.0])
+    rows = torch.zeros(2, scores.num_params, dtype=torch.float64)
+    values = torch.tensor([-1.0 + 1.0, -1000.0 + 0.9])  # sample 0 is off by more
+    with pytest.raises(SampleCouplingError, match=r"\(sample 0: 0 alone vs -1 in the batch\)"):
+        scores._check(rows, values, torch.arange(2))
