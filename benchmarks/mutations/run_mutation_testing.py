@@ -88,6 +88,10 @@ MODULES: dict[str, list[str]] = {
     "natgrad/solvers/fused.py": ["tests/test_compile.py", *SOLVER_TESTS],
     "natgrad/solvers/options.py": [*SOLVER_TESTS, "tests/test_auto_solver.py"],
     "natgrad/solvers/dispatch.py": [*SOLVER_TESTS, "tests/test_auto_solver.py", *RAT_TESTS[:2]],
+    "natgrad/solvers/accelerated_kaczmarz.py": [
+        "tests/test_accelerated_kaczmarz.py",
+        *SOLVER_TESTS,
+    ],
     "natgrad/solvers/kaczmarz.py": [*SOLVER_TESTS, "tests/test_claims.py", "tests/test_compile.py"],
     "natgrad/layers/_base.py": ["tests/test_factored.py", *LAYER_TESTS, "tests/test_claims.py"],
     "natgrad/layers/linear.py": ["tests/test_factored.py", "tests/test_claims.py"],

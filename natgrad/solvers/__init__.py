@@ -13,7 +13,7 @@ from natgrad.errors import NotConvergedError, NotConvergedWarning
 
 # The built-in solvers register themselves on import, in the order errors list them.
 # isort: off
-from natgrad.solvers import kaczmarz, cholesky, cg  # noqa: F401
+from natgrad.solvers import kaczmarz, cholesky, cg, accelerated_kaczmarz  # noqa: F401
 
 # isort: on
 from natgrad.solvers._base import SolveResult, direction_error, relative_residual

@@ -31,7 +31,7 @@ __all__ = [
     "SolverOptions",
 ]
 
-SolverName = Literal["auto", "kaczmarz", "cholesky", "cg"]
+SolverName = Literal["auto", "kaczmarz", "cholesky", "cg", "accelerated_kaczmarz"]
 OnNonConvergence = Literal["fallback", "warn", "raise"]
 ON_NONCONVERGENCE: tuple[str, ...] = ("fallback", "warn", "raise")
 
