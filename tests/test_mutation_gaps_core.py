@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from natgrad import NonFiniteError, RATNaturalGradient, SampleCouplingError
+from natgrad.factored import build_factored_scores, check_weights, verify_on_batch
 from natgrad.scores import MaterializedScores, PolicyScores, StreamingScores
 from natgrad.solvers import RL_AGENT
 
@@ -107,9 +108,47 @@ def test_consistency_tolerance_is_relative_with_an_absolute_floor() -> None:
 
 
 def test_the_coupling_error_names_the_sample_furthest_beyond_its_tolerance() -> None:
-    # kills scores.py:217 (gap - allowed -> gap * allowed when choosing the sample to name)
-    scores = _scores_with_log_probs([-1.0, -1000.0])
+    # kills scores.py:217 (gap - allowed -> gap * allowed, gap + allowed: the sample named)
+    # sample 0 is off by 1.0 (tolerance ~2e-7), sample 1 by 0.99 (tolerance ~0.1): sample 0
+    # is further beyond its tolerance, although gap * tolerance or gap + tolerance is not
+    scores = _scores_with_log_probs([-1.0, -1e6])
     rows = torch.zeros(2, scores.num_params, dtype=torch.float64)
-    values = torch.tensor([-1.0 + 1.0, -1000.0 + 0.9])  # sample 0 is off by more
+    values = torch.tensor([-1.0 + 1.0, -1e6 + 0.99])
     with pytest.raises(SampleCouplingError, match=r"\(sample 0: 0 alone vs -1 in the batch\)"):
         scores._check(rows, values, torch.arange(2))
+
+
+def _factored_and_reference(n: int):
+    """A factored MLP operator and the autograd J^T w that verify_on_batch compares it to."""
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    obs, acts = torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
+    adv = torch.randn(n, dtype=torch.float64)
+    rat = RATNaturalGradient(log_prob, damping=0.1)
+    scores = rat._prepare(policy, obs, acts, adv, None)[0]
+    operator, reason = build_factored_scores(scores, policy, log_prob, obs, acts, n)
+    assert operator is not None, reason
+    weights = check_weights(n, obs.device)
+    total = (weights * log_prob(policy, obs, acts)).sum()
+    grads = torch.autograd.grad(total, list(policy.parameters()))
+    reference = dict(zip([k for k, _ in policy.named_parameters()], grads, strict=True))
+    size = torch.zeros(operator.num_params, dtype=torch.float64)
+    for factor in operator.factors:
+        size[factor.positions] = factor.magnitude(weights).to(torch.float64)
+    return operator, reference, size
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_factored_verification_tolerance_is_64_eps_sqrt_n(factor: float) -> None:
+    # kills factored.py:420 (64 eps n**0.5 -> n / 0.5, n**1.5 [looser]; / n**0.5,
+    # n**-0.5 [tighter]): a disagreement of 0.5x the tolerance passes, 2x is caught
+    n = 64
+    operator, reference, size = _factored_and_reference(n)
+    assert verify_on_batch(operator, reference, torch.float64) is None
+    name = "0.weight"
+    where = operator.param_positions[name]
+    allowed = 64 * torch.finfo(torch.float64).eps * n**0.5 * float(size[where].norm())
+    bump = torch.zeros_like(reference[name]).reshape(-1)
+    bump[0] = factor * allowed
+    shifted = {**reference, name: reference[name] + bump.reshape(reference[name].shape)}
+    assert verify_on_batch(operator, shifted, torch.float64) == (name if factor > 1 else None)
