@@ -6,6 +6,9 @@ Each test names the surviving mutants it kills.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +17,7 @@ from natgrad import NonFiniteError, RATNaturalGradient, SampleCouplingError
 from natgrad.factored import build_factored_scores, check_weights, verify_on_batch
 from natgrad.scores import MaterializedScores, PolicyScores, StreamingScores
 from natgrad.solvers import RL_AGENT
+from natgrad.supervised import SupervisedNaturalGradient, natural_gradient
 
 
 class Bilinear(nn.Module):
@@ -152,3 +156,77 @@ def test_factored_verification_tolerance_is_64_eps_sqrt_n(factor: float) -> None
     bump[0] = factor * allowed
     shifted = {**reference, name: reference[name] + bump.reshape(reference[name].shape)}
     assert verify_on_batch(operator, shifted, torch.float64) == (name if factor > 1 else None)
+
+
+# ------------------------------------------------------------------ supervised/
+
+
+def _classifier(classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, classes)).double()
+
+
+def test_supervised_result_is_immutable_and_counts_its_rows_and_time() -> None:
+    # kills natural_gradient.py:49 (frozen=False), :263 (seconds = now * start), :282
+    # (num_rows = rows.shape[1])
+    model, x = _classifier(), torch.randn(10, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    started = time.perf_counter()
+    result = SupervisedNaturalGradient("cross_entropy", damping=0.1)(model, x, y)
+    elapsed = time.perf_counter() - started
+    assert result.num_rows == 10 * 3  # exact Fisher: k = 3 rows per sample
+    assert 0.0 <= result.diagnostics.seconds <= elapsed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.loss = 0.0
+
+
+def test_binary_cross_entropy_with_two_logits_is_accepted_one_logit_is_not() -> None:
+    # kills natural_gradient.py:411 (C < 2 -> C <= 2; shape[1] -> shape[0])
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    natural_gradient(_classifier(2), x, y, loss="cross_entropy", damping=0.1)
+    with pytest.raises(ValueError, match="C >= 2 classes"):
+        natural_gradient(_classifier(1), x, torch.zeros(6, dtype=torch.long), "cross_entropy")
+
+
+def test_scalar_inputs_and_outputs_are_natgrads_errors() -> None:
+    # kills natural_gradient.py:388 (first.dim() > 0 -> > -1) and :406 (raw.dim() == 0 ->
+    # == -1): a 0-d tensor reached shape[0] (IndexError) instead of natgrad's message
+    model = _classifier()
+    with pytest.raises((ValueError, TypeError), match="inputs"):
+        natural_gradient(model, torch.tensor(1.0, dtype=torch.float64), torch.tensor([0]))
+
+    class Scalar(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x @ self.w).sum()
+
+    with pytest.raises(ValueError, match="first output dimension must be the sample"):
+        natural_gradient(Scalar(), torch.randn(5, 4, dtype=torch.float64), torch.randn(()))
+
+
+def test_non_finite_output_names_its_sample() -> None:
+    # kills natural_gradient.py:418 (~ -> +, -, not; [0, 0] -> [0, -1], [1, 0])
+    class Pole(nn.Module):  # finite inputs, one infinite output where x[:, 0] == 0.5
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = _classifier()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.head(x)  # one entry of sample 3 only: logit 1 over a pole
+            return torch.cat([logits[:, :1], logits[:, 1:2] / (x[:, :1] - 0.5), logits[:, 2:]], 1)
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    x[3, 0] = 0.5  # only sample 3's outputs are non-finite
+    with pytest.raises(NonFiniteError, match="not finite for sample 3;"):
+        natural_gradient(Pole(), x, torch.randint(0, 3, (6,)), loss="cross_entropy")
+
+
+def test_a_negative_class_index_is_named() -> None:
+    # kills natural_gradient.py:464 (targets < 0 -> targets < -1 when picking the bad index)
+    y = torch.tensor([0, 1, -1, 2])
+    with pytest.raises(ValueError, match=r"class index -1 outside \[0, 3\)"):
+        natural_gradient(_classifier(), torch.randn(4, 4, dtype=torch.float64), y, "cross_entropy")
