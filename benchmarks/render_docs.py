@@ -51,6 +51,7 @@ ASSETS = {
     "rl-minatar-Breakout.png": "rl/results/MinAtar_Breakout-v1-500k.png",
     "rl-minatar-SpaceInvaders.png": "rl/results/MinAtar_SpaceInvaders-v1-500k.png",
     "supervised-curves.png": "supervised/results/curves.png",
+    "sb3-Hopper.png": "sb3/results/Hopper-v5.png",
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -61,6 +62,13 @@ RESULTS = {
     "solvers/results/cpu-memory/memory_scaling.json": ("CPU memory benchmark", SOLVER_CODE),
     "rl/results/results.json": ("RL benchmark", ["natgrad/rl", *SOLVER_CODE]),
     "rl/results_mujoco_1m/results.json": ("MuJoCo 1M-step benchmark", ["natgrad/rl", *SOLVER_CODE]),
+    "solvers/results/recurrent.json": (
+        "CPU recurrent-policy benchmark",
+        [*SOLVER_CODE, "natgrad/layers", "natgrad/_rnn.py"],
+    ),
+    "solvers/results/large_batch.json": ("CPU large-batch benchmark", SOLVER_CODE),
+    "solvers/results/kaczmarz.json": ("CPU Kaczmarz benchmark", SOLVER_CODE),
+    "sb3/results/results.json": ("SB3 comparison", ["natgrad/sb3", *SOLVER_CODE]),
     "supervised/results/results.json": (
         "supervised benchmark",
         ["natgrad/supervised", "natgrad/solvers", "natgrad/scores.py"],
@@ -348,6 +356,160 @@ def memory_cpu_table() -> str:
             f"{mib(r['N*P*4'])} | {mib(r['b*P*4'])} |"
         )
     return block("\n".join(rows))
+
+
+def recurrent_records() -> list[dict]:
+    return load("solvers/results/recurrent.json")["records"]
+
+
+def recurrent_table() -> str:
+    rows = [
+        "| policy | N x T | P | damping | natgrad | TRPO-CG (iterations to 0.99) | ratio "
+        "(goal <= 1, aim 0.5) | vanilla backward | before (per-sample loop) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recurrent_records():
+        m = r["methods"]
+        trpo = next(v for k, v in m.items() if k.startswith("trpo-cg"))
+        rat = m["rat default"]["median_s"]
+        ratio = rat / trpo["median_s"]
+        rows.append(
+            f"| {r['problem'].upper()} | {r['num_samples']} x {r['steps']} | "
+            f"{num(r['num_params'])} | {r['damping']:g} | {ms(rat)} | "
+            f"{ms(trpo['median_s'])} ({r['trpo_budget_to_target']}) | {_goal(ratio, 1.0, 2)} | "
+            f"{ms(m['vanilla backward']['median_s'])} | "
+            f"{ms(m['rat before issue 12 (materialized, fused kernel)']['median_s'], 0)} |"
+        )
+    return block("\n".join(rows))
+
+
+def recurrent_ratios() -> list[float]:
+    return [r["ratio_rat_to_trpo"] for r in recurrent_records()]
+
+
+def kaczmarz_row(problem: str, damping: float) -> dict:
+    for r in load("solvers/results/kaczmarz.json")["rows"]:
+        if (r["problem"], r["damping"]) == (problem, damping):
+            return r
+    raise KeyError((problem, damping))
+
+
+def kaczmarz_table() -> str:
+    rows = [
+        "| problem | damping | default (CG) | `kaczmarz`: epochs to 0.99 | time | x default "
+        "| `accelerated_kaczmarz`: epochs to 0.99 | time | x default |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in load("solvers/results/kaczmarz.json")["rows"]:
+        cells = [f"`{r['problem']}`", f"{r['damping']:g}", ms(r["default"]["seconds"], 0)]
+        for variant in ("kaczmarz", "accelerated_kaczmarz"):
+            v = r[variant]
+            if v["reached"]:
+                cells += [
+                    str(v["epochs"]),
+                    ms(v["seconds"], 0),
+                    _goal(v["ratio_to_default"], 1.5, 1),
+                ]
+            else:
+                cells += [f"> {v['epochs']}", "-", "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return block("\n".join(rows))
+
+
+def large_batch_rows(problem: str | None = None) -> list[dict]:
+    rows = load("solvers/results/large_batch.json")["rows"]
+    return sorted(
+        (r for r in rows if problem is None or r["problem"] == problem),
+        key=lambda r: (r["problem"], r["N"]),
+    )
+
+
+def large_batch_table() -> str:
+    rows = [
+        "| problem | N | P | solver / backend | iterations | natgrad | per sample | "
+        "vanilla backward | multiple | peak extra memory | dense `J` (`N x P x 4` B) | "
+        "`N x N` float64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in large_batch_rows():
+        rows.append(
+            f"| `{r['problem']}` | {num(r['N'])} | {num(r['P'])} | {r['solver']} / "
+            f"{r['backend']} | {r['iterations']} | {ms(r['rat_seconds'], 0)} | "
+            f"{r['rat_us_per_sample']:.0f} us | {ms(r['backward_seconds'])} | "
+            f"{times(r['rat_over_backward'])} | {mib(r['peak_extra_bytes'])} | "
+            f"{mib(r['dense_rows_bytes'])} | {mib(r['gram_bytes'])} |"
+        )
+    return block("\n".join(rows))
+
+
+def per_sample_growth(problem: str) -> float:
+    """Time per sample at the largest N over the smallest (1 = linear in N)."""
+    rows = large_batch_rows(problem)
+    return rows[-1]["rat_us_per_sample"] / rows[0]["rat_us_per_sample"]
+
+
+# ---------------------------------------------------------------------------- SB3
+
+
+def sb3() -> dict:
+    return load("sb3/results/results.json")
+
+
+def sb3_table() -> str:
+    data = sb3()
+    names = {"trpo": "`sb3_contrib.TRPO`", "rat_trpo": "`natgrad.sb3.RATTRPO`"}
+    rows = [
+        "| algorithm | runs | final return, IQM [95% CI] | evaluation return, IQM [95% CI] "
+        "| mean return over the run (AUC), IQM [95% CI] | per-seed final returns | "
+        "update (`train()`) median | run wall time median |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ci(entry: dict) -> str:
+        i = entry["iqm"]
+        return f"{i['estimate']:.0f} [{i['low']:.0f}, {i['high']:.0f}]"
+
+    for algo, row in data["algorithms"].items():
+        finals = ", ".join(f"{v:.0f}" for v in row["final_return"]["per_seed"])
+        rows.append(
+            f"| {names[algo]} | {row['runs']} | {ci(row['final_return'])} | "
+            f"{ci(row['eval_return'])} | {ci(row['auc_return'])} | {finals} | "
+            f"{ms(row['update_seconds_median'], 0)} | {row['wall_seconds_median']:.0f} s |"
+        )
+    return block("\n".join(rows))
+
+
+def sb3_iqm(algo: str, key: str = "final_return") -> float:
+    return sb3()["algorithms"][algo][key]["iqm"]["estimate"]
+
+
+def sb3_reading() -> str:
+    """One paragraph read off the table: interval overlap per score, update-time ratio."""
+    algos = sb3()["algorithms"]
+    if set(algos) != {"trpo", "rat_trpo"}:
+        return block("The comparison is incomplete: " + ", ".join(algos) + " only.")
+    parts = []
+    for key, what in (("final_return", "final"), ("eval_return", "evaluation"),
+                      ("auc_return", "AUC")):  # fmt: skip
+        r, t = algos["rat_trpo"][key]["iqm"], algos["trpo"][key]["iqm"]
+        higher = "RATTRPO" if r["estimate"] > t["estimate"] else "TRPO"
+        if r["low"] > t["high"] or t["low"] > r["high"]:
+            parts.append(f"{what}: {higher} higher, the intervals do not overlap")
+        else:
+            parts.append(f"{what}: {higher} higher, but the intervals overlap")
+    runs = algos["rat_trpo"]["runs"]
+    return block(
+        f"Reading it: {'; '.join(parts)}. With {runs} seeds per algorithm an overlap means "
+        "the difference is not established. A `RATTRPO` update took "
+        f"{sb3_update_ratio():.2f}x the time of a TRPO update (medians over all updates of "
+        "all runs; most of either is the critic's 20 regression epochs, which are the same "
+        "code in both)."
+    )
+
+
+def sb3_update_ratio() -> float:
+    algos = sb3()["algorithms"]
+    return algos["rat_trpo"]["update_seconds_median"] / algos["trpo"]["update_seconds_median"]
 
 
 # ---------------------------------------------------------------------------- RL
