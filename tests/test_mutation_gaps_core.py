@@ -18,6 +18,8 @@ from natgrad.factored import build_factored_scores, check_weights, verify_on_bat
 from natgrad.scores import MaterializedScores, PolicyScores, StreamingScores
 from natgrad.solvers import RL_AGENT
 from natgrad.supervised import SupervisedNaturalGradient, natural_gradient
+from natgrad.supervised.fisher import exact_fisher_quadratic
+from natgrad.supervised.jacobians import _check_consistent
 
 
 class Bilinear(nn.Module):
@@ -230,3 +232,50 @@ def test_a_negative_class_index_is_named() -> None:
     y = torch.tensor([0, 1, -1, 2])
     with pytest.raises(ValueError, match=r"class index -1 outside \[0, 3\)"):
         natural_gradient(_classifier(), torch.randn(4, 4, dtype=torch.float64), y, "cross_entropy")
+
+
+def test_cross_entropy_loss_value_is_torchs() -> None:
+    # kills fisher.py:135 (log_p.gather(1, ...) -> gather(0, ...)): N != classes
+    model, x = _classifier(), torch.randn(7, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    result = SupervisedNaturalGradient("cross_entropy", damping=0.1)(model, x, y)
+    with torch.no_grad():
+        expected = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert result.loss == pytest.approx(expected, rel=1e-12)
+
+
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=0)
+
+
+def test_cross_entropy_fisher_quadratic_is_the_logit_hessians() -> None:
+    # kills fisher.py:162 (softmax dim=1 -> 0, 2) and :163 (- -> /, p * -> p +): t^T F t
+    # against the Hessian of logsumexp (the cross-entropy's Hessian in the logits)
+    gen = torch.Generator().manual_seed(0)
+    outputs = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    jt = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    expected = (
+        sum(
+            float(jt[i] @ torch.autograd.functional.hessian(_logsumexp, outputs[i]) @ jt[i])
+            for i in range(5)
+        )
+        / 5
+    )
+    assert exact_fisher_quadratic(outputs, jt, "cross_entropy") == pytest.approx(expected)
+
+
+def test_output_consistency_tolerance() -> None:
+    # kills jacobians.py:126 (float64 test negated; float32 2e-3 -> 1.002), :128 ((1 + |f|)
+    # -> (1 * |f|)), :130 (the sample named: [0, 0] -> [0, -1])
+    batched = torch.zeros(6, 3, dtype=torch.float64)
+    _check_consistent(batched + 5e-8, batched)  # float64: 1e-7 (1 + |f|)
+    with pytest.raises(ValueError, match="output for sample 4 differs"):
+        shifted = batched.clone()
+        shifted[4, 1] = 1e-4
+        _check_consistent(shifted, batched)
+    batched32 = torch.zeros(6, 3)
+    _check_consistent(batched32 + 1e-3, batched32)  # float32: 2e-3 (1 + |f|), at f = 0
+    with pytest.raises(ValueError, match="output for sample 2 differs"):
+        shifted32 = batched32.clone()
+        shifted32[2, 1] = 0.1
+        _check_consistent(shifted32, batched32)

@@ -122,8 +122,14 @@ MODULES: dict[str, list[str]] = {
         "tests/test_expected_fisher.py",
         "tests/test_distributed.py",
     ],
-    "natgrad/supervised/jacobians.py": ["tests/test_supervised.py"],
-    "natgrad/supervised/fisher.py": ["tests/test_supervised.py"],
+    "natgrad/supervised/jacobians.py": [
+        "tests/test_supervised.py",
+        "tests/test_supervised_optimizer.py",
+    ],
+    "natgrad/supervised/fisher.py": [
+        "tests/test_supervised.py",
+        "tests/test_supervised_optimizer.py",
+    ],
     "natgrad/supervised/natural_gradient.py": ["tests/test_supervised.py"],
     "natgrad/supervised/optimizer.py": ["tests/test_supervised_optimizer.py"],
     "natgrad/rl/gae.py": RL_CORE,
