@@ -17,7 +17,11 @@ from natgrad import NonFiniteError, RATNaturalGradient, SampleCouplingError
 from natgrad.factored import build_factored_scores, check_weights, verify_on_batch
 from natgrad.scores import MaterializedScores, PolicyScores, StreamingScores
 from natgrad.solvers import RL_AGENT
-from natgrad.supervised import SupervisedNaturalGradient, natural_gradient
+from natgrad.supervised import (
+    NaturalGradientOptimizer,
+    SupervisedNaturalGradient,
+    natural_gradient,
+)
 from natgrad.supervised.fisher import exact_fisher_quadratic
 from natgrad.supervised.jacobians import _check_consistent
 
@@ -279,3 +283,72 @@ def test_output_consistency_tolerance() -> None:
         shifted32 = batched32.clone()
         shifted32[2, 1] = 0.1
         _check_consistent(shifted32, batched32)
+
+
+def _regression():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.randn(32, 2, dtype=torch.float64)
+    return model, x, torch.sin(3 * x[:, :1])
+
+
+def test_optimizer_options_bounds() -> None:
+    # kills optimizer.py:182 (min > max -> >=) and :194 (0 <= momentum -> -1 <= momentum)
+    model, _, _ = _regression()
+    NaturalGradientOptimizer(model, damping_schedule="levenberg_marquardt", damping=0.1,
+                             min_damping=0.1, max_damping=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"momentum must be a float in \[0, 1\)"):
+        NaturalGradientOptimizer(model, momentum=-0.5)
+
+
+def test_lm_step_info_ratio_and_immutability() -> None:
+    # kills optimizer.py:27 (StepInfo frozen=False), :270 (predicted < 0 -> < -1: a small
+    # predicted decrease still gets its ratio; and -> or: no ratio when the model predicts
+    # an increase, as an overlong step does)
+    model, x, y = _regression()
+    small = NaturalGradientOptimizer(model, loss="mse", lr=1e-3, damping=0.1,
+                                     damping_schedule="levenberg_marquardt")  # fmt: skip
+    info = small.step(x * 1e-3, y * 1e-3)  # a tiny problem: predicted in (-1, 0)
+    assert -1.0 < info.predicted_change < 0.0 and info.reduction_ratio is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.loss = 0.0
+    model, x, y = _regression()
+    overlong = NaturalGradientOptimizer(model, loss="mse", lr=3.0, damping=1e-3,
+                                        damping_schedule="levenberg_marquardt")  # fmt: skip
+    info = overlong.step(x, y)
+    assert info.predicted_change > 0.0 and info.reduction_ratio is None  # 3x the Gauss-Newton step
+    assert info.next_damping == info.damping
+
+
+def test_capturing_layer_calls_leaves_no_hook_behind() -> None:
+    # kills layers/_base.py:141 (the forward hooks were never removed)
+    policy, obs, acts, adv = batch(20)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    RATNaturalGradient(log_prob, damping=0.1)(mlp, obs, acts, adv)
+    assert all(not m._forward_hooks for m in mlp.modules())
+
+
+class SequenceHead(nn.Module):
+    """An nn.Linear applied to (N, T, features): not a factorable (N, in) call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_step = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.per_step(obs)).mean(dim=1))
+
+
+def test_a_linear_layer_on_a_sequence_is_left_to_the_generic_path() -> None:
+    # kills layers/linear.py:69 (dim() == 2 and rows == N -> or): the (N, T, in) call
+    # would be factored as if it had N * T rows, the verification would reject the whole
+    # factored operator, and the result would silently lose the factored speed-up
+    torch.manual_seed(0)
+    policy = SequenceHead().double()
+    obs = torch.randn(16, 6, 4, dtype=torch.float64)
+    acts, adv = torch.randint(0, 3, (16,)), torch.randn(16, dtype=torch.float64)
+    rat = RATNaturalGradient(log_prob, damping=0.1, solver="cholesky")
+    rat(policy, obs, acts, adv)
+    assert rat.diagnostics.backend == "factored"
+    assert not any("disagree" in note for note in rat.diagnostics.fallbacks)
