@@ -53,7 +53,8 @@ def snapshot(policy):
         (
             {"solver": "lbfgs"},
             ValueError,
-            r"solver must be one of 'auto', 'kaczmarz', 'cholesky', 'cg', got 'lbfgs'",
+            r"solver must be one of 'auto', 'kaczmarz', 'cholesky', 'cg', "
+            r"'accelerated_kaczmarz', got 'lbfgs'",
         ),
         (
             {"backend": "gpu"},
