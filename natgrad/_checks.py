@@ -242,7 +242,7 @@ def require_finite(what: str, value: Tensor, cause: str) -> None:
         raise NonFiniteError(
             f"{what} is not finite: {cause}; scale the advantages down (e.g. normalize "
             "them to unit standard deviation: the transform is linear in them), raise "
-            "damping, or use float32/float64 parameters"
+            "damping, or, for a float16/bfloat16 policy, use float32 or float64 parameters"
         )
 
 

@@ -89,8 +89,10 @@ class RATNaturalGradient(OptionsView):
         and the factored or materialized backend holds ``J``, else ``"cg"`` -- the fastest to
         a cosine of 0.99 with the exact direction in ``benchmarks/solvers`` on each device.
         ``"cg"``: conjugate gradient on the ``N x N`` system; ``"kaczmarz"``: randomized
-        block Kaczmarz over minibatches (RAT); ``"cholesky"``: exact, one ``N x N``
-        factorization. ``diagnostics.solver`` names the solver that ran.
+        block Kaczmarz over minibatches (RAT); ``"accelerated_kaczmarz"``: the same block
+        steps with Nesterov momentum, for ill-conditioned systems where ``"kaczmarz"``
+        stalls (single process only); ``"cholesky"``: exact, one ``N x N`` factorization.
+        ``diagnostics.solver`` names the solver that ran.
     block_size
         Kaczmarz block (minibatch) size ``b``; also the chunk size for computing scores.
     max_epochs
