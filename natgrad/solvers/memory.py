@@ -47,7 +47,15 @@ def check_gram_fits(num_samples: int, score_dtype: torch.dtype, device: torch.de
     raise GramMemoryError(
         f"an exact solve (solver='cholesky', also the fallback of on_nonconvergence='fallback' "
         f"when an iterative solver misses tol) forms the N x N kernel and its factor: "
-        f"N={num_samples} needs ~{needed / 2**30:.3g} GiB, {free / 2**30:.3g} GiB free on "
-        f"{device}; use solver='cg' or 'auto' (they never form it) with "
-        f"on_nonconvergence='raise' or 'warn', or pass fewer samples per call"
+        f"N={num_samples} needs ~{_size(needed)}, {_size(free)} free on {device}; use an "
+        f"iterative solver ('auto', 'cg', 'kaczmarz' or 'accelerated_kaczmarz' never form it) "
+        f"with on_nonconvergence='raise' or 'warn', or pass fewer samples per call"
     )
+
+
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (at most GiB)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
