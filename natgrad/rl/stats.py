@@ -69,12 +69,25 @@ def stratified_bootstrap(
     reps, confidence, seed
         Bootstrap replicates, interval coverage and the resampling seed (deterministic).
     """
+    if not isinstance(scores, Mapping):
+        raise ConfigError(
+            f"stratified_bootstrap(scores): scores must map each task to its runs' scores, "
+            f"got {type(scores).__name__}; pass {{task: [score per run]}}"
+        )
     if not scores:
         raise ConfigError("stratified_bootstrap(scores): no tasks; pass {task: [scores]}")
-    tasks = {name: np.asarray(list(runs), dtype=np.float64) for name, runs in scores.items()}
-    empty = [name for name, runs in tasks.items() if runs.size == 0]
-    if empty:
-        raise ConfigError(f"stratified_bootstrap(scores): task {empty[0]!r} has no runs")
+    tasks = {name: np.asarray(runs, dtype=np.float64) for name, runs in scores.items()}
+    for name, runs in tasks.items():
+        if runs.ndim != 1 or runs.size == 0:
+            raise ConfigError(
+                f"stratified_bootstrap(scores): task {name!r} must hold one score per run "
+                f"(a non-empty 1-D sequence), got shape {runs.shape}"
+            )
+        if not np.all(np.isfinite(runs)):
+            raise ConfigError(
+                f"stratified_bootstrap(scores): task {name!r} holds NaN or inf; drop or fix "
+                "the failed runs"
+            )
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"stratified_bootstrap(confidence={confidence}): must be in (0, 1)")
     if reps < 1:
