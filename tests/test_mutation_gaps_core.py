@@ -352,3 +352,30 @@ def test_a_linear_layer_on_a_sequence_is_left_to_the_generic_path() -> None:
     rat(policy, obs, acts, adv)
     assert rat.diagnostics.backend == "factored"
     assert not any("disagree" in note for note in rat.diagnostics.fallbacks)
+
+
+class PerStepConv(nn.Module):
+    """A Conv1d applied to every time step of (N, T, C, L) as one (N * T, C, L) batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        n, t = obs.shape[:2]
+        features = torch.tanh(self.conv(obs.reshape(n * t, *obs.shape[2:])))
+        return self.head(features.mean(dim=2).reshape(n, t, 3).mean(dim=1))
+
+
+def test_a_conv_called_on_more_than_n_rows_is_left_to_the_generic_path() -> None:
+    # kills layers/conv.py:77 and :78 (and -> or in usable()): the (N * T, C, L) call would be
+    # factored with N * T rows, rejected by the verification with the whole factored operator
+    torch.manual_seed(0)
+    policy = PerStepConv().double()
+    obs = torch.randn(12, 4, 2, 7, dtype=torch.float64)
+    acts, adv = torch.randint(0, 3, (12,)), torch.randn(12, dtype=torch.float64)
+    rat = RATNaturalGradient(log_prob, damping=0.1, solver="cholesky")
+    rat(policy, obs, acts, adv)
+    assert rat.diagnostics.backend == "factored"
+    assert not any("disagree" in note for note in rat.diagnostics.fallbacks)
