@@ -83,9 +83,19 @@ def test_converged_means_within_tol(n, p, damping, block_size, tol, seed) -> Non
 
 def test_one_block_is_one_exact_step() -> None:
     operator, rhs, matrix, exact = system(10, 6, 0.1, 0)
-    result = accelerated_kaczmarz_solve(operator, rhs, 0.1, 10, 5, 1e-10, torch.Generator())
+    result = accelerated_kaczmarz_solve(operator, rhs, 0.1, 10, 1, 1e-10, torch.Generator())
     assert result.converged and result.iterations == 1
     assert torch.allclose(result.x, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_a_large_right_hand_side_converges_to_its_tol() -> None:
+    # the stopping rule compares absolute residuals with tol * |rhs|, whatever |rhs| is
+    operator, rhs, matrix, exact = system(12, 8, 0.3, 1)
+    result = accelerated_kaczmarz_solve(
+        operator, 1e3 * rhs, 0.3, 4, 500, 1e-9, torch.Generator().manual_seed(0)
+    )
+    assert result.converged and result.residual <= 1e-9
+    assert torch.allclose(result.x, 1e3 * exact, rtol=1e-6)
 
 
 def test_zero_right_hand_side_is_zero() -> None:
