@@ -504,7 +504,10 @@ def sb3_reading() -> str:
         "to the range of the seeds). A `RATTRPO` update took "
         f"{sb3_update_ratio():.2f}x the time of a TRPO update (medians over all updates of "
         "all runs; most of either is the critic's 20 regression epochs, which are the same "
-        "code in both)."
+        "code in both). The runs alternated between the two algorithms on a machine shared "
+        "with other jobs whose load changed over the hours of the benchmark, which moves whole "
+        "runs' wall times by tens of percent: read the update times, not the wall times, for "
+        "speed."
     )
 
 
