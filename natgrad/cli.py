@@ -214,12 +214,17 @@ def _train(args: argparse.Namespace) -> int:
     if not world and (args.nproc or 1) > 1:
         return _launch(args, given)
     parallel = join_from_env()
+    finished = False
     try:
-        return _train_rank(args, given, parallel)
+        code = _train_rank(args, given, parallel)
+        finished = True
+        return code
     finally:
         if parallel.world_size > 1:
             import torch.distributed as dist
 
+            if finished:  # no rank tears the group down while another still uses it
+                dist.barrier()
             dist.destroy_process_group()
 
 
