@@ -576,3 +576,58 @@ def test_images_are_not_whitened(tmp_path):
         trainer = Trainer(config, tmp_path / env.replace("/", "-"), tensorboard=False)
         assert trainer.collector.obs_norm.enabled is whitened
         trainer.close()
+
+
+def test_the_cli_reference_shows_every_default():
+    # the defaults printed in docs/rl.md's CLI reference are the options' own; kills
+    # ppo.py:23 (ppo_epochs 10 -> 11), trpo.py:50 (cg_iters 10 -> 9), rat.py:74 (kl_guard
+    # 2.0 -> 1.0) and every other default mutant of TrainConfig and the algorithm options
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from natgrad.rl.config import TrainConfig, algorithm_option_fields
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "rl.md").read_text()
+    block = page.split("natgrad train [--env ENV]", 1)[1].split("natgrad plot", 1)[0]
+    shown = dict(re.findall(r"\[--([a-z-]+) ([^\]\s|{]+)\]", block))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults.update({k: f.default for k, f in algorithm_option_fields().items()})
+    checked = 0
+    for flag, text in shown.items():
+        name = flag.replace("-", "_")
+        if name not in defaults or text.isupper():  # placeholders: ENV, N, DIR, K, ...
+            continue
+        default = defaults[name]
+        value = tuple(int(v) for v in text.split()) if isinstance(default, tuple) else text
+        if isinstance(default, bool) or isinstance(default, str):
+            continue
+        assert type(default)(value) == default, f"--{flag} shown as {text}, default {default}"
+        checked += 1
+    assert checked >= 25, shown
+
+
+def test_ppo_clip_fraction_counts_ratios_outside_the_clip_range():
+    # one epoch of one minibatch at the data-collecting policy: every ratio is exactly 1, so
+    # no sample is clipped; kills ppo.py:62 (|ratio - 1| -> |ratio - 2| in clip_fraction)
+    from natgrad.rl.algorithms.ppo import PPO, PPOOptions
+
+    torch.manual_seed(0)
+    policy = _CategoricalPolicy()
+    obs = torch.randn(32, 3)
+    with torch.no_grad():
+        dist = policy(obs)
+        acts = dist.sample()
+        old = dist.log_prob(acts)
+    update = PPO(policy, PPOOptions(ppo_epochs=1, ppo_minibatch=32), seed=0)
+    info = update.update(obs, acts, old, torch.randn(32))
+    assert info["clip_fraction"] == 0.0
+
+
+class _CategoricalPolicy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = nn.Linear(3, 4)
+
+    def forward(self, obs):
+        return torch.distributions.Categorical(logits=self.logits(obs))
