@@ -62,7 +62,7 @@ RESULTS = ROOT / CONFIG.get("results", "benchmarks/mutations/results")
 WORK = ROOT / CONFIG.get("work", "benchmarks/mutations/work")
 REPORT = ROOT / CONFIG.get("report", "benchmarks/mutations/mutation_report.md")
 CLASSIFICATIONS = ROOT / CONFIG.get("classifications", "benchmarks/mutations/classifications.json")
-COPIED = ["natgrad", "tests", "docs", "examples", "pyproject.toml", "README.md"]
+COPIED = ["natgrad", "tests", "docs", "examples", "benchmarks", "pyproject.toml", "README.md"]
 
 SOLVER_TESTS = ["tests/test_solvers.py", "tests/test_options.py", "tests/test_errors.py"]
 RAT_TESTS = ["tests/test_rat.py", "tests/test_claims.py", "tests/test_errors.py"]
