@@ -102,6 +102,13 @@ def test_zero_right_hand_side_is_zero() -> None:
     operator, rhs, _, _ = system(8, 4, 0.1, 0)
     result = accelerated_kaczmarz_solve(operator, 0 * rhs, 0.1, 3, 5, 1e-6, torch.Generator())
     assert result.converged and result.iterations == 0 and not result.x.any()
+    assert result.residual == 0.0 and result.direction_error == 0.0
+
+
+def test_no_epoch_is_not_converged() -> None:
+    operator, rhs, _, _ = system(8, 4, 0.1, 0)
+    result = accelerated_kaczmarz_solve(operator, rhs, 0.1, 3, 0, 1e-6, torch.Generator())
+    assert not result.converged and result.iterations == 0 and result.residual == 1.0
 
 
 def test_converges_where_the_plain_method_stalls() -> None:
