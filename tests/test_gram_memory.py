@@ -73,3 +73,35 @@ def test_one_sample_short_of_the_limit_is_solved(monkeypatch: pytest.MonkeyPatch
     rat = RATNaturalGradient(log_prob, damping=0.1, solver="cholesky")
     rat(policy, obs, acts, adv)
     assert rat.diagnostics.solver == "cholesky" and rat.diagnostics.converged
+
+
+class _FakeMeminfo:
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines(keepends=True)
+
+    def __enter__(self):
+        return iter(self.lines)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_free_memory_is_read_from_memavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "MemTotal:  4000 kB\nMemFree:  1 kB\nMemAvailable:  1000 kB\n"
+    monkeypatch.setattr(memory, "open", lambda *a, **k: _FakeMeminfo(text), raising=False)
+    assert memory.available_bytes(torch.device("cpu")) == 1000 * 1024
+    monkeypatch.setattr(
+        memory, "open", lambda *a, **k: _FakeMeminfo("MemAvailable:\n"), raising=False
+    )
+    assert memory.available_bytes(torch.device("cpu")) is None  # malformed: unknown, no check
+    monkeypatch.setattr(
+        memory, "open", lambda *a, **k: _FakeMeminfo("MemTotal: 1 kB\n"), raising=False
+    )
+    assert memory.available_bytes(torch.device("cpu")) is None
+
+
+def test_sizes_are_printed_in_binary_units() -> None:
+    assert memory._size(100) == "100 bytes"
+    assert memory._size(1536) == "1.5 KiB"
+    assert memory._size(3 * 2**20) == "3 MiB"
+    assert memory._size(5 * 2**30) == "5 GiB"
