@@ -1,4 +1,5 @@
-"""benchmarks/sb3/compare.py runs, resumes and summarizes (tiny budget, CartPole)."""
+"""The SB3 scripts run: benchmarks/sb3/compare.py (train, resume, summarize) and
+examples/sb3/update_time.py, at tiny budgets on CartPole."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def test_compare_trains_both_resumes_and_summarizes(tmp_path: Path) -> None:
     assert (tmp_path / "CartPole-v1.png").stat().st_size > 0
     again = subprocess.run(args, capture_output=True, text=True, timeout=120)  # resumes: no run
     assert again.returncode == 0 and "seed 0:" not in again.stdout + again.stderr
+
+
+def test_update_time_example_runs() -> None:
+    pytest.importorskip("sb3_contrib")
+    script = SCRIPT.parents[2] / "examples" / "sb3" / "update_time.py"
+    args = [sys.executable, str(script), "--envs", "CartPole-v1", "--repeats", "1"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| CartPole-v1")]
+    assert [row.split("|")[2].strip() for row in rows] == ["TRPO", "RATTRPO", "RATNPG"]
