@@ -394,6 +394,11 @@ def kaczmarz_row(problem: str, damping: float) -> dict:
     raise KeyError((problem, damping))
 
 
+def kaczmarz_variant(problem: str, damping: float, variant: str) -> dict:
+    """One solver's entry of a Kaczmarz-variants row (one subscript in a fig expression)."""
+    return kaczmarz_row(problem, damping)[variant]
+
+
 def kaczmarz_table() -> str:
     rows = [
         "| problem | damping | default (CG) | `kaczmarz`: epochs to 0.99 | time | x default "
@@ -422,6 +427,11 @@ def large_batch_rows(problem: str | None = None) -> list[dict]:
         (r for r in rows if problem is None or r["problem"] == problem),
         key=lambda r: (r["problem"], r["N"]),
     )
+
+
+def largest_batch_row(problem: str) -> dict:
+    """The large-batch row with the largest ``N`` for one problem."""
+    return large_batch_rows(problem)[-1]
 
 
 def large_batch_table() -> str:
@@ -916,6 +926,11 @@ def render_text(text: str) -> str:
             raise RuntimeError(f"<!-- fig: {expr} --> sits inside a code span")
         if not line.strip() and not match["body"].startswith("\n"):
             raise RuntimeError(f"inline <!-- fig: {expr} --> starts a line (an HTML block)")
+        if "][" in expr:
+            raise RuntimeError(
+                f"<!-- fig: {expr} --> chains subscripts, which mkdocs-autorefs reads as a "
+                "reference link (a strict build fails): use a helper with one subscript"
+            )
         try:
             value = eval(expr, dict(NAMESPACE))  # noqa: S307 - trusted repository content
         except Exception as error:

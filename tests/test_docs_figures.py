@@ -74,6 +74,12 @@ def test_renderer_rejects_a_region_in_a_code_span():
         render_docs.render_text("`x <!-- fig: 1 -->1<!-- /fig -->`")
 
 
+def test_renderer_rejects_chained_subscripts():
+    """``x['a']['b']`` in a region is an autorefs reference link: mkdocs --strict fails."""
+    with pytest.raises(RuntimeError, match="reference link"):
+        render_docs.render_text("n = <!-- fig: {'a': {'b': 1}}['a']['b'] -->1<!-- /fig -->")
+
+
 def test_check_mode_reports_a_drifted_number(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
     page.write_text("t <!-- fig: ms(vanilla('cpu', 'mlp')) -->0.0 ms<!-- /fig -->\n")
