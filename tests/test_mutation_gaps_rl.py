@@ -631,3 +631,218 @@ class _CategoricalPolicy(nn.Module):
 
     def forward(self, obs):
         return torch.distributions.Categorical(logits=self.logits(obs))
+
+
+# ----------------------------------------------------------------- policy-update rules
+
+
+class _GaussianPolicy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mean = nn.Linear(3, 2)
+        self.log_std = nn.Parameter(torch.tensor([-0.3, 0.2]))
+
+    def forward(self, obs):
+        return torch.distributions.Independent(
+            torch.distributions.Normal(self.mean(obs), self.log_std.exp()), 1
+        )
+
+
+def _batch(policy: nn.Module, n: int = 48, seed: int = 0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    obs = torch.randn(n, 3, generator=gen, dtype=dtype)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        dist = policy(obs)
+        acts = dist.sample()
+        old = dist.log_prob(acts)
+    return obs, acts, old, torch.randn(n, generator=gen, dtype=dtype)
+
+
+def _reference_pg_grads(policy: nn.Module, obs, acts, adv) -> list[torch.Tensor]:
+    loss = -(policy(obs).log_prob(acts) * adv).mean()
+    return torch.autograd.grad(loss, list(policy.parameters()))
+
+
+@pytest.mark.parametrize("name", ["rat-npg", "rat-trpo", "cg-trpo", "kfac", "vpg", "ppo"])
+def test_every_update_rule_defaults_to_seed_zero(name):
+    # docs: "seed: Seed of any randomness the update itself uses" (default 0); kills the
+    # seed=0 -> seed=-1 default of base.py:76, vanilla.py:37 and kfac.py:50
+    from natgrad.rl.algorithms import ALGORITHMS
+
+    assert ALGORITHMS[name](_CategoricalPolicy()).seed == 0
+
+
+def test_vanilla_gradient_is_the_policy_gradient_plus_the_entropy_bonus():
+    # the gradient left in .grad by one update is -(mean(logp * A) + c mean(H)); kills
+    # vanilla.py:47 (ent_coef * entropy -> ent_coef - entropy)
+    from natgrad.rl.algorithms.vanilla import VanillaPG, VanillaPGOptions
+
+    for ent_coef in (0.0, 0.1):
+        torch.manual_seed(0)
+        policy = _CategoricalPolicy()
+        obs, acts, old, adv = _batch(policy)
+        pg = _reference_pg_grads(policy, obs, acts, adv)
+        ent = torch.autograd.grad(-policy(obs).entropy().mean(), list(policy.parameters()))
+        update = VanillaPG(policy, VanillaPGOptions(ent_coef=ent_coef, max_grad_norm=1e9))
+        info = update.update(obs, acts, old, adv)
+        for p, g, h in zip(policy.parameters(), pg, ent, strict=True):
+            torch.testing.assert_close(p.grad, g + ent_coef * h, rtol=1e-5, atol=1e-7)
+        assert np.isfinite(info["policy_loss"])
+
+
+def test_ppo_gradient_at_the_collecting_policy_is_the_policy_gradient():
+    # at ratio = 1 nothing is clipped and d/dtheta min(r A, clip(r) A) = A d log pi; kills
+    # ppo.py:56 (ratio * adv -> ratio - adv)
+    from natgrad.rl.algorithms.ppo import PPO, PPOOptions
+
+    torch.manual_seed(0)
+    policy = _CategoricalPolicy()
+    obs, acts, old, adv = _batch(policy)
+    expected = _reference_pg_grads(policy, obs, acts, adv)
+    options = PPOOptions(ppo_epochs=1, ppo_minibatch=48, ent_coef=0.0, max_grad_norm=1e9)
+    PPO(policy, options).update(obs, acts, old, adv)
+    for p, g in zip(policy.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_line_search_result_is_immutable():
+    # kills linesearch.py:31 (frozen=True -> False)
+    import dataclasses
+
+    from natgrad.rl.algorithms.linesearch import LineSearchResult
+
+    result = LineSearchResult(True, 1.0, 0, 0.01, 0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.fraction = 0.5
+
+
+def test_config_alias_warning_points_at_the_caller():
+    # kills base.py:107 (stacklevel=2 -> 3)
+    from natgrad.rl.algorithms.vanilla import VanillaPG
+
+    update = VanillaPG(_CategoricalPolicy())
+    with pytest.warns(DeprecationWarning, match="use .options") as caught:
+        assert update.config is update.options
+    assert caught[0].filename == __file__
+
+
+def test_cg_trpo_full_step_has_the_target_kl_to_second_order():
+    # eta = sqrt(2 max_kl / s^T F s): with a tiny trust region the quadratic model is exact
+    # and the line search takes the full step; kills trpo.py:91 (2.0 -> 1.0, * -> +)
+    from natgrad.rl.algorithms.trpo import CGTRPO, CGTRPOOptions
+
+    torch.manual_seed(0)
+    policy = _CategoricalPolicy().double()
+    obs, acts, old, adv = _batch(policy, dtype=torch.float64)
+    with torch.no_grad():
+        before = policy(obs)
+    options = CGTRPOOptions(max_kl=1e-6, cg_damping=1e-10, cg_iters=30)
+    info = CGTRPO(policy, options).update(obs, acts, old, adv)
+    assert info["step_accepted"] == 1.0 and info["backtracks"] == 0.0
+    with torch.no_grad():
+        kl = float(torch.distributions.kl_divergence(before, policy(obs)).mean())
+    assert kl == pytest.approx(1e-6, rel=0.02)
+
+
+def test_rat_npg_guard_shrinks_by_the_refitted_model():
+    # measured KL 100x the target: the step shrinks by min(0.5, sqrt(max_kl / KL)) = 0.1;
+    # kills rat.py:195 (max_kl / kl -> max_kl + kl)
+    from natgrad.rl.algorithms.rat import RatNPG, RatNPGOptions
+
+    torch.manual_seed(0)
+    policy = _CategoricalPolicy()
+    obs, acts, old, adv = _batch(policy)
+    state = {k: v.clone() for k, v in policy.state_dict().items()}
+    free = RatNPG(policy, RatNPGOptions(solver="cholesky", kl_guard=0.0))
+    eta = free.update(obs, acts, old, adv)["step_size"]
+    policy.load_state_dict(state)
+    guarded = RatNPG(policy, RatNPGOptions(solver="cholesky", kl_guard=2.0, max_kl=0.02))
+    kls = iter([100 * 0.02, 0.0])
+    guarded.measured_kl = lambda old_dist, new_dist: torch.tensor(next(kls))
+    info = guarded.update(obs, acts, old, adv)
+    assert info["kl_guard_shrinks"] == 1
+    assert info["step_size"] == pytest.approx(0.1 * eta, rel=1e-9)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
+def test_rat_trpo_reports_the_step_the_line_search_took(fraction, monkeypatch):
+    # step_size = eta * fraction (0 when the step is rejected); kills rat.py:236 (* -> +)
+    from natgrad.rl.algorithms import rat as rat_module
+    from natgrad.rl.algorithms.linesearch import LineSearchResult
+
+    torch.manual_seed(0)
+    policy = _CategoricalPolicy()
+    obs, acts, old, adv = _batch(policy)
+    steps = []
+
+    def fake_search(policy, names, step, *args, **kwargs):
+        steps.append(step)
+        return LineSearchResult(fraction > 0, fraction, 0, 0.0, 0.0)
+
+    monkeypatch.setattr(rat_module, "backtracking_line_search", fake_search)
+    update = rat_module.RatTRPO(policy, rat_module.RatTRPOOptions(solver="cholesky"))
+    info = update.update(obs, acts, old, adv)
+    eta = (2 * update.options.max_kl / info["d_fisher_d"]) ** 0.5
+    assert info["step_size"] == pytest.approx(fraction * eta, rel=1e-6, abs=0)
+
+
+def test_kfac_conv_factors_average_patches_over_samples_and_locations():
+    # KFC (Grosse & Martens 2016): A = mean over samples and locations of [patch, 1][patch, 1]^T,
+    # G = (locations / N) sum of g g^T over samples and locations; kills kfac.py:76-80
+    from natgrad.rl.algorithms.kfac import KFAC
+
+    conv = nn.Conv2d(2, 3, kernel_size=2, stride=1, padding=1).double()
+    policy = nn.Sequential(conv)
+    update = KFAC(policy)
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 3, 4, 4, generator=gen, dtype=torch.float64)
+    a_factor, g_factor = update._batch_factors("0", a, g)
+    n, locations = 4, 16
+    padded = nn.functional.pad(a, (1, 1, 1, 1))
+    a_ref = torch.zeros(9, 9, dtype=torch.float64)
+    g_ref = torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(n):
+        for r in range(4):
+            for c in range(4):
+                patch = torch.cat([padded[i, :, r : r + 2, c : c + 2].reshape(-1), torch.ones(1)])
+                a_ref += torch.outer(patch, patch) / (n * locations)
+                g_ref += torch.outer(g[i, :, r, c], g[i, :, r, c]) * locations / n
+    torch.testing.assert_close(a_factor, a_ref)
+    torch.testing.assert_close(g_factor, g_ref)
+
+
+def test_kfac_step_is_acktrs_rule():
+    # eta = min(kfac_max_lr, sqrt(2 max_kl / d^T F d)); kills kfac.py:133 (/ dfd -> * dfd)
+    from natgrad.rl.algorithms.kfac import KFAC, KFACOptions
+
+    for max_lr in (0.25, 1e-4):
+        torch.manual_seed(0)
+        policy = _CategoricalPolicy()
+        obs, acts, old, adv = _batch(policy)
+        info = KFAC(policy, KFACOptions(kfac_max_lr=max_lr)).update(obs, acts, old, adv)
+        expected = min(max_lr, (2 * 0.02 / info["d_fisher_d"]) ** 0.5)
+        assert info["step_size"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_kfac_parameters_outside_layers_use_the_damped_diagonal_fisher():
+    # direction = g / (mean_i s_i^2 + lam) for the Gaussian log_std, with per-sample scores
+    # taken one by one; kills kfac.py:148 (+ lam -> / lam)
+    from natgrad.rl.algorithms.kfac import KFAC, KFACOptions
+
+    torch.manual_seed(0)
+    policy = _GaussianPolicy().double()
+    obs, acts, _, adv = _batch(policy, dtype=torch.float64)
+    lam = 0.05
+    direction = KFAC(policy, KFACOptions(kfac_damping=lam)).direction(obs, acts, adv)
+    scores = torch.stack(
+        [
+            torch.autograd.grad(
+                policy(obs[i : i + 1]).log_prob(acts[i : i + 1]).sum(), policy.log_std
+            )[0]
+            for i in range(len(obs))
+        ]  # fmt: skip
+    )
+    g = (scores * adv[:, None]).mean(0)
+    torch.testing.assert_close(direction["log_std"], g / ((scores**2).mean(0) + lam))
