@@ -105,3 +105,14 @@ def test_sizes_are_printed_in_binary_units() -> None:
     assert memory._size(1536) == "1.5 KiB"
     assert memory._size(3 * 2**20) == "3 MiB"
     assert memory._size(5 * 2**30) == "5 GiB"
+    assert memory._size(2**20) == "1 MiB"  # a unit's exact size is printed in that unit
+
+
+def test_free_cuda_memory_adds_what_the_caching_allocator_holds_unused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # driver free 1000 B, allocator reserved 300 B of which 100 B in use: 1200 B allocatable
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 5000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 100)
+    assert memory.available_bytes(torch.device("cuda", 0)) == 1200
