@@ -263,6 +263,27 @@ def test_zoo_reports_a_trpo_keyword_in_one_line(tmp_path, capsys):
     assert "damping=<value>" in err and "Traceback" not in err
 
 
+def test_zoo_failed_train_leaves_no_empty_log_folder(tmp_path, capsys):
+    pytest.importorskip("rl_zoo3")
+    from natgrad.sb3 import zoo
+
+    folder = tmp_path / "logs"
+    args = ["--algo", "rat_trpo", "--env", "CartPole-v1", "-f", str(folder), "-n", "64"]
+    assert zoo.main(["train", *args, "-params", "cg_damping:0.1"]) == 2
+    assert not folder.exists()  # rl-zoo3 made logs/rat_trpo/CartPole-v1_1 before the error
+    # a folder that existed keeps what it held; only the failed run's directory goes
+    kept = folder / "rat_trpo" / "CartPole-v1_1" / "0.monitor.csv"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('#{"t_start": 0}\nr,l,t\n9.0,9,0.1\n')
+    assert zoo.main(["train", *args, "-params", "cg_damping:0.1"]) == 2
+    assert sorted(p.name for p in (folder / "rat_trpo").iterdir()) == ["CartPole-v1_1"]
+    assert kept.read_text().endswith("9.0,9,0.1\n")
+    with pytest.raises(ValueError, match="NoSuchEnv-v0"):  # rl-zoo3's own error, still raised
+        zoo.main(["train", "--algo", "rat_trpo", "--env", "NoSuchEnv-v0", "-f", f"{tmp_path}/x"])
+    assert not (tmp_path / "x").exists()
+    capsys.readouterr()
+
+
 def test_zoo_hyperparameter_files_load_for_both_algorithms():
     pytest.importorskip("rl_zoo3")
     import yaml

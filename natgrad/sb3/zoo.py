@@ -14,6 +14,7 @@ algorithms (``--algo ppo``) run unchanged. Requires ``rl_zoo3`` (in the ``sb3`` 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,6 +100,58 @@ def _with_config(args: list[str]) -> list[str]:
     return args
 
 
+def _log_folder(args: Sequence[str]) -> Path:
+    """The ``-f``/``--log-folder`` of rl-zoo3's ``train`` (its default ``logs``)."""
+    folder = "logs"
+    for i, arg in enumerate(args):
+        if arg in ("-f", "--log-folder") and i + 1 < len(args):
+            folder = args[i + 1]
+        elif arg.startswith("--log-folder="):
+            folder = arg.split("=", 1)[1]
+    return Path(folder)
+
+
+def _directories(folder: Path) -> set[Path]:
+    """Every directory under ``folder``, ``folder`` included (empty if it does not exist)."""
+    if not folder.is_dir():
+        return set()
+    return {folder, *(Path(root) / d for root, dirs, _ in os.walk(folder) for d in dirs)}
+
+
+def _holds_nothing(path: Path) -> bool:
+    """Whether ``path`` is a monitor file without a single episode (header lines only)."""
+    if not path.name.endswith("monitor.csv") or not path.is_file():
+        return False
+    try:
+        with path.open(encoding="utf-8") as lines:
+            return sum(1 for _ in lines) <= 2  # '#{"t_start": ...}' and 'r,l,t'
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _remove_unused(folder: Path, before: set[Path]) -> None:
+    """Remove the directories created under ``folder`` since ``before`` that hold nothing.
+
+    A failed ``train`` (unknown environment, bad hyperparameter) leaves the run directory
+    rl-zoo3 created before the error: empty folders and monitor files without an episode.
+    Directories that existed before, and any holding something else, are kept.
+    """
+    if not folder.is_dir():
+        return
+    for root, _, files in os.walk(folder, topdown=False):
+        path = Path(root)
+        if path in before or any(entry.is_dir() for entry in path.iterdir()):
+            continue
+        if not all(_holds_nothing(path / name) for name in files):
+            continue
+        try:
+            for name in files:
+                (path / name).unlink()
+            path.rmdir()
+        except OSError:  # written to meanwhile, or not ours to remove: keep it
+            continue
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``train`` or ``enjoy`` of rl-zoo3 with the RAT algorithms registered.
 
@@ -124,15 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = _with_config(rest)
     else:
         from rl_zoo3.enjoy import enjoy as run
+    folder = _log_folder(rest) if command == "train" else None
+    before = set() if folder is None else _directories(folder)
     saved = sys.argv
     sys.argv = [f"natgrad.sb3.zoo {command}", *rest]
+    finished = False
     try:
         run()
+        finished = True
     except NatgradError as error:  # a bad hyperparameter: natgrad's message, no traceback
         print(f"natgrad.sb3.zoo {command}: error: {error}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
+        if folder is not None and not finished:  # no empty run directory left behind
+            _remove_unused(folder, before)
     return 0
 
 
