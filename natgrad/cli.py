@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -167,6 +168,15 @@ def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     print(f"natgrad: warning: {message}", file=sys.stderr)
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process prints user-facing messages: rank 0 of a launched run, or alone.
+
+    The other ranks of ``--nproc K`` or torchrun train in step with rank 0 and would repeat
+    its warnings and notes word for word; they print errors only.
+    """
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _launch(args: argparse.Namespace, given: dict[str, Any]) -> int:
     """``--nproc K`` outside a launcher: check what can be checked, then start the ranks."""
     from natgrad.rl._errors import ConfigError
@@ -213,6 +223,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     if not world and (args.nproc or 1) > 1:
         return _launch(args, given)
+    if world > 1 and not _is_rank_zero():
+        warnings.simplefilter("ignore")  # rank 0 shows them once; errors still surface
     parallel = join_from_env()
     finished = False
     try:
@@ -342,8 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line
         sub.exit(1, f"{sub.prog}: error: {message}\n")
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact, continue with --resume",
-              file=sys.stderr)  # fmt: skip
+        if _is_rank_zero():  # Ctrl-C reaches every rank: one note, not one per rank
+            print("interrupted; the last checkpoint is intact, continue with --resume",
+                  file=sys.stderr)  # fmt: skip
         return 130
     return 0
 

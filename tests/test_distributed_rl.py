@@ -129,11 +129,14 @@ def test_cli_nproc_two_trains_and_only_rank0_writes(tmp_path, capfd, monkeypatch
 
     out = tmp_path / "run"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # --rat-tol 1e-9 is below float32's reach: every rank's update warns (PrecisionWarning)
     code = main(["train", "--nproc", "2", "--steps", "512", *TINY_FLAGS, "--out", str(out),
-                 "--no-progress", "--no-tensorboard"])  # fmt: skip
+                 "--no-progress", "--no-tensorboard", "--rat-tol", "1e-9"])  # fmt: skip
     printed = capfd.readouterr()
     assert code == 0, printed.err
     assert '"steps": 512' in printed.out and printed.out.count('"out_dir"') == 1  # rank 0 only
+    assert printed.err.count("natgrad: warning:") == 1, printed.err  # rank 0's, once
+    assert printed.err.count("natgrad train ->") == 1
     rows = read_progress(out / "progress.csv")
     assert [r["step"] for r in rows] == [256.0, 512.0]
     # the summary's final return is the logged one (every rank's episodes), not rank 0's
