@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import replace
 
@@ -32,6 +33,25 @@ from natgrad.solvers.registry import SOLVER_REGISTRY, solver_names
 AUTO_CHOLESKY_MAX_SAMPLES = 4096
 # The built-in solver= values; solver_names() also lists solvers registered since.
 SOLVERS: tuple[str, ...] = solver_names()
+
+
+# natgrad's own source files: a warning points at the first frame outside them.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes the caller's ``warnings.warn`` point at the user's line.
+
+    The caller's frame is level 1; levels count up through natgrad's frames (``rat(...)``,
+    ``rat.natural_gradient(...)``, the expected-Fisher and data-parallel paths reach the
+    solvers at different depths) to the first frame outside the package.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
@@ -168,7 +188,7 @@ def _precision_notes(
         f"{where}: rounding alone may leave a relative error up to "
         f"{conditioning.precision:.2g} > tol={options.tol:g} in A~ and the direction; {fix}"
     )
-    warnings.warn(message, PrecisionWarning, stacklevel=4)
+    warnings.warn(message, PrecisionWarning, stacklevel=_user_stacklevel())
     return [message]
 
 
@@ -199,7 +219,7 @@ def _solve_unit(
             "solver='cholesky'"
         )
     if options.on_nonconvergence == "warn":
-        warnings.warn(message, NotConvergedWarning, stacklevel=5)
+        warnings.warn(message, NotConvergedWarning, stacklevel=_user_stacklevel())
         return result, name, [message]
     exact = SOLVER_REGISTRY["cholesky"].solve(operator, rhs, options, generator)
     exact = replace(exact, iterations=result.iterations)
