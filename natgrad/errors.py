@@ -88,9 +88,10 @@ class GramMemoryError(NatgradError, MemoryError):
     """Forming the ``N x N`` kernel (``solver="cholesky"``) would not fit in free memory.
 
     Raised before anything is allocated, also when an iterative solver that missed ``tol``
-    would fall back to Cholesky (``on_nonconvergence="fallback"``). The message gives the
-    bytes needed and free, and the way out: an iterative solver with
-    ``on_nonconvergence="raise"`` or ``"warn"``, or fewer samples per call.
+    would fall back to Cholesky (``on_nonconvergence="fallback"``); then the message starts
+    with why the fallback was needed (the solver, the residual it stopped at, its iterations
+    and ``tol``). The message gives the bytes needed and free, and the way out: an iterative
+    solver with ``on_nonconvergence="raise"`` or ``"warn"``, or fewer samples per call.
     """
 
 

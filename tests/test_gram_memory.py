@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -57,8 +59,18 @@ def test_cholesky_refuses_before_allocating(little_memory: int) -> None:
 def test_fallback_after_a_missed_tol_is_refused_not_attempted(little_memory: int) -> None:
     policy, obs, acts, adv = batch()
     rat = RATNaturalGradient(log_prob, damping=1e-3, solver="cg", max_iters=1, tol=1e-12)
-    with pytest.raises(GramMemoryError, match="on_nonconvergence='fallback'"):
+    with pytest.raises(GramMemoryError, match="on_nonconvergence='fallback'") as refused:
         rat(policy, obs, acts, adv)
+    # why an exact solve was needed comes first: the solver, its residual, iterations, tol
+    message = str(refused.value)
+    assert re.match(
+        r"solver='cg' stopped at relative residual [0-9.e+-]+ > tol=1e-12 after 1 iterations, "
+        r"and the exact solve that on_nonconvergence='fallback' then runs does not fit: an "
+        r"exact solve \(solver='cholesky'.*N=300 needs",
+        message,
+    ), message
+    assert message.endswith("loosen tol)")
+    assert isinstance(refused.value.__cause__, GramMemoryError)
     warned = RATNaturalGradient(
         log_prob, damping=1e-3, solver="cg", max_iters=1, tol=1e-12, on_nonconvergence="warn"
     )

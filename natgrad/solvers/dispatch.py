@@ -17,6 +17,7 @@ from torch import Tensor
 
 from natgrad._checks import is_integer
 from natgrad.errors import (
+    GramMemoryError,
     IllConditionedError,
     NotConvergedError,
     NotConvergedWarning,
@@ -221,6 +222,13 @@ def _solve_unit(
     if options.on_nonconvergence == "warn":
         warnings.warn(message, NotConvergedWarning, stacklevel=_user_stacklevel())
         return result, name, [message]
-    exact = SOLVER_REGISTRY["cholesky"].solve(operator, rhs, options, generator)
+    try:
+        exact = SOLVER_REGISTRY["cholesky"].solve(operator, rhs, options, generator)
+    except GramMemoryError as error:  # say why the exact solve was needed at all
+        raise GramMemoryError(
+            f"{message}, and the exact solve that on_nonconvergence='fallback' then runs "
+            f"does not fit: {error}; or let solver={name!r} reach tol (raise "
+            "max_epochs/max_iters, raise damping, loosen tol)"
+        ) from error
     exact = replace(exact, iterations=result.iterations)
     return exact, "cholesky", [message + "; solved exactly with cholesky instead"]
