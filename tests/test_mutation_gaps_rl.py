@@ -217,6 +217,9 @@ def test_gif_holds_the_first_episode_and_loops(tiny_run, tmp_path, monkeypatch):
     with Image.open(gif) as image:
         assert image.n_frames == result.lengths[0]
         assert image.info.get("loop") == 0
+    single = module.evaluate(tiny_run, episodes=1, seed=7, gif=tmp_path / "one.gif")
+    with Image.open(tmp_path / "one.gif") as image:  # one episode: its frames (k == 0)
+        assert image.n_frames == single.lengths[0]
 
 
 def test_render_and_pillow_failures_are_natgrad_errors(monkeypatch, tmp_path):
@@ -522,6 +525,30 @@ def test_trainer_rows_counters_and_callbacks(tmp_path):
     assert trainer.consecutive_rejections == 0
     finite = [r["episodic_return_mean"] for r in rows if np.isfinite(r["episodic_return_mean"])]
     assert result.best_return == max(finite)
+
+
+def test_rejected_updates_log_zero_kl_and_stop_the_run_at_the_limit(tmp_path):
+    # a rolled-back update moved nothing: its row logs kl = 0 (kills train.py:424 0.0 ->
+    # -1.0); with --max-rejections 2 the run stops right after the second consecutive
+    # rejection, at step 256 (kills train.py:224, the counter starting at -1)
+    pytest.importorskip("gymnasium")
+    from natgrad.rl import TrainConfig
+    from natgrad.rl._errors import TrainingError
+    from natgrad.rl.train import Trainer
+
+    config = TrainConfig(env="CartPole-v1", steps=512, num_envs=2, num_steps=64, hidden=(8,),
+                         critic_epochs=1, max_rejections=2)  # fmt: skip
+    trainer = Trainer(config, tmp_path, tensorboard=False)
+    trainer._policy_fault = lambda kl, stats: "forced for the test"
+    rows = []
+    original = trainer.logger.write
+    trainer.logger.write = lambda row: rows.append(dict(row)) or original(row)
+    with pytest.warns(RuntimeWarning, match="rejected and rolled back"):
+        with pytest.raises(TrainingError, match="step 256: 2 consecutive"):
+            trainer.run(progress=False)
+    trainer.close()
+    assert [r["kl"] for r in rows] == [0.0, 0.0]
+    assert [r["update_rejected"] for r in rows] == [1.0, 1.0]
 
 
 def test_kl_reject_is_off_at_zero_and_active_from_one(tmp_path):
