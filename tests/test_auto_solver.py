@@ -1,4 +1,4 @@
-"""solver="auto": Cholesky on a GPU for small N with a cheap Gram matrix, else CG."""
+"""solver="auto": Cholesky for small N with a cheap Gram matrix, else CG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from natgrad import RATNaturalGradient
-from natgrad.solvers.dispatch import AUTO_CHOLESKY_MAX_SAMPLES, resolve_solver
+from natgrad.solvers.dispatch import (
+    AUTO_CHOLESKY_CPU_RANKS,
+    AUTO_CHOLESKY_MAX_SAMPLES,
+    auto_solver,
+    resolve_solver,
+)
 
 
 def fake_operator(device: str, backend: str, num_samples: int) -> SimpleNamespace:
@@ -24,11 +29,23 @@ def fake_operator(device: str, backend: str, num_samples: int) -> SimpleNamespac
         ("cuda", "materialized", AUTO_CHOLESKY_MAX_SAMPLES + 1, "cg"),
         ("cuda", "streaming", 512, "cg"),  # the Gram matrix would recompute every row
         ("cpu", "factored", 512, "cg"),
-        ("cpu", "materialized", 64, "cg"),
+        ("cpu", "factored", 511, "cholesky"),
+        ("cpu", "materialized", 64, "cholesky"),
+        ("cpu", "streaming", 64, "cg"),
     ],
 )
 def test_auto_choice(device, backend, num_samples, expected):
-    assert resolve_solver("auto", fake_operator(device, backend, num_samples)) == expected
+    operator = fake_operator(device, backend, num_samples)
+    assert resolve_solver("auto", operator, preconditioner_rank=256) == expected
+
+
+@pytest.mark.parametrize("rank", [0, 1, 64, 256])
+def test_cpu_solves_exactly_below_twice_the_preconditioner_rank(rank):
+    limit = AUTO_CHOLESKY_CPU_RANKS * rank
+    cpu = torch.device("cpu")
+    for n in {1, max(limit - 1, 1), limit, limit + 1}:
+        expected = "cholesky" if n < limit else "cg"
+        assert auto_solver(cpu, "factored", n, rank) == expected, (n, rank)
 
 
 @pytest.mark.parametrize("explicit", ["cg", "kaczmarz", "cholesky"])
@@ -36,7 +53,8 @@ def test_explicit_choice_is_kept(explicit):
     assert resolve_solver(explicit, fake_operator("cuda", "factored", 16)) == explicit
 
 
-def test_default_on_cpu_runs_cg():
+@pytest.mark.parametrize(("num_samples", "expected"), [(32, "cholesky"), (512, "cg")])
+def test_default_on_cpu(num_samples, expected):
     torch.manual_seed(0)
     policy = nn.Linear(3, 4)
 
@@ -45,5 +63,6 @@ def test_default_on_cpu_runs_cg():
 
     rat = RATNaturalGradient(log_prob_fn)
     assert rat.solver == "auto"
-    rat(policy, torch.randn(32, 3), torch.randint(0, 4, (32,)), torch.randn(32))
-    assert rat.diagnostics.solver == "cg"
+    n = num_samples
+    rat(policy, torch.randn(n, 3), torch.randint(0, 4, (n,)), torch.randn(n))
+    assert rat.diagnostics.solver == expected

@@ -27,7 +27,7 @@ from natgrad.solvers.conditioning import (
     Conditioning,
     _conditioning,
 )
-from natgrad.solvers.dispatch import AUTO_CHOLESKY_MAX_SAMPLES, _precision_notes
+from natgrad.solvers.dispatch import _precision_notes, auto_solver
 from natgrad.solvers.options import SolverOptions
 
 __all__ = ["DISTRIBUTED_SOLVERS", "distributed_conditioning", "solve_distributed"]
@@ -38,8 +38,10 @@ DISTRIBUTED_SOLVERS: tuple[str, ...] = ("cg", "cholesky", "kaczmarz")
 _ITERATION_UNIT = {"cg": "iterations", "kaczmarz": "epochs", "cholesky": "iterations"}
 
 
-def resolve_distributed_solver(solver: str, operator: ShardedOperator) -> str:
-    """``"auto"``: Cholesky on CUDA for ``N <= 4096`` with cheap rows, else CG.
+def resolve_distributed_solver(
+    solver: str, operator: ShardedOperator, preconditioner_rank: int = 0
+) -> str:
+    """``"auto"``: the single-process rule (:func:`~natgrad.solvers.dispatch.auto_solver`).
 
     Raises
     ------
@@ -47,9 +49,9 @@ def resolve_distributed_solver(solver: str, operator: ShardedOperator) -> str:
         For a solver without a distributed form (e.g. one registered by the user).
     """
     if solver == "auto":
-        cheap = operator.backend in ("factored", "materialized")
-        small = operator.num_samples <= AUTO_CHOLESKY_MAX_SAMPLES
-        return "cholesky" if (operator.device.type == "cuda" and cheap and small) else "cg"
+        return auto_solver(
+            operator.device, operator.backend, operator.num_samples, preconditioner_rank
+        )
     if solver not in DISTRIBUTED_SOLVERS:
         raise ProcessGroupError(
             f"solver={solver!r} has no distributed form; with a process_group use one of "
@@ -157,7 +159,7 @@ def solve_distributed(
         rows, ``result.v`` (the direction) is the same on every rank.
     """
     comm = operator.comm
-    name = resolve_distributed_solver(options.solver, operator)
+    name = resolve_distributed_solver(options.solver, operator, options.preconditioner_rank)
     local_generator = rank_generator(generator, comm.rank)
     comm.phase = "setup"
     scale = comm.max(float(rhs.abs().max()))

@@ -32,6 +32,10 @@ from natgrad.solvers.registry import SOLVER_REGISTRY, solver_names
 # solver="auto" solves exactly (Cholesky) on a GPU up to this many samples, else uses CG:
 # the fastest to a cosine of 0.99 in benchmarks/solvers (results/ for CPU, results/cuda-h100/).
 AUTO_CHOLESKY_MAX_SAMPLES = 4096
+# On CPU, "auto" solves exactly while N < AUTO_CHOLESKY_CPU_RANKS * preconditioner_rank: CG's
+# Nystrom sketch alone would form more than half of the N kernel columns, and the exact solve
+# measured faster (benchmarks/solvers/call_profile.py, results/call_profile.json "crossover").
+AUTO_CHOLESKY_CPU_RANKS = 2
 # The built-in solver= values; solver_names() also lists solvers registered since.
 SOLVERS: tuple[str, ...] = solver_names()
 
@@ -68,18 +72,29 @@ def seeded_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def resolve_solver(solver: str, operator: ScoreOperator) -> str:
-    """The concrete solver for ``solver`` (``"auto"``: Cholesky on GPU for small N, else CG).
+def auto_solver(
+    device: torch.device, backend: str, num_samples: int, preconditioner_rank: int
+) -> str:
+    """What ``solver="auto"`` runs: ``"cholesky"`` or ``"cg"``.
 
-    ``"auto"`` picks Cholesky only when ``J J^T`` is cheap to form (factored or materialized
-    backend), the operator lives on a CUDA device and ``N <= AUTO_CHOLESKY_MAX_SAMPLES``.
+    Cholesky only when ``J J^T`` is cheap to form (factored or materialized backend, not
+    streaming) and either the device is CUDA with ``N <= AUTO_CHOLESKY_MAX_SAMPLES``, or
+    the device is a CPU with ``N < AUTO_CHOLESKY_CPU_RANKS * preconditioner_rank`` (CG's
+    Nystrom sketch would form more than half of the kernel anyway).
     """
+    if backend not in ("factored", "materialized"):  # streaming recomputes rows
+        return "cg"
+    if device.type == "cuda":
+        return "cholesky" if num_samples <= AUTO_CHOLESKY_MAX_SAMPLES else "cg"
+    return "cholesky" if num_samples < AUTO_CHOLESKY_CPU_RANKS * preconditioner_rank else "cg"
+
+
+def resolve_solver(solver: str, operator: ScoreOperator, preconditioner_rank: int = 0) -> str:
+    """The concrete solver for ``solver`` (``"auto"``: see :func:`auto_solver`)."""
     if solver != "auto":
         return solver
-    on_gpu = getattr(operator, "device", torch.device("cpu")).type == "cuda"
-    cheap_gram = operator.backend in ("factored", "materialized")  # streaming recomputes rows
-    small = operator.num_samples <= AUTO_CHOLESKY_MAX_SAMPLES
-    return "cholesky" if (on_gpu and cheap_gram and small) else "cg"
+    device = getattr(operator, "device", torch.device("cpu"))
+    return auto_solver(device, operator.backend, operator.num_samples, preconditioner_rank)
 
 
 def solve(
@@ -121,7 +136,7 @@ def solve(
         If rounding of the scores alone can make the answer wrong by 100% or more
         (``cond(M) * eps >= 1``), or ``M`` is numerically singular.
     """
-    name = resolve_solver(options.solver, operator)
+    name = resolve_solver(options.solver, operator, options.preconditioner_rank)
     scale = float(rhs.abs().max())
     if scale == 0.0:
         zero = torch.zeros_like(rhs)
