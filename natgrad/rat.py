@@ -85,10 +85,9 @@ class RATNaturalGradient(OptionsView):
         ``lam > 0``, in the units of ``F = J^T J / N`` (per-sample Fisher). Typical values
         are ``1e-4`` to ``1e-1``; see the docs page on choosing it.
     solver
-        ``"auto"`` (the default) uses ``"cholesky"`` when the factored or materialized
-        backend holds ``J`` and either ``N <= 4096`` on a CUDA device or
-        ``N < 2 * preconditioner_rank`` (512 by default) on a CPU, else ``"cg"`` -- the
-        fastest to a cosine of 0.99 with the exact direction in ``benchmarks/solvers``.
+        ``"auto"`` (the default) uses ``"cholesky"`` with the factored or materialized backend
+        for ``N <= 4096`` on CUDA and ``N < 2 * preconditioner_rank`` on CPU, else ``"cg"``:
+        the fastest to a cosine of 0.99 with the exact direction in ``benchmarks/solvers``.
         ``"cg"``: conjugate gradient on the ``N x N`` system; ``"kaczmarz"``: randomized
         block Kaczmarz over minibatches (RAT); ``"accelerated_kaczmarz"``: the same block
         steps with Nesterov momentum, for ill-conditioned systems where ``"kaczmarz"``
