@@ -68,6 +68,7 @@ RESULTS = {
     ),
     "solvers/results/large_batch.json": ("CPU large-batch benchmark", SOLVER_CODE),
     "solvers/results/kaczmarz.json": ("CPU Kaczmarz benchmark", SOLVER_CODE),
+    "solvers/results/call_profile.json": ("CPU call profile", SOLVER_CODE),
     "sb3/results/results.json": ("SB3 comparison", ["natgrad/sb3", *SOLVER_CODE]),
     "supervised/results/results.json": (
         "supervised benchmark",
@@ -258,6 +259,11 @@ def problems_table() -> str:
     return block("\n".join(rows))
 
 
+def met(value: float, goal: float) -> str:
+    """``'met'`` when ``value <= goal``, else ``'missed'``."""
+    return "met" if value <= goal else "missed"
+
+
 def _goal(value: float, goal: float, digits: int) -> str:
     text = f"{value:.{digits}f}"
     return f"**{text}**" if value <= goal else f"{text} (missed)"
@@ -419,6 +425,113 @@ def kaczmarz_table() -> str:
                 cells += [f"> {v['epochs']}", "-", "-"]
         rows.append("| " + " | ".join(cells) + " |")
     return block("\n".join(rows))
+
+
+PROFILE_ORDER = ("mlp", "cnn", "transformer")
+PROFILE_PHASES = {
+    "validate": "checks + forward",
+    "capture": "factor capture",
+    "per_sample_rows": "per-sample rows",
+    "verify": "verification",
+    "preconditioner": "preconditioner",
+    "solve": "solve",
+    "other": "other",
+}
+
+
+def profile_rows() -> list[dict]:
+    rows = load("solvers/results/call_profile.json")["rows"]
+    return sorted(rows, key=lambda r: (PROFILE_ORDER.index(r["problem"]), r["N"]))
+
+
+def profile_row(problem: str, num_samples: int) -> dict:
+    """One row of the call profile (one subscript in a fig expression)."""
+    for r in profile_rows():
+        if (r["problem"], r["N"]) == (problem, num_samples):
+            return r
+    raise KeyError((problem, num_samples))
+
+
+def profile_call(problem: str, num_samples: int) -> dict:
+    """The default call's entry of a call-profile row."""
+    return profile_row(problem, num_samples)["natgrad"]
+
+
+def profile_trpo(problem: str, num_samples: int) -> dict:
+    """TRPO-CG's entry of a call-profile row."""
+    return profile_row(problem, num_samples)["trpo"]
+
+
+def in_backwards(problem: str, num_samples: int, phase: str) -> str:
+    """A phase's time in vanilla backward passes of the same batch."""
+    row = profile_row(problem, num_samples)
+    return f"{row['natgrad']['phases'][phase] / row['backward_seconds']:.1f}"
+
+
+def profile_phase(problem: str, num_samples: int, phase: str) -> float:
+    """Seconds of one phase of the default call."""
+    return profile_row(problem, num_samples)["natgrad"]["phases"][phase]
+
+
+def profile_table() -> str:
+    """Phases of one default call, beside one vanilla backward and TRPO-CG to cosine 0.99."""
+    heads = " | ".join(PROFILE_PHASES.values())
+    rows = [
+        f"| problem | N | P | solver (iterations) | natgrad | {heads} | fixed share | "
+        "vanilla backward | x backward (goal <= 10) | TRPO-CG to 0.99 | x TRPO-CG (goal <= 0.4) |",
+        "|---" * (10 + len(PROFILE_PHASES)) + "|",
+    ]
+    for r in profile_rows():
+        call = r["natgrad"]
+        phases = " | ".join(ms(call["phases"][k]) for k in PROFILE_PHASES)
+        trpo = r["trpo"]
+        reached = "" if trpo["reached"] else " (not reached)"
+        rows.append(
+            f"| `{r['problem']}` | {num(r['N'])} | {num(r['P'])} | {call['solver']} "
+            f"({call['iterations']}) | {ms(call['seconds'])} | {phases} | "
+            f"{100 * r['fixed_share']:.0f} % | {ms(r['backward_seconds'], 2)} | "
+            f"{_goal(r['natgrad_over_backward'], 10, 1)} | {ms(trpo['seconds'])} "
+            f"({trpo['iterations']} it.){reached} | {_goal(r['natgrad_over_trpo'], 0.4, 2)} |"
+        )
+    return block("\n".join(rows))
+
+
+def crossover_table() -> str:
+    """``solver="cg"`` against ``solver="cholesky"`` on small batches (CPU)."""
+    rows = [
+        "| problem | N | `cg` (iterations) | `cholesky` | cholesky / cg | `auto` picks |",
+        "|---|---|---|---|---|---|",
+    ]
+    import torch
+
+    from natgrad.solvers.dispatch import auto_solver
+
+    data = load("solvers/results/call_profile.json")["crossover"]
+    for r in sorted(data, key=lambda r: (PROFILE_ORDER.index(r["problem"]), r["N"])):
+        picks = auto_solver(torch.device("cpu"), "factored", r["N"], 256)
+        rows.append(
+            f"| `{r['problem']}` | {num(r['N'])} | {ms(r['cg']['seconds'])} "
+            f"({r['cg']['iterations']}) | {ms(r['cholesky']['seconds'])} | "
+            f"{r['cholesky_over_cg']:.2f} | {picks} |"
+        )
+    return block("\n".join(rows))
+
+
+def crossover_row(problem: str, num_samples: int) -> dict:
+    for r in load("solvers/results/call_profile.json")["crossover"]:
+        if (r["problem"], r["N"]) == (problem, num_samples):
+            return r
+    raise KeyError((problem, num_samples))
+
+
+def crossover_ratios(below: int | None = None, at_least: int | None = None) -> list[float]:
+    """Cholesky / CG time ratios of the crossover rows with ``N < below`` or ``N >= at_least``."""
+    data = load("solvers/results/call_profile.json")["crossover"]
+    return [
+        r["cholesky_over_cg"]
+        for r in data
+        if (below is None or r["N"] < below) and (at_least is None or r["N"] >= at_least)
+    ]
 
 
 def large_batch_rows(problem: str | None = None) -> list[dict]:
