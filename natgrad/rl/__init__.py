@@ -11,6 +11,7 @@ from natgrad.rl.algorithms import ALGORITHMS, PolicyUpdate
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.evaluate import EvalResult, evaluate
 from natgrad.rl.plotting import plot_runs
+from natgrad.rl.presets import PRESETS, Preset, preset_for_env
 from natgrad.rl.train import Trainer, TrainResult, default_out_dir, train
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "ConfigError",
     "EvalResult",
     "MissingExtraError",
+    "PRESETS",
     "PolicyUpdate",
+    "Preset",
     "TrainConfig",
     "TrainResult",
     "Trainer",
@@ -27,5 +30,6 @@ __all__ = [
     "default_out_dir",
     "evaluate",
     "plot_runs",
+    "preset_for_env",
     "train",
 ]

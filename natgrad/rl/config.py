@@ -20,13 +20,16 @@ from natgrad.rl._errors import ConfigError
 from natgrad.rl.algorithms import ALGORITHMS
 from natgrad.rl.options import (
     AlgorithmOptions,
+    RecordsGivenFields,
     at_least_one_or_off,
     check_fields,
+    explicit_fields,
     flag,
     option,
     positive,
     unit_interval,
 )
+from natgrad.rl.presets import PRESETS, check_preset_values, preset_choices, preset_for_env
 
 __all__ = ["TrainConfig", "algorithm_option_fields"]
 
@@ -54,7 +57,7 @@ def _threads(flag: str, value: Any) -> None:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RecordsGivenFields):
     """Options of one training run: the trainer's, and the chosen algorithm's in ``options``.
 
     Defaults train CartPole-v1 to 475 with ``rat-npg``. Each field is a ``natgrad train``
@@ -66,6 +69,11 @@ class TrainConfig:
     ``TrainConfig(algo="ppo", options=PPOOptions(ppo_epochs=4))``. :meth:`from_dict`
     accepts both layouts without a warning, so old ``config.json`` files and checkpoints
     load.
+
+    ``preset`` names hyperparameters per environment family (:mod:`natgrad.rl.presets`);
+    :meth:`resolved` applies them under the values the user passed explicitly, and
+    :class:`~natgrad.rl.Trainer` runs the resolved copy (its ``config.json`` records the
+    preset and the values it applied, :attr:`preset_values`).
     """
 
     env: str = option(
@@ -117,12 +125,62 @@ class TrainConfig:
         "hand-offs than they gain.",
         _threads,
     )
+    preset: str = option(
+        "auto",
+        "Hyperparameter preset (natgrad.rl.presets): auto picks the family of --env (classic, "
+        "mujoco, minatar; none for other ids), none keeps the defaults. Flags you pass win "
+        "over the preset.",
+        choices=preset_choices,
+    )
     options: AlgorithmOptions | None = None
     """The chosen algorithm's options (``ALGORITHMS[algo].Options``); ``None``: its defaults."""
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
+        self._preset_values: dict[str, Any] | None = None
         self.validate()
+
+    @property
+    def preset_values(self) -> dict[str, Any] | None:
+        """What :meth:`resolved` took from the preset, by option name (``None``: unresolved)."""
+        return None if self._preset_values is None else dict(self._preset_values)
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the preset applied under the values the user passed explicitly.
+
+        Precedence, lowest first: the dataclass defaults, the preset's values, the values
+        the user set (keywords of ``TrainConfig(...)`` and of the options dataclass, keys
+        given to :meth:`from_dict`, i.e. ``natgrad train`` flags, and any field whose value
+        differs from its default). Preset values for options the chosen algorithm does not
+        read are skipped. ``self`` is not changed.
+
+        Returns
+        -------
+        TrainConfig
+            ``preset`` is the concrete name applied (``"auto"`` becomes the family of
+            ``env``, or ``"none"``) and :attr:`preset_values` what it set. A config that
+            is already resolved (e.g. loaded from a run's ``config.json``) is copied
+            unchanged, so a resumed run keeps its recorded values.
+
+        Raises
+        ------
+        ConfigError
+            The preset sets an unknown option or a value its option rejects.
+        """
+        if self._preset_values is not None:
+            return _copy(self, {}, {}, self._preset_values)
+        name = self.preset
+        if name == "auto":
+            name = preset_for_env(self.env) or "none"
+        values: dict[str, Any] = {}
+        if name != "none":
+            check_preset_values(PRESETS[name])
+            values = dict(PRESETS[name].values)
+        assert self.options is not None  # set by validate()
+        mine, theirs = explicit_fields(self), explicit_fields(self.options)
+        shared = {k: v for k, v in values.items() if k in _shared_names() and k not in mine}
+        options = {k: v for k, v in values.items() if k in self.options.names() and k not in theirs}
+        return _copy(self, {**shared, "preset": name}, options, {**shared, **options})
 
     @property
     def batch_size(self) -> int:
@@ -159,6 +217,8 @@ class TrainConfig:
         out = {name: getattr(self, name) for name in _shared_names()}
         out["hidden"] = list(self.hidden)
         out["options"] = self.options.to_dict() if self.options is not None else {}
+        applied = self._preset_values
+        out["preset_values"] = None if applied is None else _plain(applied)
         return out
 
     @classmethod
@@ -168,13 +228,22 @@ class TrainConfig:
         The flat layout (every option at the top level) is that of old ``config.json``
         files and checkpoints, and of the command line. Flat algorithm options are checked,
         and those the chosen algorithm does not read are dropped (they never had an
-        effect). Unknown keys are an error.
+        effect). Unknown keys are an error. The keys given count as set by the user
+        (:meth:`resolved` does not override them); ``preset_values`` (written by
+        :meth:`to_dict` of a resolved config) marks the config as resolved.
         """
         shared = {k: v for k, v in data.items() if k in _shared_names()}
-        flat = {k: v for k, v in data.items() if k not in shared and k != "options"}
+        applied = data.get("preset_values")
+        flat = {
+            k: v
+            for k, v in data.items()
+            if k not in shared and k not in ("options", "preset_values")
+        }
         unknown = sorted(set(flat) - set(algorithm_option_fields()))
         if unknown:
-            known = sorted({*_shared_names(), "options", *algorithm_option_fields()})
+            known = sorted(
+                {*_shared_names(), "options", "preset_values", *algorithm_option_fields()}
+            )
             raise ConfigError(f"unknown config keys {unknown}; known: {known}")
         algo = shared.get("algo", _DEFAULTS["algo"])
         _known_algo("--algo", algo)
@@ -182,7 +251,10 @@ class TrainConfig:
         if isinstance(nested, AlgorithmOptions):
             nested = nested.to_dict()
         options = _algorithm_options(algo, {**(nested or {}), **flat})
-        return cls(**shared, options=options)
+        config = cls(**shared, options=options)
+        if applied is not None:
+            config._preset_values = dict(applied)
+        return config
 
     def to_json(self) -> str:
         """Pretty JSON of :meth:`to_dict`."""
@@ -202,6 +274,25 @@ class TrainConfig:
         if options is not None and name in options.names():
             return getattr(options, name)
         return algorithm_option_fields()[name].default
+
+
+def _copy(
+    config: TrainConfig,
+    changes: dict[str, Any],
+    option_changes: dict[str, Any],
+    applied: dict[str, Any],
+) -> TrainConfig:
+    """``config`` with ``changes`` and ``option_changes``, marked resolved with ``applied``."""
+    assert config.options is not None
+    options = dataclasses.replace(config.options, **option_changes)
+    out = dataclasses.replace(config, **changes, options=options)
+    out._preset_values = dict(applied)
+    return out
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with tuples as lists, as JSON writes them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 def _shared_names() -> tuple[str, ...]:
@@ -260,7 +351,9 @@ def _accept_flat_options(init: Any) -> Any:
             algo = {**_DEFAULTS, **dict(zip(_DEFAULTS, args, strict=False)), **kwargs}["algo"]
             _known_algo("--algo", algo)
             given = kwargs.pop("options", None)
-            base = given.to_dict() if isinstance(given, AlgorithmOptions) else {}
+            base = {}
+            if isinstance(given, AlgorithmOptions):  # only what the user set stays explicit
+                base = {k: v for k, v in given.to_dict().items() if k in explicit_fields(given)}
             kwargs["options"] = _algorithm_options(algo, {**base, **flat})
         init(self, *args, **kwargs)
 
@@ -268,3 +361,7 @@ def _accept_flat_options(init: Any) -> Any:
 
 
 TrainConfig.__init__ = _accept_flat_options(TrainConfig.__init__)  # type: ignore[method-assign]
+
+for _preset in PRESETS.values():  # a bad key in natgrad/rl/presets.py fails at import
+    check_preset_values(_preset)
+del _preset

@@ -19,8 +19,10 @@ from natgrad.rl._errors import ConfigError
 
 __all__ = [
     "AlgorithmOptions",
+    "RecordsGivenFields",
     "at_least_one_or_off",
     "check_fields",
+    "explicit_fields",
     "flag",
     "help_of",
     "nonnegative",
@@ -118,8 +120,40 @@ def check_fields(options: Any) -> None:
             check(flag(field.name), getattr(options, field.name))
 
 
+class RecordsGivenFields:
+    """Mixin of dataclasses that remember which fields their constructor was given.
+
+    The names passed to ``cls(...)`` (positionally or by keyword) are kept, so that a
+    preset can fill in only the options the user left at their defaults
+    (:func:`explicit_fields`). ``dataclasses.replace`` and ``from_dict`` pass every field.
+    """
+
+    _given: frozenset[str]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: D102 - see the class
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+        object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+        return self
+
+
+def explicit_fields(options: Any) -> frozenset[str]:
+    """The fields of the dataclass instance ``options`` that the user set.
+
+    Those passed to its constructor (for a :class:`RecordsGivenFields`), and those whose
+    value differs from the field's default (set by assignment after construction).
+    """
+    given = getattr(options, "_given", frozenset())
+    changed = {
+        f.name
+        for f in dataclasses.fields(options)
+        if f.default is not dataclasses.MISSING and getattr(options, f.name) != f.default
+    }
+    return frozenset(given) | changed
+
+
 @dataclasses.dataclass
-class AlgorithmOptions:
+class AlgorithmOptions(RecordsGivenFields):
     """Base of the options of one algorithm (no fields of its own).
 
     Subclasses are dataclasses whose fields are declared with :func:`option`; they are

@@ -114,8 +114,10 @@ class Trainer:
     Parameters
     ----------
     config
-        Hyperparameters. Ignored when resuming (the saved config is used; only ``steps``
-        may be raised through ``steps``).
+        Hyperparameters; the run uses :meth:`TrainConfig.resolved` (its preset applied
+        under the values set explicitly; ``config`` itself is not changed). Ignored when
+        resuming (the saved config is used, preset values included; only ``steps`` may be
+        raised through ``steps``).
     out_dir
         Run directory for ``config.json``, ``progress.csv``, ``checkpoint.pt`` (see
         :mod:`natgrad.rl.checkpoint`), ``policy.safetensors``, TensorBoard events and
@@ -177,6 +179,8 @@ class Trainer:
                 config.validate()
         if config is None:
             raise ConfigError("a TrainConfig is required unless resuming")
+        if checkpoint is None:  # a resumed run keeps the preset values it recorded
+            config = config.resolved()
         self.config = config
         seeds = parallel.rank_seeds(_seeds(config.seed), config.seed)
         self.env = make_vec_env(config.env, config.num_envs)

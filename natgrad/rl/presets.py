@@ -1,0 +1,163 @@
+"""Hyperparameter presets per environment family, chosen by environment id.
+
+A preset overrides some :class:`~natgrad.rl.TrainConfig` fields and algorithm options
+for one family of environments (``classic``, ``mujoco``, ``minatar``). ``natgrad train
+--preset auto`` (the default) picks the family of ``--env`` with :func:`preset_for_env`;
+values the user passed explicitly always win over the preset's, and the preset's over the
+dataclass defaults. The resolved name and the values it applied are saved in the run's
+``config.json`` (see :meth:`natgrad.rl.TrainConfig.resolved`).
+
+Each preset's overrides are one plain dict literal below; its keys are checked against
+the real option fields when :mod:`natgrad.rl.config` is imported
+(:func:`check_preset_values`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from natgrad.rl._errors import ConfigError
+
+__all__ = [
+    "PRESETS",
+    "PRESET_CHOICES",
+    "Preset",
+    "check_preset_values",
+    "preset_choices",
+    "preset_for_env",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Hyperparameters of one environment family.
+
+    Parameters
+    ----------
+    name
+        Registry key, the value of ``--preset``.
+    description
+        One line: which environments the preset is for.
+    source
+        Where its values come from (a tuning study, a paper, "not tuned yet").
+    values
+        The :class:`~natgrad.rl.TrainConfig` fields and algorithm options it overrides, by
+        field name (``{"gamma": 0.995, "max_kl": 0.01}``); empty: the defaults.
+    """
+
+    name: str
+    description: str
+    source: str
+    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "classic": Preset(
+        "classic",
+        "Gymnasium classic control: CartPole, Acrobot, MountainCar, Pendulum.",
+        "the defaults, tuned on CartPole",
+        {},
+    ),
+    "mujoco": Preset(
+        "mujoco",
+        "Gymnasium MuJoCo locomotion and manipulation: Hopper, Walker2d, HalfCheetah, Ant, ...",
+        "not tuned yet",
+        {},
+    ),
+    "minatar": Preset(
+        "minatar",
+        "MinAtar games (MinAtar/Breakout-v1, ...), CNN policies.",
+        "not tuned yet",
+        {},
+    ),
+}
+"""Presets by name; ``--preset`` takes one of these, ``auto`` or ``none``."""
+
+PRESET_CHOICES = ("auto", "none")
+"""The values of ``--preset`` besides the registry names."""
+
+_NOT_PRESETTABLE = frozenset({"env", "algo", "seed", "preset"})
+"""Fields a preset must not set: they choose the run, not its hyperparameters."""
+
+_CLASSIC = frozenset({"CartPole", "Acrobot", "MountainCar", "MountainCarContinuous", "Pendulum"})
+_MUJOCO = frozenset({
+    "Ant", "HalfCheetah", "Hopper", "Humanoid", "HumanoidStandup", "InvertedDoublePendulum",
+    "InvertedPendulum", "Pusher", "Reacher", "Swimmer", "Walker2d",
+})  # fmt: skip
+_ID = re.compile(r"^(?:(?P<namespace>[\w:.-]+)/)?(?P<name>[\w:.-]+?)(?:-v(?P<version>\d+))?$")
+
+
+def preset_choices() -> tuple[str, ...]:
+    """Every valid ``--preset`` value: ``auto``, ``none`` and the registry names."""
+    return (*PRESET_CHOICES, *PRESETS)
+
+
+def preset_for_env(env_id: str) -> str | None:
+    """The preset family of a Gymnasium environment id, or ``None`` for unknown ids.
+
+    Parameters
+    ----------
+    env_id
+        A Gymnasium id such as ``"CartPole-v1"``, ``"Hopper-v5"`` or
+        ``"MinAtar/Breakout-v1"`` (any version; a ``module:`` prefix is ignored).
+
+    Returns
+    -------
+    str or None
+        ``"classic"``, ``"mujoco"``, ``"minatar"``, or ``None``: no preset applies.
+    """
+    match = _ID.match(env_id.rsplit(":", 1)[-1])
+    if match is None:
+        return None
+    namespace, name = match["namespace"], match["name"]
+    if namespace == "MinAtar":
+        return "minatar"
+    if namespace is not None:
+        return None
+    if name in _CLASSIC:
+        return "classic"
+    if name in _MUJOCO:
+        return "mujoco"
+    return None
+
+
+def check_preset_values(preset: Preset) -> None:
+    """Check that every key of ``preset.values`` is an option and its value passes its check.
+
+    Parameters
+    ----------
+    preset
+        The preset to check.
+
+    Raises
+    ------
+    ConfigError
+        A key that is no :class:`~natgrad.rl.TrainConfig` field nor algorithm option (the
+        message lists the known names), a key that chooses the run (``env``, ``algo``,
+        ``seed``, ``preset``), or a value its option rejects.
+    """
+    from natgrad.rl.config import TrainConfig, algorithm_option_fields
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "options"}
+    fields.update(algorithm_option_fields())
+    where = f"preset {preset.name!r} (natgrad/rl/presets.py)"
+    for name, value in preset.values.items():
+        if name in _NOT_PRESETTABLE:
+            raise ConfigError(
+                f"{where} sets {name!r}, which chooses the run rather than tunes it; "
+                "remove it from the preset's values"
+            )
+        if name not in fields:
+            known = ", ".join(sorted(set(fields) - _NOT_PRESETTABLE))
+            raise ConfigError(f"{where} sets unknown option {name!r}; known: {known}")
+        check = fields[name].metadata.get("check")
+        if check is not None:
+            try:
+                check(f"{where}: {name}", value)
+            except TypeError as error:
+                raise ConfigError(
+                    f"{where}: {name} has a value of the wrong type: {error}"
+                ) from None
