@@ -150,3 +150,18 @@ def test_compiled_block_factor_is_the_eager_factor(monkeypatch):
     assert torch.allclose(compiled, eager, rtol=1e-10, atol=1e-12)
     direct = original(*block.functional(), 0.3, 1.0 / 16)  # no eager retry in between
     assert torch.allclose(direct, eager, rtol=1e-10, atol=1e-12)
+
+
+def test_payload_dtype_is_that_of_the_first_leaf_of_a_single_layer_payload():
+    # a policy with one factored layer: the payload's layer tuple has one element (kills
+    # fused.py:41 first[0] -> first[1], which only the multi-layer payloads survive)
+    from natgrad.factored import FactoredPayload
+    from natgrad.layers.linear import LinearFactor
+    from natgrad.solvers.fused import _payload_dtype
+
+    factor = LinearFactor(
+        torch.zeros(4, 3, dtype=torch.float64),
+        torch.zeros(4, 2, dtype=torch.float64),
+        torch.arange(6),
+    )
+    assert _payload_dtype(FactoredPayload((factor,), None, None, 6)) == torch.float64
