@@ -6,6 +6,11 @@ skipped, so the script can be interrupted and restarted. ``--report`` only rebui
 table (``results/results.md``) and the curves (``results/<env>.png``).
 
     python benchmarks/rl/run.py --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --steps 100000
+    python benchmarks/rl/run.py --envs Hopper-v5 --seeds 0 1 2 3 4 --steps 1000000 --jobs 16
+
+``--jobs K`` trains up to K runs at once, one process (and one torch thread) each; only
+this process writes ``results.json``, after each run finishes. ``benchmarks/rl/protocol.py``
+then reports the runs the way the field does (IQM with stratified-bootstrap intervals).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import argparse
 import csv
 import json
 import math
+import multiprocessing
 import platform
 import shutil
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +161,96 @@ def summarize(run_dir: Path, threshold: float | None, until: float | None = None
         "steps_to_threshold": solved,
         "wall_time": float(rows[-1]["wall_time"]) if rows else math.nan,
     }
+
+
+def train_and_record(env: str, algo: str, seed: int, steps: int, results_dir: Path,
+                     label: str) -> dict:  # fmt: skip
+    """Train one run, keep its ``progress.csv`` and ``config.json``, return its record.
+
+    Writes only ``results_dir/runs/<run_name>/`` (never ``results.json``), so several of
+    these can run at once in separate processes.
+
+    Parameters
+    ----------
+    env, algo, seed, steps
+        The run (``algo`` is a natgrad algorithm or :data:`PEER`).
+    results_dir
+        Results folder; the run is kept in its ``runs/`` subfolder.
+    label
+        Machine label recorded with the run (:func:`machine_label`).
+
+    Returns
+    -------
+    dict
+        The line of ``results.json`` for this run.
+    """
+    name = run_name(env, algo, seed, steps)
+    threshold = reward_threshold(env)
+    tmp = Path("/tmp/natgrad_bench") / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    if algo == PEER:
+        extra = run_peer(env, seed, steps, tmp)
+    else:
+        extra = run_natgrad(env, algo, seed, steps, tmp)
+    keep = results_dir / "runs" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp / "progress.csv", keep / "progress.csv")
+    (keep / "config.json").write_text(json.dumps(extra["config"], indent=2))
+    return {"name": name, "env": env, "algo": algo, "seed": seed,
+            "steps": steps, "machine": label,
+            **summarize(keep, threshold), "commit": git_commit()}  # fmt: skip
+
+
+def _one_thread() -> None:
+    """Worker initializer: one torch thread per run, as in the sequential mode."""
+    torch.set_num_threads(1)
+
+
+def run_parallel(
+    pending: list[tuple[str, str, int]],
+    steps: int,
+    results_dir: Path,
+    label: str,
+    jobs: int,
+    record_run: Callable[[dict], None],
+) -> None:
+    """Train ``pending`` runs, up to ``jobs`` at a time, one spawned process per run.
+
+    Workers only write their own run folder; ``record_run`` (which writes
+    ``results.json``) is called in this process as each run finishes, so an interrupted
+    sweep keeps every finished run. A failed run does not stop the others; the failures
+    are listed at the end and the script exits with an error.
+
+    Parameters
+    ----------
+    pending
+        ``(env, algo, seed)`` of the runs to train.
+    steps, results_dir, label
+        As for :func:`train_and_record`.
+    jobs
+        Most runs at a time (processes).
+    record_run
+        Called with each finished run's record, in this process.
+    """
+    failed: list[str] = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+        futures = {
+            pool.submit(train_and_record, env, algo, seed, steps, results_dir, label): (
+                run_name(env, algo, seed, steps)
+            )
+            for env, algo, seed in pending
+        }
+        for future in as_completed(futures):
+            try:
+                record = future.result()
+            except Exception as error:  # noqa: BLE001 - reported below, the others go on
+                failed.append(f"{futures[future]}: {type(error).__name__}: {error}")
+                print(f"run {futures[future]} failed: {error!r}", file=sys.stderr, flush=True)
+                continue
+            record_run(record)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed:\n" + "\n".join(failed))
 
 
 def machine() -> dict:
@@ -357,7 +455,12 @@ def main() -> None:
                         help="results folders of runs made elsewhere to add")  # fmt: skip
     parser.add_argument("--adopt", type=Path, help="folder of runs stopped before their budget")
     parser.add_argument("--adopt-machine", default="", help="machine label of --adopt runs")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, one process each (default 1: in this "
+                             "process, one after the other)")  # fmt: skip
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: must be >= 1")
     torch.set_num_threads(1)
     results_dir: Path = args.results
     (results_dir / "runs").mkdir(parents=True, exist_ok=True)
@@ -383,29 +486,24 @@ def main() -> None:
         commands.append("python benchmarks/rl/run.py " + " ".join(sys.argv[1:]))
     if not args.report:
         done = {r["name"] for r in data["runs"]}
-        for env in args.envs:
-            threshold = reward_threshold(env)
-            for algo in args.algos:
-                for seed in args.seeds:
-                    name = run_name(env, algo, seed, args.steps)
-                    if name in done:
-                        continue
-                    tmp = Path("/tmp/natgrad_bench") / name
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    if algo == PEER:
-                        extra = run_peer(env, seed, args.steps, tmp)
-                    else:
-                        extra = run_natgrad(env, algo, seed, args.steps, tmp)
-                    keep = results_dir / "runs" / name
-                    keep.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(tmp / "progress.csv", keep / "progress.csv")
-                    (keep / "config.json").write_text(json.dumps(extra["config"], indent=2))
-                    record = {"name": name, "env": env, "algo": algo, "seed": seed,
-                              "steps": args.steps, "machine": label,
-                              **summarize(keep, threshold), "commit": git_commit()}  # fmt: skip
-                    data["runs"].append(record)
-                    path.write_text(json.dumps(data, indent=2))
-                    print(json.dumps(record), flush=True)
+        pending = [
+            (env, algo, seed)
+            for env in args.envs
+            for algo in args.algos
+            for seed in args.seeds
+            if run_name(env, algo, seed, args.steps) not in done
+        ]
+
+        def record_run(record: dict) -> None:
+            data["runs"].append(record)
+            path.write_text(json.dumps(data, indent=2))
+            print(json.dumps(record), flush=True)
+
+        if args.jobs == 1:
+            for env, algo, seed in pending:
+                record_run(train_and_record(env, algo, seed, args.steps, results_dir, label))
+        else:
+            run_parallel(pending, args.steps, results_dir, label, args.jobs, record_run)
     path.write_text(json.dumps(data, indent=2))
     report(results_dir)
 

@@ -1,0 +1,127 @@
+"""benchmarks/rl/protocol.py (IQM, AUC, intervals, missing runs, tuning seeds, profile) on
+fake run folders with known curves, and benchmarks/rl/run.py --jobs 2 at a tiny budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rl"
+BUDGET = 2560
+LOG_STEPS = range(256, BUDGET + 1, 256)  # 10 points; the grid (201 points) hits 256
+SLOPES = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0, 4: 1000.0}  # seed 4: an outlier the IQM drops
+
+
+def load_protocol() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "natgrad_bench_rl_protocol", BENCH / "protocol.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+protocol = load_protocol()
+
+
+def fake_results(root: Path, algos: dict[str, list[int]]) -> Path:
+    """Runs with return(step) = c * step / budget and wall_time = step / 1000 * (seed + 1)."""
+    runs = []
+    for algo, seeds in algos.items():
+        for seed in seeds:
+            name = protocol.run_name("FakeEnv-v0", algo, seed, BUDGET)
+            run_dir = root / "runs" / name
+            run_dir.mkdir(parents=True)
+            rows = ["step,episodic_return_mean,wall_time", "128,,0.1"]  # no episode yet
+            c = SLOPES[seed] * (2.0 if algo == "b" else 1.0)
+            rows += [f"{s},{c * s / BUDGET},{s / 1000 * (seed + 1)}" for s in LOG_STEPS]
+            (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
+            runs.append({"name": name, "env": "FakeEnv-v0", "algo": algo, "seed": seed,
+                         "steps": BUDGET, "machine": "test"})  # fmt: skip
+    (root / "results.json").write_text(json.dumps({"runs": runs, "machines": {"test": {}}}))
+    return root
+
+
+def test_iqm_of_final_return_and_auc_match_hand_computed_values(tmp_path: Path) -> None:
+    results = fake_results(tmp_path, {"a": [0, 1, 2, 3, 4]})
+    out = protocol.evaluate(results, ["FakeEnv-v0"], ["a"], [0, 1, 2, 3, 4], BUDGET, reps=500)
+    (row,) = out["rows"]
+    # Final return: the last 10 % of the steps (>= 2304): mean of c * 0.9 and c * 1.0.
+    assert [r["final_return"] for r in row["per_seed"]] == pytest.approx(
+        [0.95 * c for c in SLOPES.values()]
+    )
+    # AUC over [0, 2560]: held at 0.1 c up to step 256, then linear to c:
+    # (0.1 c * 256 + 0.55 c * 2304) / 2560 = 0.505 c.
+    assert [r["auc"] for r in row["per_seed"]] == pytest.approx(
+        [0.505 * c for c in SLOPES.values()]
+    )
+    # IQM of 5 seeds: the middle three (c = 20, 30, 40), mean c = 30.
+    assert row["final_return"]["estimate"] == pytest.approx(0.95 * 30)
+    assert row["auc"]["estimate"] == pytest.approx(0.505 * 30)
+    for key in ("final_return", "auc"):
+        assert row[key]["low"] <= row[key]["estimate"] <= row[key]["high"]
+        assert row[key]["confidence"] == 0.95
+    assert row["median_wall_time"] == pytest.approx(BUDGET / 1000 * 3)  # seed 2's
+    assert out["missing"] == [] and protocol.warnings_of(out) == []
+
+
+def test_missing_runs_are_listed_and_few_seeds_warned(tmp_path: Path) -> None:
+    results = fake_results(tmp_path, {"a": [0, 1, 2, 3, 4], "b": [0, 1]})
+    (results / "runs" / protocol.run_name("FakeEnv-v0", "b", 1, BUDGET) / "progress.csv").unlink()
+    out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "b"], [0, 1, 2, 3, 4], BUDGET, 200)
+    missing = {(m["algo"], m["seed"]): m["reason"] for m in out["missing"]}
+    assert set(missing) == {("b", 1), ("b", 2), ("b", 3), ("b", 4)}
+    assert missing[("b", 2)] == "not in results.json"
+    assert "progress.csv" in missing[("b", 1)]
+    (warning,) = protocol.warnings_of(out)
+    assert "b: 1 seed(s)" in warning and ">= 5" in warning
+    text = protocol.markdown(out)
+    assert "Missing runs (4)" in text and "FakeEnv-v0-b-s3-2k" in text
+    # Profile: b's one run (2 x 9.5 = 19) normalized over the env's runs (9.5 .. 950).
+    profile = out["performance_profile"]
+    assert set(profile) == {"a", "b"}
+    assert profile["b"]["fraction"][0] == 1.0 and profile["b"]["fraction"][2] == 0.0
+    assert profile["a"]["fraction"][0] == pytest.approx(0.8)  # the min run is not > 0
+    assert profile["a"]["fraction"][-1] == 0.0
+
+
+def test_tuning_seeds_are_refused(tmp_path: Path) -> None:
+    results = fake_results(tmp_path, {"a": [0]})
+    with pytest.raises(ValueError, match="tuning seeds"):
+        protocol.evaluate(results, ["FakeEnv-v0"], ["a"], [0, 1000], BUDGET)
+    with pytest.raises(SystemExit):
+        protocol.main(["--results", str(results), "--steps", str(BUDGET), "--seeds", "0", "100"])
+
+
+def test_cli_writes_table_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    results = fake_results(tmp_path / "results", {"a": [0, 1, 2], "b": [0, 1, 2, 3, 4]})
+    out = tmp_path / "out"
+    args = ["--results", str(results), "--steps", str(BUDGET), "--out", str(out), "--reps", "200"]
+    assert protocol.main(args) == 0
+    data = json.loads((out / "protocol.json").read_text())
+    assert data["seeds"] == [0, 1, 2, 3, 4] and data["provenance"]["commit"]
+    assert len(data["missing"]) == 2
+    assert "| FakeEnv-v0 | b | 5 |" in (out / "protocol.md").read_text()
+    assert (out / "performance_profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert "protocol asks for >= 5" in capsys.readouterr().err
+
+
+def test_run_py_jobs_2_trains_both_seeds(tmp_path: Path) -> None:
+    pytest.importorskip("gymnasium")
+    args = [sys.executable, str(BENCH / "run.py"), "--envs", "CartPole-v1", "--algos", "rat-npg",
+            "--seeds", "0", "1", "--steps", "1024", "--jobs", "2",
+            "--results", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {"CartPole-v1-rat-npg-s0-1k", "CartPole-v1-rat-npg-s1-1k"}
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {r["name"] for r in data["runs"]} == names
+    for name in names:
+        assert (tmp_path / "runs" / name / "progress.csv").exists()
