@@ -93,7 +93,14 @@ MODULES: dict[str, list[str]] = {
     ],
     "natgrad/solvers/fused.py": ["tests/test_compile.py", *SOLVER_TESTS],
     "natgrad/solvers/options.py": [*SOLVER_TESTS, "tests/test_auto_solver.py"],
-    "natgrad/solvers/dispatch.py": [*SOLVER_TESTS, "tests/test_auto_solver.py", *RAT_TESTS[:2]],
+    "natgrad/solvers/dispatch.py": [
+        "tests/test_dispatch_notes.py",
+        *SOLVER_TESTS,
+        "tests/test_auto_solver.py",
+        "tests/test_reviewer_fixes.py",
+        "tests/test_gram_memory.py",
+        *RAT_TESTS[:2],
+    ],
     "natgrad/solvers/memory.py": ["tests/test_gram_memory.py", *SOLVER_TESTS],
     "natgrad/solvers/accelerated_kaczmarz.py": [
         "tests/test_accelerated_kaczmarz.py",
