@@ -70,6 +70,7 @@ RESULTS = {
     "solvers/results/kaczmarz.json": ("CPU Kaczmarz benchmark", SOLVER_CODE),
     "solvers/results/call_profile.json": ("CPU call profile", SOLVER_CODE),
     "sb3/results/results.json": ("SB3 comparison", ["natgrad/sb3", *SOLVER_CODE]),
+    "rl/results/tune/mujoco.json": ("MuJoCo preset search", ["natgrad/rl", *SOLVER_CODE]),
     "supervised/results/results.json": (
         "supervised benchmark",
         ["natgrad/supervised", "natgrad/solvers", "natgrad/scores.py"],
@@ -532,6 +533,20 @@ def crossover_ratios(below: int | None = None, at_least: int | None = None) -> l
         for r in data
         if (below is None or r["N"] < below) and (at_least is None or r["N"] >= at_least)
     ]
+
+
+def tune_trials(family: str) -> list[dict]:
+    return load(f"rl/results/tune/{family}.json")["trials"]
+
+
+def tune_best_other(family: str) -> float:
+    """Objective of the best trial other than the defaults' (trial 0)."""
+    return max(t["value"] for t in tune_trials(family) if t["number"] != 0)
+
+
+def tune_small_damping(family: str, at_most: float) -> list[float]:
+    """Objectives of the trials with ``damping <= at_most``."""
+    return [t["value"] for t in tune_trials(family) if t["params"]["damping"] <= at_most]
 
 
 def large_batch_rows(problem: str | None = None) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from natgrad.rl.presets import (  # noqa: E402
     preset_choices,
     preset_for_env,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = ["--num-envs", "2", "--num-steps", "64", "--hidden", "8", "--critic-epochs", "1",
         "--no-progress", "--no-tensorboard"]  # fmt: skip
@@ -79,7 +82,9 @@ def test_the_registry_lists_every_family_with_its_source_and_plain_values():
         check_preset_values(preset)
     assert PRESETS["classic"].values == {}
     assert PRESETS["classic"].source == "the defaults, tuned on CartPole"
-    assert PRESETS["mujoco"].source == PRESETS["minatar"].source == "not tuned yet"
+    assert PRESETS["mujoco"].source.startswith("benchmarks/rl/results/tune/mujoco.md")
+    assert (ROOT / PRESETS["mujoco"].source.split(":")[0]).exists()  # the cited search
+    assert PRESETS["minatar"].source == "not tuned yet"
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,15 @@ def study_for(family: str, results: Path = RESULTS):
     )
 
 
+def _provenance() -> dict:
+    """Commit and versions of the search (``benchmarks/solvers/run.py``'s record)."""
+    from protocol import load_script
+
+    solvers_run = load_script("natgrad_bench_solvers_run", HERE.parent / "solvers" / "run.py")
+    info = machine()
+    return solvers_run.provenance(f"{info['cpu_count']} CPUs, 1 torch thread per run")
+
+
 def search(args: argparse.Namespace) -> None:
     import optuna
 
@@ -184,6 +193,7 @@ def search(args: argparse.Namespace) -> None:
             "space": {k: [kind, list(v)] for k, (kind, v) in SPACES[args.family].items()},
             "machine": machine(),
             "command": " ".join(sys.argv),
+            "provenance": _provenance(),
         }
     )
     meta.write_text(json.dumps(info, indent=1) + "\n")
