@@ -162,6 +162,8 @@ MODULES: dict[str, list[str]] = {
     "natgrad/rl/tracking.py": ["tests/test_tracking.py"],
     "natgrad/rl/plotting.py": ["tests/test_cli.py", "tests/test_rl_train.py"],
     "natgrad/rl/train.py": ["tests/test_rl_train.py", "tests/test_cli.py"],
+    "natgrad/rl/presets.py": ["tests/test_rl_presets.py"],
+    "natgrad/rl/stats.py": ["tests/test_rl_stats.py"],
     "natgrad/rl/algorithms": ["tests/test_rl_algorithms.py", "tests/test_rl_resume_algorithms.py"],
 }
 
