@@ -95,3 +95,61 @@ def test_without_a_preconditioner_rank_cpu_auto_never_solves_exactly() -> None:
     assert resolve_solver("auto", operator) == "cg"  # the default rank is 0
     assert resolve_solver("auto", operator, 0) == "cg"
     assert resolve_solver("auto", operator, 1) == "cholesky"
+
+
+def test_the_documented_gpu_limit_is_the_one_auto_uses() -> None:
+    from pathlib import Path
+
+    from natgrad.solvers.dispatch import AUTO_CHOLESKY_MAX_SAMPLES
+
+    root = Path(__file__).resolve().parent.parent
+    assert f"`N <= {AUTO_CHOLESKY_MAX_SAMPLES}`" in (root / "docs/choosing.md").read_text()
+    assert f"``N <= {AUTO_CHOLESKY_MAX_SAMPLES}``" in RATNaturalGradient.__doc__
+
+
+def test_the_direction_offset_is_keyword_only() -> None:
+    from natgrad.solvers.dispatch import solve
+
+    operator = _operator()
+    with pytest.raises(TypeError):
+        solve(
+            operator, torch.ones(4, dtype=torch.float64), SolverOptions(), torch.Generator(), None
+        )
+
+
+def test_compile_without_a_fused_form_runs_eagerly_and_says_so() -> None:
+    operator = SimpleNamespace(functional=lambda: None, backend="streaming")
+    compiled, notes = _compiled(operator, SolverOptions(compile=True), "cg")
+    assert not compiled and "has no fused form" in notes[0]
+
+
+def test_a_loose_tol_aims_the_suggested_damping_at_half() -> None:
+    # tol above 0.5: the suggested damping targets a precision of 0.5, not tol itself
+    options = SolverOptions(tol=0.8)
+    with pytest.warns(PrecisionWarning) as caught:
+        _precision_notes(_operator(torch.float32), _conditioning(0.9, 0.5), options)
+    expected = _conditioning(0.9, 0.5).minimum_damping(
+        torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps, 0.5
+    )
+    assert f"use damping >= {expected:.2g}" in str(caught[0].message)
+
+
+def test_a_stop_at_exactly_tol_blames_the_direction_error(monkeypatch) -> None:
+    # residual == tol is within tol: the unconverged stop is due to the direction error
+    from natgrad.solvers import _base
+    from natgrad.solvers import dispatch as dispatch_module
+    from natgrad.solvers.registry import SOLVER_REGISTRY, Solver
+
+    def stuck(operator, rhs, options, generator, *, direction_offset=None):
+        zero = torch.zeros_like(rhs)
+        return _base.SolveResult(zero, zero, zero, options.tol, 3, False, 2 * options.tol)
+
+    monkeypatch.setitem(SOLVER_REGISTRY, "stuck", Solver("stuck", stuck))
+    options = SolverOptions(tol=0.25, on_nonconvergence="raise")
+    from natgrad import NotConvergedError
+
+    with pytest.raises(NotConvergedError, match="direction error bound 0.5 > tol=0.25"):
+        dispatch_module._solve_unit(
+            _operator(), torch.ones(4, dtype=torch.float64), options, torch.Generator(), "stuck",
+            None,
+        )  # fmt: skip
