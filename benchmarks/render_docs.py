@@ -544,6 +544,26 @@ def tune_best_other(family: str) -> float:
     return max(t["value"] for t in tune_trials(family) if t["number"] != 0)
 
 
+def tune_trial(family: str, number: int) -> dict:
+    for t in tune_trials(family):
+        if t["number"] == number:
+            return t
+    raise KeyError((family, number))
+
+
+def tune_ratio(family: str, number: int, env: str) -> str:
+    """A trial's final return on ``env`` over the defaults' (trial 0), as ``'1.23x'``."""
+    run = tune_trial(family, number)["returns"]
+    base = tune_trial(family, 0)["returns"]
+    (key,) = [k for k in run if k.startswith(f"{env}/")]
+    return f"{run[key] / base[key]:.2f}x"
+
+
+def tune_param(family: str, number: int, name: str) -> str:
+    value = tune_trial(family, number)["params"][name]
+    return f"{value:.2g}" if isinstance(value, float) else str(value)
+
+
 def tune_small_damping(family: str, at_most: float) -> list[float]:
     """Objectives of the trials with ``damping <= at_most``."""
     return [t["value"] for t in tune_trials(family) if t["params"]["damping"] <= at_most]

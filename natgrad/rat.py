@@ -86,8 +86,8 @@ class RATNaturalGradient(OptionsView):
         are ``1e-4`` to ``1e-1``; see the docs page on choosing it.
     solver
         ``"auto"`` (the default) uses ``"cholesky"`` with the factored or materialized backend
-        for ``N <= 4096`` on CUDA and ``N < 2 * preconditioner_rank`` on CPU, else ``"cg"``:
-        the fastest to a cosine of 0.99 with the exact direction in ``benchmarks/solvers``.
+        for ``N <= 4096`` on CUDA and ``N < 2 * preconditioner_rank`` on CPU, else ``"cg"``
+        (measured in ``benchmarks/solvers``; see the performance page for the crossover).
         ``"cg"``: conjugate gradient on the ``N x N`` system; ``"kaczmarz"``: randomized
         block Kaczmarz over minibatches (RAT); ``"accelerated_kaczmarz"``: the same block
         steps with Nesterov momentum, for ill-conditioned systems where ``"kaczmarz"``
@@ -131,8 +131,8 @@ class RATNaturalGradient(OptionsView):
         Rank ``r`` of the Nystrom preconditioner of CG: ``r`` kernel columns ``K[:, S]`` of
         random samples make the few large eigenvalues of ``K`` cheap for CG (see the
         performance page for iteration counts). It holds an ``N x r`` float64 matrix.
-        ``0`` turns it off; ``r >= N`` uses every sample (then CG converges in one
-        iteration).
+        ``0`` turns it off; ``r >= N`` uses every sample (then CG converges in one or
+        two iterations; ``solver="auto"`` then solves exactly on CPU).
     compile
         Run the iterative solvers' inner step (Kaczmarz: the whole per-block projection;
         CG: the kernel product ``J (J^T x) / N``) as one ``torch.compile`` graph. Same

@@ -234,7 +234,9 @@ def run_parallel(
     """
     failed: list[str] = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_one_thread, max_tasks_per_child=1
+    ) as pool:
         futures = {
             pool.submit(train_and_record, env, algo, seed, steps, results_dir, label): (
                 run_name(env, algo, seed, steps)

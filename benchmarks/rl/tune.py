@@ -8,7 +8,7 @@ the final return of natgrad's plain defaults (``--preset none``) on the same env
 the trial's objective is the mean of those ratios, so every env weighs the same. The
 defaults are enqueued as the first trial.
 
-Tuning seeds (default 1000 and up) are disjoint from the evaluation seeds of
+Tuning seeds (>= 100; 1000 and 1001 by default) are disjoint from the evaluation seeds of
 ``benchmarks/rl/run.py`` (below 100): presets are never scored on the seeds that chose them.
 
 Resumable: the study is an SQLite file (``results/tune/<family>.db``) with heartbeats, so

@@ -26,7 +26,7 @@ def nystrom_preconditioner(
     """Return ``y -> P^{-1} y`` (float64), or ``None`` when ``rank`` is 0.
 
     ``rank >= N`` uses every sample: ``P`` is then ``K / N + lam I`` itself and CG finishes
-    in one iteration (forming all ``N`` columns costs about one Gram matrix).
+    in one or two iterations (forming all ``N`` columns costs about one Gram matrix).
 
     ``W`` is shifted by ``nu I`` with ``nu`` at the rounding level of the scores' dtype
     (float32 Gram entries are not exactly positive semidefinite), which keeps ``P``

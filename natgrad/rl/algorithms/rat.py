@@ -42,8 +42,8 @@ class RatOptions(TrustRegionOptions):
     )
     solver: str = option(
         RL_AGENT.solver,
-        "RAT solver for the N x N system: auto (CG on CPU, Cholesky on GPU for N <= 4096), "
-        "kaczmarz, cholesky or cg.",
+        "RAT solver for the N x N system: auto (Cholesky on GPU for N <= 4096 and on CPU "
+        "below 2 x the preconditioner rank, else CG), kaczmarz, cholesky or cg.",
         choices=solver_names,
     )
     block_size: int = option(RL_AGENT.block_size, "RAT Kaczmarz block size.", positive)
