@@ -873,3 +873,123 @@ def test_kfac_parameters_outside_layers_use_the_damped_diagonal_fisher():
     )
     g = (scores * adv[:, None]).mean(0)
     torch.testing.assert_close(direction["log_std"], g / ((scores**2).mean(0) + lam))
+
+
+# ------------------------------------------------------------ config, presets and stats
+
+
+def test_unit_interval_refuses_negative_values():
+    # kills options.py:82 (0.0 <= value -> -1.0 <= value)
+    from natgrad.rl._errors import ConfigError
+    from natgrad.rl.options import unit_interval
+
+    for good in (0.0, 0.5, 1.0):
+        unit_interval("--gamma", good)
+    for bad in (-0.5, -1e-9, 1.5):
+        with pytest.raises(ConfigError, match="--gamma"):
+            unit_interval("--gamma", bad)
+
+
+def test_hidden_widths_of_one_are_valid_and_zero_is_not():
+    # kills config.py:45 (min(value) < 1 -> <= 1)
+    from natgrad.rl import ConfigError, TrainConfig
+
+    assert TrainConfig(hidden=(1,)).hidden == (1,)
+    with pytest.raises(ConfigError, match="hidden"):
+        TrainConfig(hidden=(4, 0))
+
+
+def test_config_json_is_indented_by_two_spaces_and_round_trips():
+    # kills config.py:261 (indent=2 -> 1)
+    import json
+
+    from natgrad.rl import TrainConfig
+
+    text = TrainConfig(env="CartPole-v1", gamma=0.97).to_json()
+    assert text.splitlines()[1].startswith('  "') and not text.splitlines()[1].startswith("   ")
+    assert json.loads(text)["gamma"] == 0.97
+
+
+def test_presets_are_immutable():
+    # kills presets.py:34 (frozen=True -> False)
+    import dataclasses
+
+    from natgrad.rl.presets import PRESETS
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["mujoco"].source = "edited"
+
+
+def test_resuming_at_exactly_the_steps_taken_is_allowed(tmp_path):
+    # --steps equal to the steps already taken: nothing to train, not an error (kills
+    # train.py:172 steps < done -> steps <= done)
+    pytest.importorskip("gymnasium")
+    from natgrad.rl import ConfigError, TrainConfig
+    from natgrad.rl.train import Trainer
+
+    config = TrainConfig(env="CartPole-v1", steps=256, num_envs=2, num_steps=64, hidden=(8,),
+                         critic_epochs=1)  # fmt: skip
+    trainer = Trainer(config, tmp_path, tensorboard=False)
+    trainer.run(progress=False)
+    done = trainer.global_step
+    trainer.close()
+    again = Trainer(None, tmp_path, resume=True, steps=done, tensorboard=False)
+    assert again.global_step == done
+    again.close()
+    with pytest.raises(ConfigError, match="below the"):
+        Trainer(None, tmp_path, resume=True, steps=done - 1, tensorboard=False)
+
+
+def test_missing_safetensors_warning_points_at_the_caller_of_save(tmp_path, monkeypatch):
+    # kills train.py:314 (stacklevel=2 -> 1)
+    pytest.importorskip("gymnasium")
+    import importlib
+
+    from natgrad.rl import TrainConfig
+    from natgrad.rl._errors import MissingExtraError
+
+    train_module = importlib.import_module("natgrad.rl.train")  # the module, not train()
+    original = train_module.save_checkpoint
+
+    def no_safetensors(path, state, env_state=None, policy=None):
+        if policy is not None:
+            raise MissingExtraError("policy.safetensors", "safetensors")
+        return original(path, state, env_state=env_state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", no_safetensors)
+    config = TrainConfig(env="CartPole-v1", steps=128, num_envs=2, num_steps=64, hidden=(8,))
+    trainer = train_module.Trainer(config, tmp_path, tensorboard=False)
+    with pytest.warns(RuntimeWarning, match="is not written") as caught:
+        trainer.save()
+    trainer.close()
+    assert caught[0].filename == __file__
+
+
+def test_train_writes_tensorboard_events_by_default(tmp_path):
+    # kills train.py:539 (tensorboard=True -> False)
+    pytest.importorskip("gymnasium")
+    pytest.importorskip("tensorboard")
+    from natgrad.rl import TrainConfig
+    from natgrad.rl.train import train
+
+    config = TrainConfig(env="CartPole-v1", steps=128, num_envs=2, num_steps=64, hidden=(8,),
+                         critic_epochs=1)  # fmt: skip
+    train(config, tmp_path)
+    assert list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_bootstrap_interval_is_the_central_percentile_interval_of_the_replicates():
+    # the documented resampling (seeded, each task resampled with replacement) rebuilt
+    # here; the interval is its [2.5, 97.5] percentiles (kills stats.py:101-102)
+    from natgrad.rl.stats import iqm, stratified_bootstrap
+
+    gen = np.random.default_rng(0)  # distinct values: neighbouring replicates differ
+    scores = {"a": gen.normal(size=9).tolist(), "b": (10 + gen.normal(size=7)).tolist()}
+    interval = stratified_bootstrap(scores, reps=400, seed=7)
+    rng = np.random.default_rng(7)
+    tasks = [np.asarray(v) for v in scores.values()]
+    replicates = [
+        iqm(np.concatenate([t[rng.integers(0, t.size, t.size)] for t in tasks])) for _ in range(400)
+    ]
+    low, high = np.percentile(replicates, [2.5, 97.5])
+    assert (interval.low, interval.high) == (pytest.approx(low, abs=0), pytest.approx(high, abs=0))
