@@ -226,6 +226,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    run_provenance = provenance(args.machine)  # before this run writes its results file
     rows = [
         (p, n)
         for p, n in ROWS
@@ -243,7 +244,7 @@ def main() -> None:
         data["rows"].append(row)
         data["threads"] = args.threads
         data["repeats"] = args.repeats
-        data["provenance"] = provenance(args.machine)
+        data["provenance"] = run_provenance
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1) + "\n")
         phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["natgrad"]["phases"].items())
@@ -263,7 +264,7 @@ def main() -> None:
                 continue
             row = crossover_row(name, n, args.repeats)
             crossover.append(row)
-            data["provenance"] = provenance(args.machine)
+            data["provenance"] = run_provenance
             args.out.write_text(json.dumps(data, indent=1) + "\n")
             print(
                 f"crossover {name} N={n}: cg {row['cg']['seconds'] * 1e3:.1f} ms "
