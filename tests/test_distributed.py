@@ -284,6 +284,28 @@ def check_errors(rank: int, world: int) -> None:
     ).shape == (5,)
 
 
+def check_not_converged_warning_points_at_the_caller(rank: int, world: int) -> None:
+    import warnings
+
+    from natgrad.errors import NotConvergedWarning
+
+    total = 16
+    policy, obs, acts, adv = make_problem(total)
+    mine = local_slice([8, 8], rank)
+    rat = RATNaturalGradient(damping=1e-3, solver="cg", max_iters=1, tol=1e-12,
+                             on_nonconvergence="warn", process_group=dist.group.WORLD)  # fmt: skip
+    for call in (rat, rat.natural_gradient):  # the two entry points reach it at other depths
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(policy, obs[mine], acts[mine], adv[mine])
+        located = [w.filename for w in caught if issubclass(w.category, NotConvergedWarning)]
+        assert located == [__file__], (call, located)
+
+
+def test_not_converged_warning_points_at_the_callers_line() -> None:
+    spawn(2, check_not_converged_warning_points_at_the_caller)
+
+
 def test_errors_are_raised_on_every_rank_alike() -> None:
     spawn(2, check_errors)
 

@@ -27,7 +27,7 @@ from natgrad.solvers.conditioning import (
     Conditioning,
     _conditioning,
 )
-from natgrad.solvers.dispatch import _precision_notes, auto_solver
+from natgrad.solvers.dispatch import _precision_notes, _user_stacklevel, auto_solver
 from natgrad.solvers.options import SolverOptions
 
 __all__ = ["DISTRIBUTED_SOLVERS", "distributed_conditioning", "solve_distributed"]
@@ -189,7 +189,7 @@ def solve_distributed(
                 "solver='cholesky'"
             )
         if options.on_nonconvergence == "warn":
-            warnings.warn(message, NotConvergedWarning, stacklevel=4)
+            warnings.warn(message, NotConvergedWarning, stacklevel=_user_stacklevel())
             notes.append(message)
         else:
             comm.phase = "solve"
