@@ -111,7 +111,7 @@ def suggest(trial, family: str) -> dict:
 
 
 def objective_for(args: argparse.Namespace, pool: ProcessPoolExecutor):
-    defaults = defaults_as_trial()
+    defaults = defaults_as_trial(args.family)
 
     def objective(trial) -> float:
         # Settings at their default value are left out: the defaults' trial is the base run.
@@ -140,13 +140,13 @@ def objective_for(args: argparse.Namespace, pool: ProcessPoolExecutor):
     return objective
 
 
-def defaults_as_trial() -> dict:
+def defaults_as_trial(family: str) -> dict:
     """The searched settings at natgrad's defaults (the study's first trial)."""
     from natgrad.rl import TrainConfig
 
     config = TrainConfig()
     flat = {**config.to_dict(), **config.to_dict()["options"]}
-    return {name: flat[name] for name in SPACES["mujoco"]}
+    return {name: flat[name] for name in SPACES[family]}
 
 
 def study_for(family: str, results: Path = RESULTS):
@@ -198,7 +198,7 @@ def search(args: argparse.Namespace) -> None:
     )
     meta.write_text(json.dumps(info, indent=1) + "\n")
     if not study.trials:
-        study.enqueue_trial(defaults_as_trial())
+        study.enqueue_trial(defaults_as_trial(args.family))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = args.trials - len(complete)
     if remaining <= 0:
