@@ -18,7 +18,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from natgrad import RATNaturalGradient
-from natgrad.errors import NonFiniteError, NotConvergedError, ProcessGroupError
+from natgrad.errors import (
+    GramMemoryError,
+    NonFiniteError,
+    NotConvergedError,
+    ProcessGroupError,
+)
 
 RTOL = 1e-10
 DAMPING = 5e-2
@@ -278,6 +283,30 @@ def check_errors(rank: int, world: int) -> None:
     )  # fmt: skip
     with pytest.raises(NotConvergedError, match="distributed"):
         rat(policy, obs[mine], acts[mine], adv[mine])
+    # one rank short of memory for the exact solve: every rank raises before allocating,
+    # from an explicit cholesky and from the fallback of an iterative solver alike
+    import natgrad.distributed.cholesky as distributed_cholesky_module
+
+    free = distributed_cholesky_module.available_bytes
+    needed = distributed_cholesky_module.distributed_gram_bytes(10, 5)
+    assert needed == 8 * (5 * 10 + 10 * 11 + 2 * 100)
+    short = {0: None, 1: needed - 1}  # rank 0 cannot tell; rank 1 lacks one byte
+    distributed_cholesky_module.available_bytes = lambda device: short[rank]
+    try:
+        for options in ({"solver": "cholesky"}, {"solver": "cg", "tol": 1e-10, "max_iters": 1}):
+            rat = RATNaturalGradient(damping=0.1, process_group=group, **options)
+            message = r"N=10 needs ~2\.81 KiB per rank, 1 bytes more than a rank has free"
+            with pytest.raises(GramMemoryError, match=message):
+                rat(policy, obs[mine], acts[mine], adv[mine])
+        # exactly enough on rank 1: the exact solve runs, with one scalar all-reduce more
+        short[1] = needed
+        rat = RATNaturalGradient(damping=0.1, solver="cholesky", process_group=group)
+        rat(policy, obs[mine], acts[mine], adv[mine])
+        stats = rat.communication
+        assert stats.calls["solve/all_reduce"] == 2
+        assert stats.bytes["solve/all_reduce"] == 8 + 8 * 10 * 11
+    finally:
+        distributed_cholesky_module.available_bytes = free
     # the group still works after every error: a good call succeeds
     assert rat.__class__(damping=0.1, process_group=group)(
         policy, obs[mine], acts[mine], adv[mine]

@@ -10,8 +10,13 @@ rank the whole kernel and the whole right-hand side, and each rank factors
 ``K / N + lam I`` and solves (the same inputs, so the same answer). One last all-reduce of
 ``P`` floats forms ``d = J^T x / N`` from the local rows of ``x``.
 
-Communication: ``N P`` floats broadcast (in ``sum_l ceil(n_l / c)`` calls), ``N (N + 1)``
-all-reduced once, ``P`` all-reduced once. Memory: ``N^2`` floats on every rank. It is
+Communication: one scalar all-reduced first (the memory check below), ``N P`` floats
+broadcast (in ``sum_l ceil(n_l / c)`` calls), ``N (N + 1)`` all-reduced once, ``P``
+all-reduced once. Memory: about ``3 N^2 + n_k N`` float64 on every rank (its rows of ``K``,
+the all-reduced ``K`` and ``A``, the damped kernel and its factor); before allocating any of
+it, every rank compares that with its free memory and one all-reduce of the worst ratio
+makes every rank raise the same :class:`~natgrad.errors.GramMemoryError` if one of them
+cannot hold it (no rank is left waiting in a collective). It is
 meant for small ``N`` (a few thousand samples); CG and Kaczmarz exchange ``P``-vectors
 only. The score rows of other ranks are seen one chunk at a time, never kept.
 """
@@ -22,9 +27,38 @@ import torch
 from torch import Tensor
 
 from natgrad.distributed.operator import ShardedOperator, local_rows
+from natgrad.errors import GramMemoryError
 from natgrad.solvers._base import SolveResult, cholesky_factor, relative_residual
+from natgrad.solvers.memory import available_bytes, format_bytes
 
-__all__ = ["distributed_cholesky"]
+__all__ = ["distributed_cholesky", "distributed_gram_bytes"]
+
+
+def distributed_gram_bytes(num_samples: int, num_local: int) -> int:
+    """Peak bytes of :func:`distributed_cholesky` on a rank holding ``num_local`` samples."""
+    total = num_samples
+    return 8 * (num_local * total + total * (total + 1) + 2 * total * total)
+
+
+def check_distributed_gram_fits(operator: ShardedOperator) -> None:
+    """Raise :class:`~natgrad.errors.GramMemoryError` on every rank if any rank lacks memory.
+
+    One all-reduce of a scalar: the largest shortfall (needed minus free bytes) over the
+    ranks; a rank that cannot tell its free memory counts as having enough.
+    """
+    needed = distributed_gram_bytes(operator.num_samples, operator.num_local)
+    free = available_bytes(operator.device)
+    shortfall = operator.comm.max(float(needed - free) if free is not None else -1.0)
+    if shortfall <= 0:
+        return
+    raise GramMemoryError(
+        f"the distributed exact solve (solver='cholesky', also the fallback of "
+        f"on_nonconvergence='fallback' when an iterative solver misses tol) holds the whole "
+        f"N x N kernel and its factor on every rank: N={operator.num_samples} needs "
+        f"~{format_bytes(needed)} per rank, {format_bytes(int(shortfall))} more than a rank "
+        f"has free; use solver='cg' or 'kaczmarz' (they exchange P-vectors only) with "
+        f"on_nonconvergence='raise' or 'warn', or pass fewer samples per call"
+    )
 
 
 def distributed_cholesky(
@@ -45,9 +79,13 @@ def distributed_cholesky(
 
     Raises
     ------
+    GramMemoryError
+        On every rank alike, before anything is allocated, if one rank cannot hold the
+        kernel and its factor.
     IllConditionedError
         On every rank alike, if ``K / N + lam I`` is not numerically positive definite.
     """
+    check_distributed_gram_fits(operator)
     comm, total, n = operator.comm, operator.num_samples, operator.num_local
     device = rhs.device
     mine = slice(operator.offset, operator.offset + n)
