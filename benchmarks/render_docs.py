@@ -972,13 +972,14 @@ def has_history(commit: str) -> bool:
 
 def first_change(commit: str, paths: list[str]) -> str | None:
     """The first commit after ``commit`` touching ``paths``; ``'uncommitted'`` for edits only
-    in the working tree; None if the code is unchanged."""
+    in the working tree; None if the code is unchanged (a change later undone counts as none:
+    the working tree's ``paths`` are compared with ``commit``'s first)."""
     log = git("log", "--reverse", "--format=%h", f"{commit}..HEAD", "--", *paths)
     if log is None:
         raise RuntimeError(f"git history with commit {commit} is needed to render provenance")
-    if log:
-        return log.splitlines()[0]
-    return "uncommitted" if git("diff", "--quiet", commit, "--", *paths) is None else None
+    if git("diff", "--quiet", commit, "--", *paths) is not None:  # the same text as then
+        return None
+    return log.splitlines()[0] if log else "uncommitted"
 
 
 def provenance_info(name: str) -> dict:

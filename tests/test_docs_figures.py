@@ -97,3 +97,34 @@ def test_git_is_optional_for_the_numbers(monkeypatch):
     assert render_docs.render_text("n <!-- fig: num(1234) -->x<!-- /fig -->").endswith(
         "1,234<!-- /fig -->"
     )
+
+
+def test_first_change_sees_net_changes_only(tmp_path, monkeypatch):
+    """A measured file changed and changed back is unchanged; a net change names its first
+    commit; an edit not committed yet is 'uncommitted'."""
+
+    def run(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def commit(text: str, message: str) -> str:
+        (tmp_path / "code.py").write_text(text)
+        run("add", "code.py")
+        run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+        return run("rev-parse", "--short", "HEAD")
+
+    run("init", "-q")
+    measured = commit("x = 1\n", "measured")
+    monkeypatch.setattr(render_docs, "ROOT", tmp_path)
+    assert render_docs.first_change(measured, ["code.py"]) is None
+    changed = commit("x = 2\n", "change")
+    assert render_docs.first_change(measured, ["code.py"]) == changed
+    commit("x = 1\n", "undo")
+    assert render_docs.first_change(measured, ["code.py"]) is None
+    (tmp_path / "code.py").write_text("x = 3\n")
+    assert render_docs.first_change(measured, ["code.py"]) == changed
+    run("checkout", "-q", "code.py")
+    latest = run("rev-parse", "--short", "HEAD")
+    (tmp_path / "code.py").write_text("x = 4\n")
+    assert render_docs.first_change(latest, ["code.py"]) == "uncommitted"

@@ -113,11 +113,11 @@ def test_free_memory_is_read_from_memavailable(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_sizes_are_printed_in_binary_units() -> None:
-    assert memory.format_bytes(100) == "100 bytes"
-    assert memory.format_bytes(1536) == "1.5 KiB"
-    assert memory.format_bytes(3 * 2**20) == "3 MiB"
-    assert memory.format_bytes(5 * 2**30) == "5 GiB"
-    assert memory.format_bytes(2**20) == "1 MiB"  # a unit's exact size is printed in that unit
+    assert memory._size(100) == "100 bytes"
+    assert memory._size(1536) == "1.5 KiB"
+    assert memory._size(3 * 2**20) == "3 MiB"
+    assert memory._size(5 * 2**30) == "5 GiB"
+    assert memory._size(2**20) == "1 MiB"  # a unit's exact size is printed in that unit
 
 
 def test_free_cuda_memory_adds_what_the_caching_allocator_holds_unused(

@@ -356,3 +356,31 @@ def test_every_update_improves_the_surrogate_of_its_batch(algo):
         gain = float(surrogate(log_prob(new_dist, acts), old_lp, adv)) - float(adv.mean())
     assert gain > 0.0, gain
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm_adv", [True, False])
+def test_norm_adv_whitens_the_advantages_or_passes_them_raw(tmp_path, norm_adv):
+    trainer = _trainer(tmp_path, env="Pendulum-v1", steps=256, norm_adv=norm_adv)
+    batches, given = [], []
+    make_batch, update = trainer.buffer.batch, trainer.algo.update
+
+    def record_batch(*args, **kwargs):
+        batches.append(make_batch(*args, **kwargs))
+        return batches[-1]
+
+    def record_update(obs, acts, log_probs, adv):
+        given.append(adv.clone())
+        return update(obs, acts, log_probs, adv)
+
+    trainer.buffer.batch, trainer.algo.update = record_batch, record_update
+    trainer.step()
+    trainer.close()
+    raw = batches[0].advantages
+    assert float(raw.mean().abs()) > 1e-3  # Pendulum's raw advantages are not centred
+    if norm_adv:
+        expected = (raw - raw.mean()) / (raw.std() + 1e-8)
+        assert torch.allclose(given[0], expected)
+        assert abs(float(given[0].mean())) < 1e-5 and abs(float(given[0].std()) - 1) < 1e-4
+    else:
+        assert torch.equal(given[0], raw)
+    assert trainer.config.norm_adv is norm_adv

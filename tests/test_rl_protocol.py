@@ -114,15 +114,37 @@ def test_cli_writes_table_json_and_png(tmp_path: Path, capsys: pytest.CaptureFix
     assert "protocol asks for >= 5" in capsys.readouterr().err
 
 
-def test_run_py_jobs_2_trains_both_seeds(tmp_path: Path) -> None:
+def test_run_py_jobs_2_trains_both_seeds_and_a_variant(tmp_path: Path) -> None:
     pytest.importorskip("gymnasium")
+    variant = "rat-npg+damping=0.05+norm_adv=false"
     args = [sys.executable, str(BENCH / "run.py"), "--envs", "CartPole-v1", "--algos", "rat-npg",
-            "--seeds", "0", "1", "--steps", "1024", "--jobs", "2",
+            variant, "--seeds", "0", "1", "--steps", "1024", "--jobs", "2",
             "--results", str(tmp_path)]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    names = {"CartPole-v1-rat-npg-s0-1k", "CartPole-v1-rat-npg-s1-1k"}
+    names = {f"CartPole-v1-{algo}-s{seed}-1k" for algo in ("rat-npg", variant) for seed in (0, 1)}
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["name"] for r in data["runs"]} == names
     for name in names:
-        assert (tmp_path / "runs" / name / "progress.csv").exists()
+        config = json.loads((tmp_path / "runs" / name / "config.json").read_text())
+        expected = (0.05, False) if variant in name else (0.1, True)
+        assert (config["options"]["damping"], config["norm_adv"]) == expected
+
+
+def test_variant_specs_parse_or_fail_clearly() -> None:
+    pytest.importorskip("gymnasium")
+    run = protocol.load_script("natgrad_bench_rl_run", BENCH / "run.py")
+    assert run.parse_variant("rat-npg") == ("rat-npg", {})
+    assert run.parse_variant("rat-trpo+rat_fisher=expected+critic_epochs=20+norm_adv=False") == (
+        "rat-trpo",
+        {"rat_fisher": "expected", "critic_epochs": 20, "norm_adv": False},
+    )
+    assert run.parse_variant("rat-npg+damping=1e-2")[1] == {"damping": 0.01}
+    with pytest.raises(ValueError, match="unknown algorithm 'rat'"):
+        run.parse_variant("rat+damping=1")
+    with pytest.raises(ValueError, match="'cg_iters=5' is not KEY=VALUE with KEY an option"):
+        run.parse_variant("rat-npg+cg_iters=5")  # cg-trpo's option: rat-npg would ignore it
+    with pytest.raises(ValueError, match="'seed=3' is not KEY=VALUE"):
+        run.parse_variant("ppo+seed=3")  # the run's own seed is not an override
+    with pytest.raises(ValueError, match="'damping' is not KEY=VALUE"):
+        run.parse_variant("rat-npg+damping")

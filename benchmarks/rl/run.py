@@ -9,8 +9,18 @@ table (``results/results.md``) and the curves (``results/<env>.png``).
     python benchmarks/rl/run.py --envs Hopper-v5 --seeds 0 1 2 3 4 --steps 1000000 --jobs 16
 
 ``--jobs K`` trains up to K runs at once, one process (and one torch thread) each; only
-this process writes ``results.json``, after each run finishes. ``benchmarks/rl/protocol.py``
-then reports the runs the way the field does (IQM with stratified-bootstrap intervals).
+this process writes ``results.json``, after each run finishes.
+
+An ``--algos`` entry may be a variant, an algorithm with overrides joined by ``+``
+(``rat-npg+rat_fisher=expected``, ``rat-npg+damping=0.01+norm_adv=false``): any
+``TrainConfig`` field or option of that algorithm; the spec is the row's name. These are
+the ablation rows of ``docs/rl.md``:
+
+    python benchmarks/rl/run.py --envs Hopper-v5 --seeds 0 1 2 3 4 --steps 300000 \
+        --algos rat-npg rat-npg+norm_adv=false rat-npg+solver=kaczmarz+rat_max_epochs=2
+
+``benchmarks/rl/protocol.py`` then reports the runs the way the field does (IQM with
+stratified-bootstrap intervals).
 """
 
 from __future__ import annotations
@@ -57,10 +67,53 @@ ZOO_TRPO.update({
 })  # fmt: skip
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"rat-npg+damping=0.01+norm_adv=false"`` -> ``("rat-npg", {"damping": 0.01, ...})``.
+
+    Values are read as int, float, ``true``/``false`` or else kept as strings. Each key must
+    be a :class:`~natgrad.rl.TrainConfig` field or an option of the algorithm (a key the
+    algorithm would ignore is an error, not a silent no-op).
+    """
+    from natgrad.rl import ALGORITHMS, TrainConfig
+
+    algo, *pairs = spec.split("+")
+    if algo not in ALGORITHMS:
+        raise ValueError(f"--algos {spec!r}: unknown algorithm {algo!r}; one of "
+                         f"{', '.join(ALGORITHMS)} or {PEER}")  # fmt: skip
+    allowed = set(TrainConfig.__dataclass_fields__) | set(
+        ALGORITHMS[algo].Options.__dataclass_fields__
+    )
+    allowed -= {"env", "algo", "seed", "steps", "options"}
+    overrides: dict = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in allowed:
+            raise ValueError(
+                f"--algos {spec!r}: {pair!r} is not KEY=VALUE with KEY an option of {algo} "
+                f"(one of {', '.join(sorted(allowed))})"
+            )
+        overrides[key] = _literal(text)
+    return algo, overrides
+
+
+def _literal(text: str) -> object:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def run_natgrad(env: str, algo: str, seed: int, steps: int, out: Path) -> dict:
     from natgrad.rl import TrainConfig, Trainer
 
-    config = TrainConfig(env=env, algo=algo, seed=seed, steps=steps, **ENV_OVERRIDES.get(env, {}))
+    name, overrides = parse_variant(algo)
+    settings = {"env": env, "algo": name, "seed": seed, "steps": steps,
+                **ENV_OVERRIDES.get(env, {}), **overrides}  # fmt: skip
+    config = TrainConfig.from_dict(settings)
     trainer = Trainer(config, out, tensorboard=False)
     try:
         trainer.run(progress=False)
@@ -486,6 +539,12 @@ def main() -> None:
         commands.insert(0, data.pop("command"))
     if not args.report:
         commands.append("python benchmarks/rl/run.py " + " ".join(sys.argv[1:]))
+    for spec in args.algos:
+        if spec != PEER:
+            try:
+                parse_variant(spec)
+            except ValueError as error:
+                parser.error(str(error))
     if not args.report:
         done = {r["name"] for r in data["runs"]}
         pending = [

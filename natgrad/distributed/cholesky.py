@@ -29,7 +29,7 @@ from torch import Tensor
 from natgrad.distributed.operator import ShardedOperator, local_rows
 from natgrad.errors import GramMemoryError
 from natgrad.solvers._base import SolveResult, cholesky_factor, relative_residual
-from natgrad.solvers.memory import available_bytes, format_bytes
+from natgrad.solvers.memory import _size, available_bytes
 
 __all__ = ["distributed_cholesky", "distributed_gram_bytes"]
 
@@ -55,7 +55,7 @@ def check_distributed_gram_fits(operator: ShardedOperator) -> None:
         f"the distributed exact solve (solver='cholesky', also the fallback of "
         f"on_nonconvergence='fallback' when an iterative solver misses tol) holds the whole "
         f"N x N kernel and its factor on every rank: N={operator.num_samples} needs "
-        f"~{format_bytes(needed)} per rank, {format_bytes(int(shortfall))} more than a rank "
+        f"~{_size(needed)} per rank, {_size(int(shortfall))} more than a rank "
         f"has free; use solver='cg' or 'kaczmarz' (they exchange P-vectors only) with "
         f"on_nonconvergence='raise' or 'warn', or pass fewer samples per call"
     )

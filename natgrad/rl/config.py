@@ -97,6 +97,9 @@ class TrainConfig(RecordsGivenFields):
         True, "Whiten vector observations with running statistics (images are left as is)."
     )
     norm_reward: bool = option(True, "Divide rewards by the running std of the discounted return.")
+    norm_adv: bool = option(
+        True, "Whiten the advantages of each batch (mean 0, std 1); off: the raw GAE advantages."
+    )
     hidden: tuple[int, ...] = option(
         (64, 64),
         "Hidden widths of the policy and critic MLPs (the CNN uses the last one).",

@@ -403,7 +403,9 @@ class Trainer:
         self.global_step += steps
         self.iteration += 1
         batch = self.buffer.batch(cfg.gamma, cfg.gae_lambda)
-        adv = parallel.normalize_advantages(batch.advantages)
+        adv = batch.advantages
+        if cfg.norm_adv:
+            adv = parallel.normalize_advantages(adv)
         with torch.no_grad():
             old_dist = self.policy(batch.obs)
             old_entropy = float(parallel.mean(entropy(old_dist)))

@@ -6,7 +6,7 @@ import torch
 
 from natgrad.errors import GramMemoryError
 
-__all__ = ["available_bytes", "check_gram_fits", "format_bytes", "gram_bytes"]
+__all__ = ["available_bytes", "check_gram_fits", "gram_bytes"]
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -47,13 +47,13 @@ def check_gram_fits(num_samples: int, score_dtype: torch.dtype, device: torch.de
     raise GramMemoryError(
         f"an exact solve (solver='cholesky', also the fallback of on_nonconvergence='fallback' "
         f"when an iterative solver misses tol) forms the N x N kernel and its factor: "
-        f"N={num_samples} needs ~{format_bytes(needed)}, {format_bytes(free)} free on {device}; "
-        f"use an iterative solver ('auto', 'cg', 'kaczmarz' or 'accelerated_kaczmarz' never "
-        f"form it) with on_nonconvergence='raise' or 'warn', or pass fewer samples per call"
+        f"N={num_samples} needs ~{_size(needed)}, {_size(free)} free on {device}; use an "
+        f"iterative solver ('auto', 'cg', 'kaczmarz' or 'accelerated_kaczmarz' never form it) "
+        f"with on_nonconvergence='raise' or 'warn', or pass fewer samples per call"
     )
 
 
-def format_bytes(nbytes: int) -> str:
+def _size(nbytes: int) -> str:
     """Bytes in the largest binary unit that keeps the number >= 1 (at most GiB)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= scale:
