@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 pytest.importorskip("gymnasium")
 
 from natgrad.distributions import log_prob  # noqa: E402
+from natgrad.errors import NotConvergedWarning  # noqa: E402
 from natgrad.rl import ALGORITHMS, TrainConfig, Trainer  # noqa: E402
 from natgrad.rl.algorithms import backtracking_line_search, mean_kl  # noqa: E402
 from natgrad.rl.logger import read_progress  # noqa: E402
@@ -384,3 +386,28 @@ def test_norm_adv_whitens_the_advantages_or_passes_them_raw(tmp_path, norm_adv):
     else:
         assert torch.equal(given[0], raw)
     assert trainer.config.norm_adv is norm_adv
+
+
+@pytest.mark.parametrize("policy", ["fallback", "warn", "raise"])
+def test_rat_on_nonconvergence_reaches_the_solver(tmp_path, policy):
+    """One Kaczmarz epoch cannot reach rat_tol: fallback solves exactly, warn steps along
+    the inexact iterate (the paper's few-epoch solve), raise rejects the update."""
+    trainer = _trainer(tmp_path, env="CartPole-v1", steps=256, solver="kaczmarz", damping=1e-2,
+                       block_size=8, rat_max_epochs=1, rat_tol=1e-4,
+                       rat_on_nonconvergence=policy)  # fmt: skip
+    assert trainer.algo.rat.on_nonconvergence == policy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        row = trainer.step()
+    trainer.close()
+    diagnostics = trainer.algo.rat.diagnostics
+    if policy == "fallback":
+        assert row["update_rejected"] == 0.0 and row["solver_fallbacks"] == 1.0
+        assert diagnostics.solver == "cholesky" and diagnostics.converged
+    elif policy == "warn":
+        assert row["update_rejected"] == 0.0 and row["solver_fallbacks"] == 1.0  # the note
+        assert "instead" not in diagnostics.fallbacks[0]
+        assert diagnostics.solver == "kaczmarz" and not diagnostics.converged
+        assert any(issubclass(w.category, NotConvergedWarning) for w in caught)
+    else:
+        assert row["update_rejected"] == 1.0 and trainer.rejected_updates == 1

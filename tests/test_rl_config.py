@@ -34,7 +34,7 @@ OLD_FLAT = {
 
 
 # Options added since natgrad 0.1 (an old config.json gets their defaults).
-NEW_SINCE_FLAT = {"rat_fisher", "preset", "norm_adv"}
+NEW_SINCE_FLAT = {"rat_fisher", "preset", "norm_adv", "rat_on_nonconvergence"}
 
 
 def test_every_old_flag_is_an_option_exactly_once():

@@ -19,6 +19,7 @@ from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
 from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
 from natgrad.rl.options import at_least_one_or_off, nonnegative_int, option, positive
 from natgrad.solvers import RL_AGENT, solver_names
+from natgrad.solvers.options import ON_NONCONVERGENCE
 
 __all__ = ["RatNPG", "RatNPGOptions", "RatOptions", "RatTRPO", "RatTRPOOptions"]
 
@@ -58,6 +59,13 @@ class RatOptions(TrustRegionOptions):
         "Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).",
         nonnegative_int(" (0 turns it off)"),
     )
+    rat_on_nonconvergence: str = option(
+        RL_AGENT.on_nonconvergence,
+        "When the RAT solver stops above rat_tol: fallback (solve exactly with Cholesky), "
+        "warn (step along the inexact iterate, e.g. a few Kaczmarz epochs as in the paper) "
+        "or raise (reject the update).",
+        choices=lambda: ON_NONCONVERGENCE,
+    )
     rat_fisher: str = option(
         "sampled",
         "Fisher of the RAT natural gradient: sampled (scores of the taken actions) or "
@@ -94,6 +102,7 @@ class _RatBase(PolicyUpdate):
             max_epochs=config.rat_max_epochs,
             tol=config.rat_tol,
             preconditioner_rank=config.rat_preconditioner_rank,
+            on_nonconvergence=config.rat_on_nonconvergence,
         )
         self.rat = RATNaturalGradient.from_options(
             options, _rat_log_prob, seed, fisher=config.rat_fisher
