@@ -71,6 +71,39 @@ def test_iqm_of_final_return_and_auc_match_hand_computed_values(tmp_path: Path) 
     assert out["missing"] == [] and protocol.warnings_of(out) == []
 
 
+def test_spread_and_ratios_to_a_reference_match_hand_computed_values(tmp_path: Path) -> None:
+    results = fake_results(tmp_path, {"a": [0, 1, 2, 3, 4], "b": [0, 1, 2, 3, 4]})
+    out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "b"], [0, 1, 2, 3, 4], BUDGET,
+                            reps=300, reference="a")  # fmt: skip
+    rows = {row["algo"]: row for row in out["rows"]}
+    # finals 0.95 c = 9.5, 19, 28.5, 38, 950: quartiles 19 and 38 (b: twice each)
+    assert rows["a"]["iqr_final_return"] == pytest.approx(19.0)
+    assert rows["b"]["iqr_final_return"] == pytest.approx(38.0)
+    assert rows["a"]["mean_final_return"] == pytest.approx(0.95 * 1100 / 5)
+    # b's every run returns twice a's: the ratio of means is 2 on the env and on average
+    ratio = out["ratios"]["b"]
+    assert set(out["ratios"]) == {"b"} and ratio["skipped"] == []
+    assert ratio["per_env"]["FakeEnv-v0"]["ratio"] == pytest.approx(2.0)
+    assert ratio["mean"]["ratio"] == pytest.approx(2.0)
+    low, high = ratio["mean"]["low"], ratio["mean"]["high"]
+    assert low < 2.0 < high  # seeds resampled independently for a and b
+    text = protocol.markdown(out)
+    assert "relative to a" in text and "| b | 2.00 [" in text
+    # a reference whose mean return is not positive is not a scale: the env is skipped
+    (results / "runs").rename(tmp_path / "kept")
+    negative = fake_results(tmp_path / "negative", {"a": [0, 1], "b": [0, 1]})
+    for name in ("FakeEnv-v0-a-s0-2k", "FakeEnv-v0-a-s1-2k"):
+        csv_path = negative / "runs" / name / "progress.csv"
+        lines = csv_path.read_text().splitlines()
+        flipped = [lines[0], lines[1]] + [
+            f"{s},{-float(v)},{w}" for s, v, w in (line.split(",") for line in lines[2:])
+        ]
+        csv_path.write_text("\n".join(flipped) + "\n")
+    out = protocol.evaluate(negative, ["FakeEnv-v0"], ["a", "b"], [0, 1], BUDGET, reps=50,
+                            reference="a")  # fmt: skip
+    assert out["ratios"] == {}
+
+
 def test_missing_runs_are_listed_and_few_seeds_warned(tmp_path: Path) -> None:
     results = fake_results(tmp_path, {"a": [0, 1, 2, 3, 4], "b": [0, 1]})
     (results / "runs" / protocol.run_name("FakeEnv-v0", "b", 1, BUDGET) / "progress.csv").unlink()

@@ -257,6 +257,13 @@ def provenance(results_dir: Path) -> dict:
     return record
 
 
+def fmt_ratio(figure: dict | None) -> str:
+    """``ratio [low, high]`` for the ratio table."""
+    if figure is None:
+        return "n/a"
+    return f"{figure['ratio']:.2f} [{figure['low']:.2f}, {figure['high']:.2f}]"
+
+
 def fmt(figure: dict | None) -> str:
     """``IQM [low, high]`` for the table."""
     if figure is None:
@@ -271,8 +278,13 @@ def evaluate(
     seeds: Sequence[int],
     steps: int,
     reps: int = 5000,
+    reference: str | None = None,
 ) -> dict:
     """All the protocol's figures (the content of ``protocol.json`` without provenance).
+
+    With ``reference`` (an algo), also each algo's mean final return divided by the
+    reference's on each env, and the mean of those ratios over the envs
+    (:func:`ratios_to`).
 
     Raises
     ------
@@ -298,6 +310,8 @@ def evaluate(
             "seeds": [r["seed"] for r in runs],
             "final_return": interval(env, finals, reps),
             "auc": interval(env, aucs, reps),
+            "mean_final_return": float(np.mean(finals)) if finals else None,
+            "iqr_final_return": iqr_spread(finals),
             "median_wall_time": float(np.median(walls)) if walls else None,
             "stopped_early": [r["seed"] for r in runs if r["steps_reached"] < steps],
             "per_seed": runs,
@@ -312,7 +326,72 @@ def evaluate(
         "rows": rows,
         "missing": missing,
         "performance_profile": performance_profile(cells, reps=min(reps, 2000)),
+        "reference": reference,
+        "ratios": ratios_to(cells, reference, reps=min(reps, 2000)) if reference else {},
     }
+
+
+def iqr_spread(values: Sequence[float]) -> float | None:
+    """Interquartile range (75th minus 25th percentile, linear interpolation) of the finite
+    values: the spread across seeds."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    low, high = np.percentile(finite, [25, 75])
+    return float(high - low)
+
+
+def ratios_to(
+    cells: dict[tuple[str, str], list[dict]], reference: str, reps: int, seed: int = 0
+) -> dict[str, dict]:
+    """Per algo: its mean final return over seeds divided by ``reference``'s, per env and
+    averaged over the envs both have, with 95 % bootstrap intervals.
+
+    Each replicate resamples the seeds of both algos with replacement, independently per
+    env and per algo; the interval is the 2.5 and 97.5 percentiles of the replicated
+    ratios (and of their mean over envs). A ratio reads as "fraction of the reference's
+    return", so it is only meaningful where the reference's mean return is positive; envs
+    where it is not are left out (and listed under ``skipped``).
+
+    Returns
+    -------
+    dict
+        ``algo -> {"per_env": {env: {"ratio", "low", "high"}}, "mean": {...}, "skipped"}``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def finals(env: str, algo: str) -> np.ndarray:
+        runs = cells.get((env, algo), [])
+        return np.array([r["final_return"] for r in runs if math.isfinite(r["final_return"])])
+
+    out: dict[str, dict] = {}
+    envs = sorted({env for env, _ in cells})
+    for algo in sorted({algo for _, algo in cells} - {reference}):
+        per_env, replicated, skipped = {}, [], []
+        for env in envs:
+            mine, theirs = finals(env, algo), finals(env, reference)
+            if not mine.size or not theirs.size:
+                continue
+            if theirs.mean() <= 0:
+                skipped.append(env)
+                continue
+            draws = np.array([
+                mine[rng.integers(0, mine.size, mine.size)].mean()
+                / max(theirs[rng.integers(0, theirs.size, theirs.size)].mean(), 1e-12)
+                for _ in range(reps)
+            ])  # fmt: skip
+            low, high = np.percentile(draws, [2.5, 97.5])
+            per_env[env] = {"ratio": float(mine.mean() / theirs.mean()),
+                            "low": float(low), "high": float(high)}  # fmt: skip
+            replicated.append(draws)
+        if not per_env:
+            continue
+        mean_draws = np.mean(replicated, axis=0)
+        low, high = np.percentile(mean_draws, [2.5, 97.5])
+        mean = float(np.mean([r["ratio"] for r in per_env.values()]))
+        out[algo] = {"per_env": per_env, "mean": {"ratio": mean, "low": float(low),
+                     "high": float(high)}, "skipped": skipped}  # fmt: skip
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -326,17 +405,32 @@ def markdown(result: dict) -> str:
         f"(curve interpolated on {result['grid_points']} steps from 0 to the budget). Wall "
         "time: median per run; compare it only between runs of the same machine.",
         "",
-        "| env | algo | seeds | final return IQM [95 % CI] | AUC IQM [95 % CI] | "
-        "median wall time (s) |",
-        "|---|---|---|---|---|---|",
+        "| env | algo | seeds | final return IQM [95 % CI] | final return IQR | "
+        "AUC IQM [95 % CI] | median wall time (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         wall = "n/a" if row["median_wall_time"] is None else f"{row['median_wall_time']:.1f}"
         stopped = f" ({len(row['stopped_early'])} stopped early)" if row["stopped_early"] else ""
+        spread = row.get("iqr_final_return")
+        spread_text = "n/a" if spread is None else f"{spread:.1f}"
         lines.append(
             f"| {row['env']} | {row['algo']} | {len(row['seeds'])}{stopped} | "
-            f"{fmt(row['final_return'])} | {fmt(row['auc'])} | {wall} |"
+            f"{fmt(row['final_return'])} | {spread_text} | {fmt(row['auc'])} | {wall} |"
         )
+    if result.get("ratios"):
+        envs = result["envs"]
+        lines += [
+            "",
+            f"Mean final return over seeds relative to {result['reference']} "
+            "(95 % bootstrap interval):",
+            "",
+            "| algo | " + " | ".join(envs) + " | mean over envs |",
+            "|---|" + "---|" * (len(envs) + 1),
+        ]
+        for algo, ratio in result["ratios"].items():
+            cells = [fmt_ratio(ratio["per_env"].get(env)) for env in envs]
+            lines.append(f"| {algo} | " + " | ".join(cells) + f" | {fmt_ratio(ratio['mean'])} |")
     warnings = warnings_of(result)
     if warnings:
         lines += ["", "Warnings:", "", *[f"- {w}" for w in warnings]]
@@ -368,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: <results>/protocol-<budget>k")
     parser.add_argument("--reps", type=int, default=5000, help="bootstrap replicates")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
+    parser.add_argument("--reference", help="an algo: report every algo's mean final return "
+                        "relative to it (e.g. sb3-trpo)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.seeds and any(s >= TUNING_SEED_START for s in args.seeds):
         tuning = sorted(s for s in args.seeds if s >= TUNING_SEED_START)
@@ -386,7 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds or sorted({r["seed"] for r in at_budget if r["seed"] < TUNING_SEED_START})
     if not (envs and algos and seeds):
         parser.error(f"no runs of {args.steps} steps in {results_dir / 'results.json'}")
-    result = evaluate(results_dir, envs, algos, seeds, args.steps, reps=args.reps)
+    if args.reference is not None and args.reference not in algos:
+        parser.error(f"--reference {args.reference}: not among the algos {algos}")
+    result = evaluate(results_dir, envs, algos, seeds, args.steps, reps=args.reps,
+                      reference=args.reference)  # fmt: skip
     result["provenance"] = provenance(results_dir)
     out: Path = args.out or results_dir / f"protocol-{args.steps // 1000}k"
     out.mkdir(parents=True, exist_ok=True)
