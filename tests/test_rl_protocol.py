@@ -43,7 +43,7 @@ def fake_results(root: Path, algos: dict[str, list[int]]) -> Path:
             rows += [f"{s},{c * s / BUDGET},{s / 1000 * (seed + 1)}" for s in LOG_STEPS]
             (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
             runs.append({"name": name, "env": "FakeEnv-v0", "algo": algo, "seed": seed,
-                         "steps": BUDGET, "machine": "test"})  # fmt: skip
+                         "steps": BUDGET, "machine": "test", "commit": f"c{seed}"})  # fmt: skip
     (root / "results.json").write_text(json.dumps({"runs": runs, "machines": {"test": {}}}))
     return root
 
@@ -69,6 +69,8 @@ def test_iqm_of_final_return_and_auc_match_hand_computed_values(tmp_path: Path) 
         assert row[key]["confidence"] == 0.95
     assert row["median_wall_time"] == pytest.approx(BUDGET / 1000 * 3)  # seed 2's
     assert out["missing"] == [] and protocol.warnings_of(out) == []
+    # each run evaluated is listed with the commit that trained it
+    assert [(r["seed"], r["commit"]) for r in out["runs"]] == [(s, f"c{s}") for s in SLOPES]
 
 
 def test_spread_and_ratios_to_a_reference_match_hand_computed_values(tmp_path: Path) -> None:

@@ -124,8 +124,8 @@ def collect(
     -------
     cells
         ``(env, algo)`` -> one dict per found seed: ``seed``, ``name``, ``final_return``,
-        ``auc``, ``wall_time`` and ``steps_reached`` (below the budget for runs stopped
-        early, e.g. adopted by ``run.py --adopt``).
+        ``auc``, ``wall_time``, ``steps_reached`` (below the budget for runs stopped
+        early, e.g. adopted by ``run.py --adopt``) and ``commit`` (that trained it).
     missing
         ``{"env", "algo", "seed", "name", "reason"}`` for each run not found.
     """
@@ -155,6 +155,7 @@ def collect(
                     "auc": normalized_auc(run_dir, steps),
                     "wall_time": summary["wall_time"],
                     "steps_reached": recorded[name].get("steps_reached", steps),
+                    "commit": recorded[name].get("commit"),
                 })  # fmt: skip
     return cells, missing
 
@@ -324,6 +325,19 @@ def evaluate(
         "bootstrap_reps": reps,
         "grid_points": GRID_POINTS,
         "rows": rows,
+        # every run evaluated, with the commit that trained it (docs provenance reads these)
+        "runs": [
+            {
+                "name": r["name"],
+                "env": env,
+                "algo": algo,
+                "seed": r["seed"],
+                "steps": steps,
+                "commit": r["commit"],
+            }
+            for (env, algo), runs in cells.items()
+            for r in runs
+        ],  # fmt: skip
         "missing": missing,
         "performance_profile": performance_profile(cells, reps=min(reps, 2000)),
         "reference": reference,
