@@ -993,3 +993,27 @@ def test_bootstrap_interval_is_the_central_percentile_interval_of_the_replicates
     ]
     low, high = np.percentile(replicates, [2.5, 97.5])
     assert (interval.low, interval.high) == (pytest.approx(low, abs=0), pytest.approx(high, abs=0))
+
+
+def test_update_warnings_point_at_the_caller_of_step_and_wall_time_is_elapsed(tmp_path):
+    # natgrad's warning from inside an update is re-issued at the line that called
+    # Trainer.step (kills train.py stacklevel 3 -> 2); the wall time added by one step is
+    # the time it took (kills train.py `perf_counter() - start` -> `*`)
+    pytest.importorskip("gymnasium")
+    import time
+    import warnings
+
+    from natgrad.rl import TrainConfig, Trainer
+
+    config = TrainConfig.from_dict(dict(env="CartPole-v1", steps=128, num_envs=2, num_steps=64,
+                                        hidden=(8,), critic_epochs=1, rat_tol=1e-9))  # fmt: skip
+    trainer = Trainer(config, tmp_path / "run", tensorboard=False)
+    before = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.step()
+    elapsed = time.perf_counter() - before
+    trainer.close()
+    own = [w for w in caught if w.category.__module__.startswith("natgrad")]
+    assert own and all(w.filename == __file__ for w in own), [(w.filename, w.message) for w in own]
+    assert 0 < trainer.wall_time <= elapsed
