@@ -1017,3 +1017,31 @@ def test_update_warnings_point_at_the_caller_of_step_and_wall_time_is_elapsed(tm
     own = [w for w in caught if w.category.__module__.startswith("natgrad")]
     assert own and all(w.filename == __file__ for w in own), [(w.filename, w.message) for w in own]
     assert 0 < trainer.wall_time <= elapsed
+
+
+def test_plot_labels_split_runs_that_share_env_and_algo(tmp_path, monkeypatch):
+    # benchmark variants (rat-npg+damping=0.01) record algo "rat-npg" in config.json; the
+    # labels given keep them apart, one curve each, and a label count mismatch is refused
+    import importlib
+    import json
+
+    from natgrad.rl._errors import ConfigError
+
+    plotting = importlib.import_module("natgrad.rl.plotting")
+    runs = []
+    for k in range(3):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"env": "E", "algo": "rat-npg"}))
+        (run / "progress.csv").write_text(f"step,episodic_return_mean\n100,{k}\n200,{k + 1}\n")
+        runs.append(run)
+    figures = []
+    original = plotting._figure
+    monkeypatch.setattr(plotting, "_figure", lambda: figures.append(original()) or figures[-1])
+    plotting.plot_runs(runs, tmp_path / "one.png")
+    plotting.plot_runs(runs, tmp_path / "two.png", labels=["E / a", "E / b", "E / b"])
+    legends = [[t.get_text() for t in f.axes[0].get_legend().get_texts()] for f in figures]
+    assert [len(f.axes[0].lines) for f in figures] == [1, 2]
+    assert legends == [["E / rat-npg (n=3)"], ["E / a (n=1)", "E / b (n=2)"]]
+    with pytest.raises(ConfigError, match="2 labels for 3 run directories"):
+        plotting.plot_runs(runs, tmp_path / "bad.png", labels=["a", "b"])

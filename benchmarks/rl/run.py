@@ -490,11 +490,13 @@ def report(results_dir: Path) -> None:
     from natgrad.rl.plotting import plot_runs
 
     for env, steps in sorted({(r["env"], r["steps"]) for r in runs}):
-        dirs = [results_dir / "runs" / r["name"] for r in runs
-                if r["env"] == env and r["steps"] == steps]  # fmt: skip
+        chosen = [r for r in runs if r["env"] == env and r["steps"] == steps]
+        dirs = [results_dir / "runs" / r["name"] for r in chosen]
+        labels = [f"{env} / {r['algo']}" for r in chosen]  # variants are rows of their own
         budget = "" if steps == 100_000 else f"-{steps // 1000}k"
         title = f"{env}, {steps:,} steps"
-        plot_runs(dirs, results_dir / f"{env.replace('/', '_')}{budget}.png", title=title)
+        plot_runs(dirs, results_dir / f"{env.replace('/', '_')}{budget}.png", title=title,
+                  labels=labels)  # fmt: skip
     print((results_dir / "results.md").read_text())
 
 

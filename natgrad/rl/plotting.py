@@ -59,6 +59,7 @@ def plot_runs(
     out: str | Path,
     y: str = "episodic_return_mean",
     title: str | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Path:
     """Overlay runs; runs with the same env and algo are one curve with a 95% band.
 
@@ -75,6 +76,9 @@ def plot_runs(
         Column of ``progress.csv`` to plot.
     title
         Figure title (default: the column name).
+    labels
+        One curve label per run directory (runs with the same label are one curve);
+        default: ``env / algo`` of each run's ``config.json``, else the folder name.
 
     Returns
     -------
@@ -83,13 +87,15 @@ def plot_runs(
     """
     if not run_dirs:
         raise ConfigError("plot needs at least one run directory")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise ConfigError(f"plot got {len(labels)} labels for {len(run_dirs)} run directories")
     out = writable_file(out, "--out")
     fmt = out.suffix[1:].lower()
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
-    for run in map(Path, run_dirs):
+    for i, run in enumerate(map(Path, run_dirs)):
         steps, values = load_curve(run, y)
         if len(steps):
-            groups[_label(run)].append((steps, values))
+            groups[_label(run) if labels is None else labels[i]].append((steps, values))
     fig = _figure()
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ConfigError(
