@@ -146,7 +146,13 @@ def test_cli_writes_table_json_and_png(tmp_path: Path, capsys: pytest.CaptureFix
     assert len(data["missing"]) == 2
     assert "| FakeEnv-v0 | b | 5 |" in (out / "protocol.md").read_text()
     assert (out / "performance_profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "curves-FakeEnv-v0.png").read_bytes()[:4] == b"\x89PNG"
     assert "protocol asks for >= 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a reference that is not evaluated is refused
+        protocol.main([*args, "--reference", "c"])
+    assert protocol.main([*args, "--reference", "a", "--no-plot"]) == 0
+    data = json.loads((out / "protocol.json").read_text())
+    assert data["reference"] == "a" and set(data["ratios"]) == {"b"}
 
 
 def test_run_py_jobs_2_trains_both_seeds_and_a_variant(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ return, min-max normalized per env over all the selected runs of that env, excee
 for tau in [0, 1], with a 95 % stratified-bootstrap band (runs resampled within each env).
 
 Writes ``protocol.md`` (table), ``protocol.json`` (figures, per-seed scores, missing runs,
-provenance) and ``performance_profile.png`` (matplotlib needed; ``--no-plot`` skips it)
-to ``--out`` (default ``<results>/protocol-<budget>k``).
+provenance), ``performance_profile.png`` and ``curves-<env>.png`` (matplotlib needed;
+``--no-plot`` skips them) to ``--out`` (default ``<results>/protocol-<budget>k``).
 
     python benchmarks/rl/run.py --envs Hopper-v5 Walker2d-v5 --seeds 0 1 2 3 4 \\
         --steps 1000000 --jobs 16
@@ -243,6 +243,24 @@ def plot_profile(profiles: dict[str, dict[str, list[float]]], path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_curves(result: dict, results_dir: Path, out: Path) -> list[Path]:
+    """``curves-<env>.png``: the learning curves of the evaluated runs, one mean curve with
+    a 95 % band per algo (variants apart), written next to the table."""
+    from natgrad.rl.plotting import plot_runs
+
+    written = []
+    for env in result["envs"]:
+        runs = [r for r in result["runs"] if r["env"] == env]
+        if not runs:
+            continue
+        path = out / f"curves-{env.replace('/', '_')}.png"
+        plot_runs([results_dir / "runs" / r["name"] for r in runs], path,
+                  title=f"{env}, {result['steps']:,} steps, seeds {result['seeds']}",
+                  labels=[r["algo"] for r in runs])  # fmt: skip
+        written.append(path)
+    return written
 
 
 def provenance(results_dir: Path) -> dict:
@@ -512,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_plot:
         title = f"Performance profile, {args.steps:,} steps, {len(envs)} env(s)"
         plot_profile(result["performance_profile"], out / "performance_profile.png", title)
+        plot_curves(result, results_dir, out)
     print(markdown(result))
     print(f"written to {out}")
     return 0
