@@ -404,10 +404,12 @@ def test_rat_on_nonconvergence_reaches_the_solver(tmp_path, policy):
     if policy == "fallback":
         assert row["update_rejected"] == 0.0 and row["solver_fallbacks"] == 1.0
         assert diagnostics.solver == "cholesky" and diagnostics.converged
+        assert row["solver_converged"] == 1.0
     elif policy == "warn":
         assert row["update_rejected"] == 0.0 and row["solver_fallbacks"] == 1.0  # the note
         assert "instead" not in diagnostics.fallbacks[0]
         assert diagnostics.solver == "kaczmarz" and not diagnostics.converged
+        assert row["solver_converged"] == 0.0
         assert any(issubclass(w.category, NotConvergedWarning) for w in caught)
     else:
         assert row["update_rejected"] == 1.0 and trainer.rejected_updates == 1

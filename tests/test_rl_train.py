@@ -126,3 +126,25 @@ def test_tensorboard_events_when_installed(tmp_path):
     trainer.run(progress=False)
     trainer.close()
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_progress_columns_first_seen_after_the_first_row_are_kept(tmp_path):
+    """A rejected first update logs fewer metrics than an accepted one: the accepted update's
+    solver columns must still reach progress.csv (the header widens), on resume too."""
+    from natgrad.rl.logger import RunLogger, read_progress
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    logger.write({"step": 1, "update_rejected": 1.0})
+    logger.write({"step": 2, "update_rejected": 0.0, "solver_residual": 1e-4})
+    logger.write({"step": 3, "update_rejected": 0.0, "solver_residual": 2e-4, "kl": 0.01})
+    logger.close()
+    rows = read_progress(tmp_path / "progress.csv")
+    assert [r["solver_residual"] for r in rows][1:] == [1e-4, 2e-4]
+    assert math.isnan(rows[0]["solver_residual"]) and math.isnan(rows[1]["kl"])
+    assert rows[2]["kl"] == 0.01
+    resumed = RunLogger(tmp_path, resume_step=2, tensorboard=False)
+    resumed.write({"step": 3, "update_rejected": 0.0, "solver_residual": 3e-4, "g_dot_d": 5.0})
+    resumed.close()
+    rows = read_progress(tmp_path / "progress.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["solver_residual"] == 3e-4 and rows[2]["g_dot_d"] == 5.0

@@ -77,12 +77,18 @@ class RunLogger:
                 self.writer = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=purge)
 
     def write(self, row: dict[str, Any]) -> None:
-        """Append ``row`` (new keys after the first row are ignored in the CSV)."""
+        """Append ``row``.
+
+        Keys no earlier row had become new columns (the file is rewritten with the wider
+        header, earlier rows empty there), so no metric is ever dropped.
+        """
         if self.fields is None:
             rest = sorted(k for k in row if k not in LEADING)
             self.fields = [k for k in LEADING if k in row] + rest
             with open(self.path, "w", newline="") as handle:
                 csv.DictWriter(handle, self.fields).writeheader()
+        elif any(k not in self.fields for k in row):
+            self._widen(sorted(k for k in row if k not in self.fields))
         with open(self.path, "a", newline="") as handle:
             writer = csv.DictWriter(handle, self.fields, extrasaction="ignore")
             writer.writerow({k: _fmt(row.get(k)) for k in self.fields})
@@ -92,6 +98,17 @@ class RunLogger:
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     group = "charts" if key.startswith("episodic") else "train"
                     self.writer.add_scalar(f"{group}/{key}", value, step)
+
+    def _widen(self, new: list[str]) -> None:
+        """Rewrite the CSV with ``new`` columns appended to its header."""
+        assert self.fields is not None
+        with open(self.path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        self.fields = [*self.fields, *new]
+        with open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
 
     def close(self) -> None:
         """Flush and close TensorBoard."""

@@ -44,13 +44,15 @@ class RatOptions(TrustRegionOptions):
     solver: str = option(
         RL_AGENT.solver,
         "RAT solver for the N x N system: auto (Cholesky on GPU for N <= 4096 and on CPU "
-        "below 2 x the preconditioner rank, else CG), kaczmarz, cholesky or cg.",
+        "below 2 x the preconditioner rank, else CG), kaczmarz, accelerated_kaczmarz, "
+        "cholesky or cg.",
         choices=solver_names,
     )
     block_size: int = option(RL_AGENT.block_size, "RAT Kaczmarz block size.", positive)
     rat_max_epochs: int = option(
         RL_AGENT.max_epochs,
-        "RAT Kaczmarz epochs before falling back to Cholesky (CG is capped at 200 iterations).",
+        "RAT Kaczmarz epochs before --rat-on-nonconvergence applies (CG is capped at 200 "
+        "iterations).",
         positive,
     )
     rat_tol: float = option(RL_AGENT.tol, "RAT relative residual tolerance.", positive)
@@ -121,7 +123,8 @@ class _RatBase(PolicyUpdate):
             "solver_residual": diag.residual,
             "solver_iterations": float(diag.iterations),
             "solver_seconds": diag.seconds,
-            "solver_fallbacks": float(len(diag.fallbacks)),
+            "solver_fallbacks": float(len(diag.fallbacks)),  # every note, see docs/rl.md
+            "solver_converged": float(diag.converged),
         }
         return ng, stats
 
