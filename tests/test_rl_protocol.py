@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_spread_and_ratios_to_a_reference_match_hand_computed_values(tmp_path: P
     # a reference whose mean return is not positive is not a scale: the env is skipped
     (results / "runs").rename(tmp_path / "kept")
     negative = fake_results(tmp_path / "negative", {"a": [0, 1], "b": [0, 1]})
-    for name in ("FakeEnv-v0-a-s0-2k", "FakeEnv-v0-a-s1-2k"):
+    for name in ("FakeEnv-v0-a-s0-2560", "FakeEnv-v0-a-s1-2560"):
         csv_path = negative / "runs" / name / "progress.csv"
         lines = csv_path.read_text().splitlines()
         flipped = [lines[0], lines[1]] + [
@@ -117,7 +118,7 @@ def test_missing_runs_are_listed_and_few_seeds_warned(tmp_path: Path) -> None:
     (warning,) = protocol.warnings_of(out)
     assert "b: 1 seed(s)" in warning and ">= 5" in warning
     text = protocol.markdown(out)
-    assert "Missing runs (4)" in text and "FakeEnv-v0-b-s3-2k" in text
+    assert "Missing runs (4)" in text and "FakeEnv-v0-b-s3-2560" in text
     # Profile: b's one run (2 x 9.5 = 19) normalized over the env's runs (9.5 .. 950).
     profile = out["performance_profile"]
     assert set(profile) == {"a", "b"}
@@ -163,7 +164,7 @@ def test_run_py_jobs_2_trains_both_seeds_and_a_variant(tmp_path: Path) -> None:
             "--results", str(tmp_path)]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    names = {f"CartPole-v1-{algo}-s{seed}-1k" for algo in ("rat-npg", variant) for seed in (0, 1)}
+    names = {f"CartPole-v1-{algo}-s{seed}-1024" for algo in ("rat-npg", variant) for seed in (0, 1)}
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["name"] for r in data["runs"]} == names
     for name in names:
@@ -180,12 +181,38 @@ def test_variant_specs_parse_or_fail_clearly() -> None:
         "rat-trpo",
         {"rat_fisher": "expected", "critic_epochs": 20, "norm_adv": False},
     )
-    assert run.parse_variant("rat-npg+damping=1e-2")[1] == {"damping": 0.01}
-    with pytest.raises(ValueError, match="unknown algorithm 'rat'"):
-        run.parse_variant("rat+damping=1")
-    with pytest.raises(ValueError, match="'cg_iters=5' is not KEY=VALUE with KEY an option"):
-        run.parse_variant("rat-npg+cg_iters=5")  # cg-trpo's option: rat-npg would ignore it
-    with pytest.raises(ValueError, match="'seed=3' is not KEY=VALUE"):
-        run.parse_variant("ppo+seed=3")  # the run's own seed is not an override
-    with pytest.raises(ValueError, match="'damping' is not KEY=VALUE"):
-        run.parse_variant("rat-npg+damping")
+    assert run.parse_variant("rat-npg+damping=1e-2+hidden=32,16")[1] == {
+        "damping": 0.01,
+        "hidden": (32, 16),
+    }
+    assert run.parse_variant("rat-npg+max_kl=1")[1] == {"max_kl": 1.0}  # a float field
+    bad = {
+        "rat+damping=1": "unknown algorithm 'rat'",
+        "sb3-trpo+damping=1": "sb3-trpo runs rl-zoo's tuned hyperparameters",
+        "rat-npg+cg_iters=5": "cg_iters is an option of cg-trpo, which rat-npg does not read",
+        "rat-npg+nosuch=5": "unknown key 'nosuch'; rat-npg takes",
+        "ppo+seed=3": "seed is set by run.py's own --seeds flag",
+        "ppo+steps=3": "steps is set by run.py's own --steps flag",
+        "rat-npg+damping": "'damping' has no '='",
+        "rat-npg+damping=0.1+damping=0.2": "damping is given twice",
+        "rat-npg+norm_adv=maybe": "norm_adv='maybe' is not a bool",
+        "rat-npg+damping=abc": "damping='abc' is not a float",
+        "rat-npg+hidden=a,b": "hidden='a,b' is not a comma-separated ints",
+        "rat-npg+solver=bogus": "solver",
+        "rat-npg+damping=-1": "damping",
+    }
+    for spec, message in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run.parse_variant(spec)
+
+
+def test_run_names_keep_budgets_apart() -> None:
+    pytest.importorskip("gymnasium")
+    run = protocol.load_script("natgrad_bench_rl_run", BENCH / "run.py")
+    names = {run.run_name("Hopper-v5", "rat-npg", 0, steps) for steps in (128, 900, 2048, 2500)}
+    assert len(names) == 4
+    assert run.run_name("Hopper-v5", "rat-npg", 0, 300_000) == "Hopper-v5-rat-npg-s0-300k"
+    assert run.run_name("Hopper-v5", "rat-npg", 0, 100_000) == "Hopper-v5-rat-npg-s0"
+    for steps in (128, 2048, 300_000):
+        suffix = run.run_name("E-v0", "a", 0, steps).rpartition("-")[2]
+        assert run.budget_steps(suffix) == steps

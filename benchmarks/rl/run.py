@@ -31,6 +31,7 @@ import json
 import math
 import multiprocessing
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -67,43 +68,87 @@ ZOO_TRPO.update({
 })  # fmt: skip
 
 
+RESERVED_KEYS = ("env", "algo", "seed", "steps", "options")
+"""Set by ``run.py``'s own flags, so not variant keys."""
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
     """``"rat-npg+damping=0.01+norm_adv=false"`` -> ``("rat-npg", {"damping": 0.01, ...})``.
 
-    Values are read as int, float, ``true``/``false`` or else kept as strings. Each key must
-    be a :class:`~natgrad.rl.TrainConfig` field or an option of the algorithm (a key the
-    algorithm would ignore is an error, not a silent no-op).
+    Each key must be a :class:`~natgrad.rl.TrainConfig` field or an option of the algorithm
+    (a key the algorithm would ignore is an error, not a silent no-op), given once. Values
+    are read as the field's type (``true``/``false`` for flags, ``64,64`` for ``hidden``)
+    and the resulting configuration is validated, so a bad value fails here, before any
+    training.
+
+    Raises
+    ------
+    ValueError
+        Naming the part of ``spec`` that is wrong and what would be accepted.
     """
+    import dataclasses
+
     from natgrad.rl import ALGORITHMS, TrainConfig
+    from natgrad.rl._errors import ConfigError
 
     algo, *pairs = spec.split("+")
+    if algo == PEER:
+        raise ValueError(f"--algos {spec!r}: {PEER} runs rl-zoo's tuned hyperparameters and "
+                         "takes no overrides")  # fmt: skip
     if algo not in ALGORITHMS:
         raise ValueError(f"--algos {spec!r}: unknown algorithm {algo!r}; one of "
-                         f"{', '.join(ALGORITHMS)} or {PEER}")  # fmt: skip
-    allowed = set(TrainConfig.__dataclass_fields__) | set(
-        ALGORITHMS[algo].Options.__dataclass_fields__
-    )
-    allowed -= {"env", "algo", "seed", "steps", "options"}
+                         f"{', '.join(ALGORITHMS)}, optionally with +KEY=VALUE overrides, "
+                         f"or {PEER}")  # fmt: skip
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields.update({f.name: f for f in dataclasses.fields(ALGORITHMS[algo].Options)})
+    for reserved in RESERVED_KEYS:
+        fields.pop(reserved, None)
     overrides: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
-        if not sep or key not in allowed:
-            raise ValueError(
-                f"--algos {spec!r}: {pair!r} is not KEY=VALUE with KEY an option of {algo} "
-                f"(one of {', '.join(sorted(allowed))})"
-            )
-        overrides[key] = _literal(text)
+        if not sep:
+            raise ValueError(f"--algos {spec!r}: {pair!r} has no '=' (write KEY=VALUE)")
+        if key in RESERVED_KEYS:
+            flag = {"env": "--envs", "algo": "--algos", "seed": "--seeds", "steps": "--steps"}
+            raise ValueError(f"--algos {spec!r}: {key} is set by run.py's own "
+                             f"{flag.get(key, '--algos')} flag, not by a variant")  # fmt: skip
+        if key not in fields:
+            readers = [name for name, cls in ALGORITHMS.items()
+                       if key in {f.name for f in dataclasses.fields(cls.Options)}]  # fmt: skip
+            if readers:
+                raise ValueError(f"--algos {spec!r}: {key} is an option of "
+                                 f"{', '.join(readers)}, which {algo} does not read")  # fmt: skip
+            raise ValueError(f"--algos {spec!r}: unknown key {key!r}; {algo} takes "
+                             f"{', '.join(sorted(fields))}")  # fmt: skip
+        if key in overrides:
+            raise ValueError(f"--algos {spec!r}: {key} is given twice")
+        overrides[key] = _typed_value(spec, key, text, fields[key])
+    try:
+        TrainConfig.from_dict({"algo": algo, **overrides}).validate()
+    except (ConfigError, TypeError, ValueError) as error:
+        raise ValueError(f"--algos {spec!r}: {error}") from None
     return algo, overrides
 
 
-def _literal(text: str) -> object:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+def _typed_value(spec: str, key: str, text: str, field) -> object:
+    """``text`` read as the type of ``field``'s default."""
+    import dataclasses
+
+    default = None if field.default is dataclasses.MISSING else field.default
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError("write true or false")
+            return text.lower() == "true"
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            return tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        kind = "comma-separated ints" if isinstance(default, tuple) else type(default).__name__
+        raise ValueError(f"--algos {spec!r}: {key}={text!r} is not a {kind} ({error})") from None
     return text
 
 
@@ -193,8 +238,16 @@ def minatar_policy_kwargs() -> dict:
 
 def run_name(env: str, algo: str, seed: int, steps: int) -> str:
     """Directory name of a run; budgets other than the 100k default are part of it."""
-    budget = "" if steps == 100_000 else f"-{steps // 1000}k"
+    if steps == 100_000:
+        budget = ""
+    else:  # whole thousands as "300k"; any other budget in full, so no two budgets share
+        budget = f"-{steps // 1000}k" if steps % 1000 == 0 else f"-{steps}"
     return f"{env.replace('/', '_')}-{algo}-s{seed}{budget}"
+
+
+def budget_steps(suffix: str) -> int:
+    """The budget a :func:`run_name` suffix stands for (``"300k"`` -> 300000, ``"1024"``)."""
+    return int(suffix[:-1]) * 1000 if suffix.endswith("k") else int(suffix)
 
 
 def summarize(run_dir: Path, threshold: float | None, until: float | None = None) -> dict:
@@ -381,9 +434,8 @@ def adopt_stopped_runs(data: dict, results_dir: Path, folder: Path, machine: str
             continue
         stem, _, budget = run_dir.name.rpartition("-")
         stem, _, seed = stem.rpartition("-s")
-        env_algo = stem
-        algo = next(a for a in (*NATGRAD_ALGOS, PEER) if env_algo.endswith("-" + a))
-        env = env_algo[: -len(algo) - 1].replace("MinAtar_", "MinAtar/")
+        env, algo = re.fullmatch(r"(.*?-v\d+)-(.+)", stem).groups()  # ids end in -vN
+        env = env.replace("MinAtar_", "MinAtar/")
         keep = results_dir / "runs" / run_dir.name
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copy(run_dir / "progress.csv", keep / "progress.csv")
@@ -392,7 +444,7 @@ def adopt_stopped_runs(data: dict, results_dir: Path, folder: Path, machine: str
         with open(keep / "progress.csv", newline="") as handle:
             reached = max(int(float(r["step"])) for r in csv.DictReader(handle))
         record = {"name": run_dir.name, "env": env, "algo": algo, "seed": int(seed),
-                  "steps": int(budget.removesuffix("k")) * 1000, "steps_reached": reached,
+                  "steps": budget_steps(budget), "steps_reached": reached,
                   "machine": machine, **summarize(keep, reward_threshold(env))}  # fmt: skip
         data["runs"].append(record)
 
@@ -502,10 +554,15 @@ def report(results_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "Pendulum-v1"])
-    parser.add_argument("--algos", nargs="+", default=[*NATGRAD_ALGOS, PEER])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--envs", nargs="+", default=["CartPole-v1", "Acrobot-v1", "Pendulum-v1"],
+                        help="gymnasium env ids (MinAtar/<Game>-v1 too)")  # fmt: skip
+    parser.add_argument("--algos", nargs="+", default=[*NATGRAD_ALGOS, PEER],
+                        help=f"rows: natgrad algorithms, {PEER}, or variants "
+                             "ALGO+KEY=VALUE[+KEY=VALUE...] of any TrainConfig field or "
+                             "option of ALGO (hidden=64,64; flags true/false)")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="evaluation seeds (100 and up: tune.py's tuning seeds)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=100_000, help="budget of every run")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--report", action="store_true", help="only rebuild table and plots")
     parser.add_argument("--merge", nargs="*", type=Path, default=[],
@@ -544,9 +601,16 @@ def main() -> None:
     for spec in args.algos:
         if spec != PEER:
             try:
-                parse_variant(spec)
+                algo, overrides = parse_variant(spec)
             except ValueError as error:
                 parser.error(str(error))
+            from natgrad.rl import TrainConfig
+
+            batch = TrainConfig.from_dict({"algo": algo, **overrides}).batch_size
+            if args.steps <= batch:
+                print(f"warning: --steps {args.steps} is at most one update of {spec} "
+                      f"({batch} samples per update): its rows show the initial policy",
+                      file=sys.stderr)  # fmt: skip
     if not args.report:
         done = {r["name"] for r in data["runs"]}
         pending = [
