@@ -10,7 +10,11 @@ For each env x algo, over its evaluation seeds (Agarwal et al., 2021):
   grid of steps from 0 to the budget, held at its first logged value before its first
   point and at its last one after its last point, and integrated by the trapezoid rule
   divided by the budget), with its interval;
+- the interquartile range of the final return across seeds (the seed spread);
 - the median wall time per run;
+- with ``--reference ALGO``, each algo's mean final return over seeds divided by the
+  reference's, per env and averaged over the envs, with 95 % bootstrap intervals (envs
+  where the reference's mean return is not positive are left out);
 
 and a performance profile over all envs: per algo, the fraction of runs whose final
 return, min-max normalized per env over all the selected runs of that env, exceeds tau,
@@ -434,8 +438,9 @@ def markdown(result: dict) -> str:
         f"Seeds {result['seeds']}. IQM over seeds with a 95 % stratified-bootstrap interval "
         f"({result['bootstrap_reps']} replicates). Final return: mean episodic return over the "
         "last 10 % of the steps. AUC: mean episodic return averaged over the whole budget "
-        f"(curve interpolated on {result['grid_points']} steps from 0 to the budget). Wall "
-        "time: median per run; compare it only between runs of the same machine.",
+        f"(curve interpolated on {result['grid_points']} steps from 0 to the budget). IQR: "
+        "75th minus 25th percentile of the final return across seeds. Wall time: median "
+        "per run; compare it only between runs of the same machine.",
         "",
         "| env | algo | seeds | final return IQM [95 % CI] | final return IQR | "
         "AUC IQM [95 % CI] | median wall time (s) |",
