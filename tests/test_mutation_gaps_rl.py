@@ -1045,3 +1045,28 @@ def test_plot_labels_split_runs_that_share_env_and_algo(tmp_path, monkeypatch):
     assert legends == [["E / rat-npg (n=3)"], ["E / a (n=1)", "E / b (n=2)"]]
     with pytest.raises(ConfigError, match="2 labels for 3 run directories"):
         plotting.plot_runs(runs, tmp_path / "bad.png", labels=["a", "b"])
+
+
+def test_tensorboard_is_on_by_default_and_a_resume_keeps_the_checkpoint_step(tmp_path):
+    # RunLogger(out) writes TensorBoard (kills logger.py tensorboard=True -> False); a
+    # resume at step 2 purges later events only, so step 2's old value stays and step 3
+    # is the new run's (kills `resume_step + 1` -> `+ 0`)
+    pytest.importorskip("tensorboard")
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from natgrad.rl.logger import RunLogger
+
+    logger = RunLogger(tmp_path)
+    for step in (1, 2, 3):
+        logger.write({"step": step, "kl": float(step)})
+    logger.close()
+    time.sleep(1.1)  # a new events file (its name holds the second it was opened)
+    resumed = RunLogger(tmp_path, resume_step=2)
+    resumed.write({"step": 3, "kl": 30.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(p.step, p.value) for p in events.Scalars("train/kl")] == [(1, 1.0), (2, 2.0),
+                                                                         (3, 30.0)]  # fmt: skip
