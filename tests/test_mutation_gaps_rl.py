@@ -1070,3 +1070,18 @@ def test_tensorboard_is_on_by_default_and_a_resume_keeps_the_checkpoint_step(tmp
     events.Reload()
     assert [(p.step, p.value) for p in events.Scalars("train/kl")] == [(1, 1.0), (2, 2.0),
                                                                          (3, 30.0)]  # fmt: skip
+
+
+def test_learning_curve_png_is_770_by_495_pixels(tmp_path):
+    # 7 x 4.5 inches at 110 dpi (kills plotting.py figsize 7 -> 6 and dpi 110 -> 109)
+    import struct
+
+    from natgrad.rl.plotting import plot_runs
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "progress.csv").write_text("step,episodic_return_mean\n100,1\n200,2\n")
+    out = plot_runs([run], tmp_path / "curves.png")
+    header = out.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", header[16:24]) == (770, 495)
