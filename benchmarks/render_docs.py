@@ -52,6 +52,10 @@ ASSETS = {
     "rl-minatar-SpaceInvaders.png": "rl/results/MinAtar_SpaceInvaders-v1-500k.png",
     "supervised-curves.png": "supervised/results/curves.png",
     "sb3-Hopper.png": "sb3/results/Hopper-v5.png",
+    "rl-300k-profile.png": "rl/results_protocol_300k/protocol-300k/performance_profile.png",
+    "rl-300k-Hopper.png": "rl/results_protocol_300k/protocol-300k/curves-Hopper-v5.png",
+    "rl-300k-Walker2d.png": "rl/results_protocol_300k/protocol-300k/curves-Walker2d-v5.png",
+    "rl-300k-HalfCheetah.png": "rl/results_protocol_300k/protocol-300k/curves-HalfCheetah-v5.png",
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -71,6 +75,14 @@ RESULTS = {
     "solvers/results/call_profile.json": ("CPU call profile", SOLVER_CODE),
     "sb3/results/results.json": ("SB3 comparison", ["natgrad/sb3", *SOLVER_CODE]),
     "rl/results/tune/mujoco.json": ("MuJoCo preset search", ["natgrad/rl", *SOLVER_CODE]),
+    "rl/results_protocol_300k/protocol-300k/protocol.json": (
+        "MuJoCo 300k protocol",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
+        "MuJoCo 300k ablations",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "supervised/results/results.json": (
         "supervised benchmark",
         ["natgrad/supervised", "natgrad/solvers", "natgrad/scores.py"],
@@ -777,6 +789,98 @@ def rl_300k_table() -> str:
         for a in algos
     )
     return block(text.strip("\n") + f"\n| — wall time per run (s) | {walls} |")
+
+
+PROTOCOL_300K = "rl/results_protocol_300k/protocol-300k/protocol.json"
+ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations/protocol.json"
+
+
+def protocol_row(name: str, env: str, algo: str) -> dict:
+    """One env x algo row of a ``protocol.json`` (benchmarks/rl/protocol.py)."""
+    for row in load(name)["rows"]:
+        if row["env"] == env and row["algo"] == algo:
+            return row
+    raise KeyError(f"{name}: no row {env} x {algo}")
+
+
+def _iqm_ci(figure: dict | None, digits: int = 0) -> str:
+    if figure is None:
+        return "n/a"
+    e, lo, hi = figure["estimate"], figure["low"], figure["high"]
+    return f"{e:,.{digits}f} [{lo:,.{digits}f}, {hi:,.{digits}f}]"
+
+
+def protocol_table(name: str) -> str:
+    """The protocol's rows: IQM [95 % CI] of final return and AUC, spread, wall time."""
+    data = load(name)
+    lines = [
+        "| env | algo | seeds | final return, IQM [95% CI] | spread across seeds (IQR) | "
+        "mean return over the run (AUC), IQM [95% CI] | wall time per run (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        spread = row["iqr_final_return"]
+        lines.append(
+            f"| {row['env']} | `{row['algo']}` | {len(row['seeds'])} | "
+            f"{_iqm_ci(row['final_return'])} | {'n/a' if spread is None else num(spread)} | "
+            f"{_iqm_ci(row['auc'])} | {row['median_wall_time']:.0f} s |"
+        )
+    return block("\n".join(lines))
+
+
+def protocol_ratio_table(name: str) -> str:
+    """Mean final return of each algo relative to the protocol's reference, per env."""
+    data = load(name)
+    envs = data["envs"]
+
+    def cell(figure: dict | None) -> str:
+        if figure is None:
+            return "n/a"
+        return f"{figure['ratio']:.2f} [{figure['low']:.2f}, {figure['high']:.2f}]"
+
+    lines = [
+        f"| algo (÷ `{data['reference']}`) | " + " | ".join(envs) + " | mean over the envs |",
+        "|---|" + "---|" * (len(envs) + 1),
+    ]
+    for algo, ratio in data["ratios"].items():
+        cells = " | ".join(cell(ratio["per_env"].get(env)) for env in envs)
+        lines.append(f"| `{algo}` | {cells} | {cell(ratio['mean'])} |")
+    return block("\n".join(lines))
+
+
+def protocol_ratio(name: str, algo: str, env: str | None = None, key: str = "ratio") -> str:
+    """One ratio (``key``: ``ratio``, ``low`` or ``high``) of ``algo`` to the reference, on
+    ``env`` or (``None``) averaged over the envs."""
+    ratio = load(name)["ratios"][algo]
+    figure = ratio["mean"] if env is None else ratio["per_env"][env]
+    return f"{figure[key]:.2f}"
+
+
+def protocol_iqr(name: str, env: str, algo: str) -> str:
+    return num(protocol_row(name, env, algo)["iqr_final_return"])
+
+
+def protocol_iqm(name: str, env: str, algo: str) -> str:
+    return num(protocol_row(name, env, algo)["final_return"]["estimate"])
+
+
+def protocol_finals_span(name: str, env: str, algo: str) -> str:
+    """Lowest to highest per-seed final return of a row."""
+    finals = [r["final_return"] for r in protocol_row(name, env, algo)["per_seed"]]
+    return f"{num(min(finals))} to {num(max(finals))}"
+
+
+def protocol_wall(name: str, env: str, algo: str) -> str:
+    return f"{protocol_row(name, env, algo)['median_wall_time']:.0f} s"
+
+
+def protocol_seeds(name: str) -> str:
+    seeds = load(name)["seeds"]
+    return (
+        f"{seeds[0]}-{seeds[-1]}"
+        if seeds == list(range(seeds[0], seeds[-1] + 1))
+        else (", ".join(map(str, seeds)))
+    )
 
 
 def common_steps() -> dict:
