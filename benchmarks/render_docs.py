@@ -79,10 +79,6 @@ RESULTS = {
         "MuJoCo 300k protocol",
         ["natgrad/rl", *SOLVER_CODE],
     ),
-    "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
-        "MuJoCo 300k ablations",
-        ["natgrad/rl", *SOLVER_CODE],
-    ),
     "supervised/results/results.json": (
         "supervised benchmark",
         ["natgrad/supervised", "natgrad/solvers", "natgrad/scores.py"],
