@@ -53,6 +53,9 @@ ASSETS = {
     "supervised-curves.png": "supervised/results/curves.png",
     "sb3-Hopper.png": "sb3/results/Hopper-v5.png",
     "rl-300k-profile.png": "rl/results_protocol_300k/protocol-300k/performance_profile.png",
+    "rl-300k-ablations-HalfCheetah.png": (
+        "rl/results_protocol_300k/protocol-300k-ablations/curves-HalfCheetah-v5.png"
+    ),
     "rl-300k-Hopper.png": "rl/results_protocol_300k/protocol-300k/curves-Hopper-v5.png",
     "rl-300k-Walker2d.png": "rl/results_protocol_300k/protocol-300k/curves-Walker2d-v5.png",
     "rl-300k-HalfCheetah.png": "rl/results_protocol_300k/protocol-300k/curves-HalfCheetah-v5.png",
@@ -77,6 +80,10 @@ RESULTS = {
     "rl/results/tune/mujoco.json": ("MuJoCo preset search", ["natgrad/rl", *SOLVER_CODE]),
     "rl/results_protocol_300k/protocol-300k/protocol.json": (
         "MuJoCo 300k protocol",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
+        "MuJoCo 300k ablations",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "supervised/results/results.json": (
@@ -864,6 +871,25 @@ def protocol_finals_span(name: str, env: str, algo: str) -> str:
     """Lowest to highest per-seed final return of a row."""
     finals = [r["final_return"] for r in protocol_row(name, env, algo)["per_seed"]]
     return f"{num(min(finals))} to {num(max(finals))}"
+
+
+def protocol_column(name: str, env: str, algo: str, column: str, stat: str = "mean") -> float:
+    """``stat`` (``mean`` or ``median``) of a ``progress.csv`` column over every update of
+    every seed of a protocol row (the runs live in the results folder above the protocol's)."""
+    import csv
+
+    runs_dir = (BENCH / name).parent.parent / "runs"
+    values = []
+    for run in protocol_row(name, env, algo)["per_seed"]:
+        with open(runs_dir / run["name"] / "progress.csv", newline="") as handle:
+            values += [float(r[column]) for r in csv.DictReader(handle) if r.get(column)]
+    if not values:
+        raise ValueError(f"{name}: no {column} values in {env} x {algo}")
+    return float(statistics.fmean(values) if stat == "mean" else statistics.median(values))
+
+
+def protocol_auc(name: str, env: str, algo: str) -> str:
+    return num(protocol_row(name, env, algo)["auc"]["estimate"])
 
 
 def protocol_wall(name: str, env: str, algo: str) -> str:
