@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -86,8 +87,6 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     ValueError
         Naming the part of ``spec`` that is wrong and what would be accepted.
     """
-    import dataclasses
-
     from natgrad.rl import ALGORITHMS, TrainConfig
     from natgrad.rl._errors import ConfigError
 
@@ -132,8 +131,6 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def _typed_value(spec: str, key: str, text: str, field) -> object:
     """``text`` read as the type of ``field``'s default."""
-    import dataclasses
-
     default = None if field.default is dataclasses.MISSING else field.default
     try:
         if isinstance(default, bool):
