@@ -873,19 +873,13 @@ def protocol_finals_span(name: str, env: str, algo: str) -> str:
     return f"{num(min(finals))} to {num(max(finals))}"
 
 
-def protocol_column(name: str, env: str, algo: str, column: str, stat: str = "mean") -> float:
-    """``stat`` (``mean`` or ``median``) of a ``progress.csv`` column over every update of
-    every seed of a protocol row (the runs live in the results folder above the protocol's)."""
-    import csv
-
-    runs_dir = (BENCH / name).parent.parent / "runs"
-    values = []
-    for run in protocol_row(name, env, algo)["per_seed"]:
-        with open(runs_dir / run["name"] / "progress.csv", newline="") as handle:
-            values += [float(r[column]) for r in csv.DictReader(handle) if r.get(column)]
-    if not values:
-        raise ValueError(f"{name}: no {column} values in {env} x {algo}")
-    return float(statistics.fmean(values) if stat == "mean" else statistics.median(values))
+def protocol_solver(name: str, env: str, algo: str, key: str) -> float:
+    """A pooled solver figure of a protocol row (``converged_fraction`` or
+    ``median_solver_seconds``, :func:`benchmarks.rl.protocol.solver_summary`)."""
+    summary = protocol_row(name, env, algo).get("solver")
+    if not summary or summary.get(key) is None:
+        raise ValueError(f"{name}: no solver {key} in {env} x {algo} (rerun protocol.py)")
+    return float(summary[key])
 
 
 def protocol_auc(name: str, env: str, algo: str) -> str:

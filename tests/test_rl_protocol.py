@@ -216,3 +216,23 @@ def test_run_names_keep_budgets_apart() -> None:
     for steps in (128, 2048, 300_000):
         suffix = run.run_name("E-v0", "a", 0, steps).rpartition("-")[2]
         assert run.budget_steps(suffix) == steps
+
+
+def test_solver_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> None:
+    results = fake_results(tmp_path, {"a": [0, 1], "peer": [0]})
+    for seed, (converged, seconds) in {0: ("1,0,0", "0.1,0.2,0.3"), 1: ("1,,1", "0.4,,5")}.items():
+        run_dir = results / "runs" / protocol.run_name("FakeEnv-v0", "a", seed, BUDGET)
+        rows = ["step,episodic_return_mean,wall_time,solver_converged,solver_seconds"]
+        steps = (BUDGET - 256, BUDGET - 128, BUDGET)
+        for step, c, s in zip(steps, converged.split(","), seconds.split(","), strict=True):
+            rows.append(f"{step},{step},1,{c},{s}")
+        (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
+    out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "peer"], [0, 1], BUDGET, reps=50)
+    by_algo = {row["algo"]: row for row in out["rows"]}
+    # converged: 1, 0, 0, 1, 1 (the empty cell skipped); seconds 0.1 0.2 0.3 0.4 5
+    assert by_algo["a"]["solver"] == {
+        "updates": 5,
+        "converged_fraction": pytest.approx(0.6),
+        "median_solver_seconds": pytest.approx(0.3),
+    }
+    assert by_algo["peer"]["solver"] is None  # no solver columns: a peer

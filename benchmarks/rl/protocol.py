@@ -164,6 +164,36 @@ def collect(
     return cells, missing
 
 
+SOLVER_COLUMNS = ("solver_converged", "solver_seconds")
+
+
+def solver_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
+    """Pooled solver figures of a row's runs, over every update of every seed.
+
+    ``converged_fraction`` is the mean of ``progress.csv``'s ``solver_converged`` column
+    and ``median_solver_seconds`` the median of ``solver_seconds``; ``updates`` counts the
+    rows that carry the column. None when no run records a solver (the peers, PPO, ...).
+    Kept in ``protocol.json`` because the run folders are not committed.
+    """
+    import csv
+
+    pooled: dict[str, list[float]] = {column: [] for column in SOLVER_COLUMNS}
+    for run in runs:
+        with open(results_dir / "runs" / run["name"] / "progress.csv", newline="") as handle:
+            for record in csv.DictReader(handle):
+                for column in SOLVER_COLUMNS:
+                    if record.get(column) not in ("", None):
+                        pooled[column].append(float(record[column]))
+    converged, seconds = pooled["solver_converged"], pooled["solver_seconds"]
+    if not converged and not seconds:
+        return None
+    return {
+        "updates": len(seconds),
+        "converged_fraction": float(np.mean(converged)) if converged else None,
+        "median_solver_seconds": float(np.median(seconds)) if seconds else None,
+    }
+
+
 def interval(env: str, values: list[float], reps: int) -> dict | None:
     """IQM with its 95 % stratified-bootstrap interval (one task: the env), or None."""
     finite = [v for v in values if math.isfinite(v)]
@@ -337,6 +367,7 @@ def evaluate(
             "iqr_final_return": iqr_spread(finals),
             "median_wall_time": float(np.median(walls)) if walls else None,
             "stopped_early": [r["seed"] for r in runs if r["steps_reached"] < steps],
+            "solver": solver_summary(results_dir, runs),
             "per_seed": runs,
         })  # fmt: skip
     return {
