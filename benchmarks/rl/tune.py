@@ -18,6 +18,11 @@ in ``results/tune/runs/<config hash>/`` and reused.
     python benchmarks/rl/tune.py --family mujoco --envs Hopper-v5 Walker2d-v5 \\
         --steps 300000 --trials 12 --jobs 2
     python benchmarks/rl/tune.py --family mujoco --report   # table, best trial, preset values
+
+``--study NAME`` keeps a second search of a family in its own files
+(``results/tune/<NAME>.db``, ``.json``, ``.md``); ``--space`` picks the settings searched
+(``mujoco-narrow``: damping, KL target, batch layout, critic epochs) and ``--enqueue JSON``
+settings a new study tries first, after the defaults.
 """
 
 from __future__ import annotations
@@ -52,6 +57,26 @@ SPACES: dict[str, dict[str, tuple]] = {
 }
 SPACES["minatar"] = dict(SPACES["mujoco"])
 SPACES["classic"] = dict(SPACES["mujoco"])
+# The second MuJoCo search (HalfCheetah included): the directions the 300k ablations left
+# open, around the defaults. ``layout`` splits a fixed 2,048-sample batch into
+# num_envs x num_steps (sb3-contrib's zoo TRPO uses 2 x 1,024).
+SPACES["mujoco-narrow"] = {
+    "damping": ("log", (0.1, 1.0)),
+    "max_kl": ("categorical", (0.01, 0.02, 0.04)),
+    "layout": ("categorical", ("8x256", "4x512", "2x1024")),
+    "critic_epochs": ("categorical", (10, 20)),
+}
+
+
+def expand(params: dict) -> dict:
+    """Trial parameters as TrainConfig fields: ``layout="2x1024"`` becomes
+    ``num_envs=2, num_steps=1024``; every other parameter is a field already."""
+    out = dict(params)
+    layout = out.pop("layout", None)
+    if layout is not None:
+        num_envs, num_steps = (int(part) for part in layout.split("x"))
+        out.update(num_envs=num_envs, num_steps=num_steps)
+    return out
 
 
 def run_key(settings: dict) -> str:
@@ -100,9 +125,10 @@ def base_settings(env: str, seed: int, steps: int) -> dict:
     return settings
 
 
-def suggest(trial, family: str) -> dict:
+def suggest(trial, space: str) -> dict:
+    """The trial's parameters (in the space's own names, e.g. ``layout``)."""
     settings = {}
-    for name, (kind, values) in SPACES[family].items():
+    for name, (kind, values) in SPACES[space].items():
         if kind == "categorical":
             settings[name] = trial.suggest_categorical(name, list(values))
         else:
@@ -111,11 +137,12 @@ def suggest(trial, family: str) -> dict:
 
 
 def objective_for(args: argparse.Namespace, pool: ProcessPoolExecutor):
-    defaults = defaults_as_trial(args.family)
+    defaults = expand(defaults_as_trial(args.space))
 
     def objective(trial) -> float:
         # Settings at their default value are left out: the defaults' trial is the base run.
-        settings = {k: v for k, v in suggest(trial, args.family).items() if defaults[k] != v}
+        proposed = expand(suggest(trial, args.space))
+        settings = {k: v for k, v in proposed.items() if defaults[k] != v}
         jobs = {}
         for env in args.envs:
             for seed in args.seeds:
@@ -140,28 +167,29 @@ def objective_for(args: argparse.Namespace, pool: ProcessPoolExecutor):
     return objective
 
 
-def defaults_as_trial(family: str) -> dict:
+def defaults_as_trial(space: str) -> dict:
     """The searched settings at natgrad's defaults (the study's first trial)."""
     from natgrad.rl import TrainConfig
 
     config = TrainConfig()
     flat = {**config.to_dict(), **config.to_dict()["options"]}
-    return {name: flat[name] for name in SPACES[family]}
+    flat["layout"] = f"{config.num_envs}x{config.num_steps}"
+    return {name: flat[name] for name in SPACES[space]}
 
 
-def study_for(family: str, results: Path = RESULTS):
+def study_for(study: str, results: Path = RESULTS):
     import optuna
 
     results.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(
-        f"sqlite:///{results / f'{family}.db'}",
+        f"sqlite:///{results / f'{study}.db'}",
         heartbeat_interval=60,
         grace_period=180,
         failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
     )
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5)
     return optuna.create_study(
-        study_name=family,
+        study_name=study,
         storage=storage,
         sampler=sampler,
         direction="maximize",
@@ -181,24 +209,28 @@ def _provenance() -> dict:
 def search(args: argparse.Namespace) -> None:
     import optuna
 
-    study = study_for(args.family, args.results)
-    meta = args.results / f"{args.family}.json"
+    study = study_for(args.study, args.results)
+    meta = args.results / f"{args.study}.json"
     info = json.loads(meta.read_text()) if meta.exists() else {}
     info.update(
         {
             "family": args.family,
+            "study": args.study,
             "envs": args.envs,
             "tuning_seeds": args.seeds,
             "steps": args.steps,
-            "space": {k: [kind, list(v)] for k, (kind, v) in SPACES[args.family].items()},
+            "space_name": args.space,
+            "space": {k: [kind, list(v)] for k, (kind, v) in SPACES[args.space].items()},
             "machine": machine(),
             "command": " ".join(sys.argv),
             "provenance": _provenance(),
         }
     )
     meta.write_text(json.dumps(info, indent=1) + "\n")
-    if not study.trials:
-        study.enqueue_trial(defaults_as_trial(args.family))
+    if not study.trials:  # a new study: the defaults first, then the --enqueue'd settings
+        study.enqueue_trial(defaults_as_trial(args.space))
+        for params in args.enqueue:
+            study.enqueue_trial({**defaults_as_trial(args.space), **params})
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = args.trials - len(complete)
     if remaining <= 0:
@@ -215,7 +247,7 @@ def report(args: argparse.Namespace) -> None:
 
     from natgrad.rl import TrainConfig
 
-    study = study_for(args.family, args.results)
+    study = study_for(args.study, args.results)
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not trials:
         print("no complete trial yet")
@@ -223,8 +255,8 @@ def report(args: argparse.Namespace) -> None:
     best = max(trials, key=lambda t: t.value)
     defaults = TrainConfig()
     flat_defaults = {**defaults.to_dict(), **defaults.to_dict()["options"]}
-    preset = {k: v for k, v in best.params.items() if flat_defaults.get(k) != v}
-    meta = args.results / f"{args.family}.json"
+    preset = {k: v for k, v in expand(best.params).items() if flat_defaults.get(k) != v}
+    meta = args.results / f"{args.study}.json"
     info = json.loads(meta.read_text()) if meta.exists() else {"family": args.family}
     info["trials"] = [
         {"number": t.number, "value": t.value, "params": t.params, "returns": t.user_attrs}
@@ -233,9 +265,9 @@ def report(args: argparse.Namespace) -> None:
     info["best"] = {"number": best.number, "value": best.value, "params": best.params}
     info["preset_values"] = preset
     meta.write_text(json.dumps(info, indent=1) + "\n")
-    names = list(SPACES[args.family])
+    names = list(SPACES[args.space])
     lines = [
-        f"# Search for the `{args.family}` preset",
+        f"# Search for the `{args.family}` preset ({args.study})",
         "",
         f"Objective: mean over {info.get('envs')} and tuning seeds {info.get('tuning_seeds')} "
         f"of final return / final return of the defaults, {info.get('steps')} steps per run.",
@@ -248,13 +280,25 @@ def report(args: argparse.Namespace) -> None:
                  for n in names]  # fmt: skip
         lines.append(f"| {t.number} | {t.value:.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"Best: trial {best.number}; preset values: `{preset}`", ""]
-    (args.results / f"{args.family}.md").write_text("\n".join(lines))
+    (args.results / f"{args.study}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=sorted(SPACES))
+    parser.add_argument("--family", required=True, choices=("classic", "mujoco", "minatar"))
+    parser.add_argument("--study", help="name of the study and its files (default: the family)")
+    parser.add_argument(
+        "--space", choices=sorted(SPACES), help="settings searched (default: the family's)"
+    )
+    parser.add_argument(
+        "--enqueue",
+        type=json.loads,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="settings tried first in a new study, e.g. '{\"damping\": 1.0}' (repeatable)",
+    )
     parser.add_argument("--envs", nargs="+", default=["Hopper-v5", "Walker2d-v5"])
     parser.add_argument("--seeds", nargs="+", type=int, default=list(TUNING_SEEDS))
     parser.add_argument("--steps", type=int, default=300_000)
@@ -263,6 +307,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the report")
     parser.add_argument("--results", type=Path, default=RESULTS, help="study and runs folder")
     args = parser.parse_args()
+    args.study = args.study or args.family
+    args.space = args.space or args.family
+    unknown = sorted({k for params in args.enqueue for k in params} - set(SPACES[args.space]))
+    if unknown:
+        parser.error(f"--enqueue: {unknown} not in the space {args.space!r}")
     if min(args.seeds) < 100:
         parser.error("tuning seeds must be >= 100 (seeds below 100 are evaluation seeds)")
     if args.report:
