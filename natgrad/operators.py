@@ -154,6 +154,14 @@ class ScoreOperator(ABC):
         """
         return self.gram().diagonal()
 
+    def kernel_trace(self) -> float | None:
+        """``trace(K)``: the sum of :meth:`squared_norms`, or ``None`` when unknown.
+
+        ``None`` suits an operator whose rows cost far more than its products; the
+        conditioning estimate then relies on power iterations alone.
+        """
+        return float(self.squared_norms().to(torch.float64).sum())
+
     @property
     def score_dtype(self) -> torch.dtype:
         """The dtype the scores were computed in (rounding level of ``J``).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from typing import Literal
@@ -156,8 +157,10 @@ class RATNaturalGradient(OptionsView):
         ``policy(obs)``; ``g`` stays ``J^T A / N``. Only :meth:`natural_gradient` supports
         it (its ``advantages`` is ``None``: ``d`` is not in the span of the sampled scores,
         so no ``A~`` exists); ``__call__`` raises :class:`~natgrad.errors.FisherError`. The
-        ``m`` rows per sample (``m`` classes, or 2 per action dimension) are held in
-        memory. See the derivation page, *Sampled or expected Fisher*.
+        ``m`` rows per sample (``m`` classes, or 2 per action dimension) stay matrix-free
+        (products by forward- and backward-mode passes; ``"auto"`` then sets the Nystrom
+        rank to 0) unless ``backend="materialized"``. See the derivation page, *Sampled or
+        expected Fisher*.
 
     Attributes
     ----------
@@ -418,12 +421,22 @@ class RATNaturalGradient(OptionsView):
         start = time.perf_counter()
         scores = self._scores(policy, obs, acts, adv, params)
         notes: list[str] = []
-        if self.backend in ("factored", "streaming"):
-            notes.append(f"backend={self.backend!r} unused: fisher='expected' holds its rows")
+        options = self.options
+        if self.backend == "factored":
+            notes.append("backend='factored' unused: fisher='expected' streams its rows")
+        if self.backend == "auto" and options.preconditioner_rank > 0 and self.solver != "kaczmarz":
+            # Matrix-free rows: each Nystrom column costs a forward-mode pass, about a third
+            # of a CG iteration, so a rank-256 sample outweighs the iterations it saves.
+            options = dataclasses.replace(options, preconditioner_rank=0)
+            notes.append(
+                "preconditioner_rank=0 under backend='auto' with fisher='expected' (a Nystrom "
+                "column costs a forward pass of the policy); backend='streaming' keeps it"
+            )
         with unchanged_module(policy), torch.enable_grad():
             result = expected_natural_gradient(
-                policy, obs, acts, scores, self.log_prob_fn, adv, self.options,
+                policy, obs, acts, scores, self.log_prob_fn, adv, options,
                 self.generator, self._chunk_size(scores), notes, start,
+                materialize=self.backend == "materialized",
             )  # fmt: skip
         self.diagnostics = result.diagnostics
         return result

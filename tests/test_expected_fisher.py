@@ -173,18 +173,21 @@ def test_reference_fisher_is_the_expected_outer_product_not_the_sampled_one(name
     assert _relative_error(scores.T @ scores / N, fisher) > 1e-2
 
 
+@pytest.mark.parametrize("backend", ["auto", "materialized"])
 @pytest.mark.parametrize(("solver", "damping"), SOLVES)
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_direction_matches_the_mean_kl_hessian_solve(name, solver, damping):
+def test_direction_matches_the_mean_kl_hessian_solve(name, solver, damping, backend):
+    """Matrix-free rows (``auto``: products by forward/backward passes) and held rows."""
     fisher, gradient, scores = _reference(name)
     expected = torch.linalg.solve(
         fisher + damping * torch.eye(len(gradient), dtype=torch.float64), gradient
     )
     policy, obs, acts, adv = _batch(name)
-    rat = _expected(damping, solver)
+    rat = _expected(damping, solver, backend=backend)
     ng = rat.natural_gradient(policy, obs, acts, adv)
     d = _flat(ng.direction)
     assert ng.diagnostics.solver == solver
+    assert ng.diagnostics.backend == ("materialized" if backend == "materialized" else "streaming")
     assert ng.diagnostics.converged
     assert ng.advantages is None
     assert _relative_error(d, expected) <= 1e-8
@@ -324,3 +327,100 @@ def test_jd_falls_back_to_score_rows_without_forward_mode(monkeypatch):
     policy, obs, acts, adv = _batch("multi_discrete")
     ng = _expected(1e-2, "cholesky").natural_gradient(policy, obs, acts, adv)
     assert _relative_error(ng.jd, scores @ _flat(ng.direction)) <= 1e-12
+
+
+def _reference_direction(name: str, damping: float) -> torch.Tensor:
+    fisher, gradient, _ = _reference(name)
+    eye = torch.eye(len(gradient), dtype=torch.float64)
+    return torch.linalg.solve(fisher + damping * eye, gradient)
+
+
+@pytest.mark.parametrize("name", ["normal_std_head", "multi_discrete"])
+def test_streaming_rows_with_a_nystrom_preconditioner(name):
+    """``backend="streaming"`` keeps the rank: kernel columns by batched forward-mode passes."""
+    policy, obs, acts, adv = _batch(name)
+    rat = RATNaturalGradient(
+        damping=1e-2, solver="cg", tol=1e-10, max_iters=500, preconditioner_rank=5,
+        on_nonconvergence="raise", seed=0, fisher="expected", backend="streaming",
+    )  # fmt: skip
+    ng = rat.natural_gradient(policy, obs, acts, adv)
+    assert ng.diagnostics.backend == "streaming"
+    assert not any("preconditioner_rank" in note for note in ng.diagnostics.fallbacks)
+    assert _relative_error(_flat(ng.direction), _reference_direction(name, 1e-2)) <= 1e-8
+
+
+def test_auto_backend_turns_the_nystrom_sample_off_and_says_so():
+    policy, obs, acts, adv = _batch("normal_fixed_std")
+    rat = RATNaturalGradient(damping=1e-2, tol=1e-10, fisher="expected", seed=0)
+    ng = rat.natural_gradient(policy, obs, acts, adv)
+    assert any("preconditioner_rank=0" in note for note in ng.diagnostics.fallbacks)
+    assert rat.preconditioner_rank == 256  # the object's own setting is left as it was
+    assert (
+        _relative_error(_flat(ng.direction), _reference_direction("normal_fixed_std", 1e-2)) <= 1e-8
+    )
+
+
+def test_matrix_free_products_fall_back_to_rows_without_double_backward(monkeypatch):
+    from natgrad.fisher.operator import ExpectedFisherRows
+
+    def no_double_backward(self, *args, **kwargs):
+        raise RuntimeError("derivative for this op is not implemented (double backward)")
+
+    monkeypatch.setattr(ExpectedFisherRows, "_jz", no_double_backward)
+    policy, obs, acts, adv = _batch("shared_trunk")
+    ng = _expected(1e-2, "cg").natural_gradient(policy, obs, acts, adv)
+    assert any("no double backward" in note for note in ng.diagnostics.fallbacks)
+    assert _relative_error(_flat(ng.direction), _reference_direction("shared_trunk", 1e-2)) <= 1e-8
+
+
+class CoupledGaussian(nn.Module):
+    """Centres its features over the batch in forward: samples are coupled (no BatchNorm
+    module for natgrad's structural check to spot)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(OBS, 6), nn.Linear(6, 2)
+        self.log_std = nn.Parameter(torch.zeros(2))
+
+    def forward(self, obs):
+        hidden = torch.tanh(self.first(obs))
+        mean = self.second(hidden - hidden.mean(0, keepdim=True))
+        return Normal(mean, self.log_std.exp().expand_as(mean))
+
+
+@pytest.mark.parametrize("backend", ["auto", "materialized"])
+def test_a_policy_that_couples_samples_is_refused_on_every_backend(backend):
+    torch.manual_seed(0)
+    policy = CoupledGaussian().double()
+    obs = torch.randn(N, OBS, dtype=torch.float64)
+    with torch.no_grad():
+        acts = policy(obs).sample()
+    rat = RATNaturalGradient(damping=1e-2, fisher="expected", backend=backend)
+    with pytest.raises(ValueError, match="couples samples"):
+        rat.natural_gradient(policy, obs, acts, torch.randn(N, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rows", [12, 1])
+def test_conditioning_without_a_trace_relies_on_power_iterations(rows):
+    """An operator without a cheap trace (the matrix-free rows) still gets its estimate,
+    even at a tolerance that the trace bound alone would have met."""
+    from natgrad.scores import MaterializedScores
+    from natgrad.solvers.conditioning import estimate_conditioning
+
+    class NoTrace(MaterializedScores):
+        def kernel_trace(self):
+            return None
+
+        def squared_norms(self):  # never needed
+            raise AssertionError("the rows' norms were read")
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(rows, 5, generator=gen, dtype=torch.float64)
+    scores[:, 0] *= 6.0  # a clear spectral gap: the power iteration converges
+    largest = float(torch.linalg.eigvalsh(scores @ scores.T / rows)[-1])
+    result = estimate_conditioning(NoTrace(scores), 1e-2, tol=1.0)
+    assert result.largest_eigenvalue == pytest.approx(largest, rel=1e-6)
+    overflow = estimate_conditioning(
+        NoTrace(torch.full((3, 2), 1e300, dtype=torch.float64)), 1e-2, tol=1.0
+    )
+    assert overflow.condition == float("inf")

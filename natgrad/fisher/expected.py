@@ -10,6 +10,8 @@ policy gradient of the taken actions, ``g = J^T A / N``. ``g`` is not in the row
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
@@ -20,7 +22,8 @@ from natgrad._checks import representable, require_finite
 from natgrad._tree import Tree
 from natgrad.errors import FisherError
 from natgrad.fisher.families import FisherFamily, family_of
-from natgrad.fisher.solve import damped_direction
+from natgrad.fisher.operator import ExpectedFisherRows
+from natgrad.fisher.solve import damped_direction, solve_damped
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.scores import LogProbFn, PolicyScores, _LogProbModule, default_log_prob
 from natgrad.solvers import SolverOptions
@@ -115,6 +118,7 @@ def expected_natural_gradient(
     chunk_size: int,
     notes: list[str],
     start: float,
+    materialize: bool = False,
 ) -> NaturalGradient:
     """``d = (F + lam I)^{-1} g`` with the expected Fisher ``F`` and ``g = J^T A / N``.
 
@@ -137,6 +141,10 @@ def expected_natural_gradient(
         Notes to put first in ``diagnostics.fallbacks``.
     start
         ``time.perf_counter()`` at the start of the call.
+    materialize
+        Hold the ``N m x P`` rows in memory (``backend="materialized"``); otherwise the rows
+        stay matrix-free (:class:`~natgrad.fisher.operator.ExpectedFisherRows`: ``W v`` by
+        one forward-mode pass, ``W^T x`` by one backward pass).
 
     Returns
     -------
@@ -158,28 +166,48 @@ def expected_natural_gradient(
     batched = family.outputs(dist).detach().reshape(n, -1)
     wrapper = _DistributionOutputs(policy, family)
     names = [f"policy.{name}" for name in scores.param_names]
-    jac = output_jacobians(wrapper, obs, names, batched, chunk_size)
-    rows = family.rows(dist, jac.jacobians).reshape(-1, scores.num_params)
-    require_finite(
-        "the expected-Fisher rows", rows, "a scale or probability of policy(obs) reaches 0"
-    )
     index = torch.arange(n, device=scores.device)
     gradient = scores.vjp(index, adv.detach()).to(torch.float64) / n
-    direction, _, result, solver_used, more = damped_direction(
-        rows, n, gradient, options, generator
-    )
+    fallbacks = list(notes)
+    if materialize:
+        jac = output_jacobians(wrapper, obs, names, batched, chunk_size)
+        rows = family.rows(dist, jac.jacobians).reshape(-1, scores.num_params)
+        require_finite(
+            "the expected-Fisher rows", rows, "a scale or probability of policy(obs) reaches 0"
+        )
+        direction, _, result, solver_used, more = damped_direction(
+            rows, n, gradient, options, generator
+        )
+        fisher_d = rows.to(torch.float64) @ direction
+        if jac.fallback_reason is not None:
+            fallbacks.append(f"distribution Jacobians one sample at a time: {jac.fallback_reason}")
+        score_path, backend = jac.path, "materialized"
+    else:
+        m = family.rows(dist, torch.zeros_like(batched)[..., None]).reshape(n, -1).shape[1]
+        scale = math.sqrt(m)
+        operator = ExpectedFisherRows(
+            wrapper, policy, obs, names, scores.shapes, dist, family, m, scale, chunk_size * m
+        )
+        operator.score_dtype = scores.dtype
+        operator.check_per_sample(chunk_size)
+        rhs = operator.matvec(gradient.to(operator.dtype)).to(torch.float64) / scale
+        require_finite(
+            "the expected-Fisher products", rhs, "a scale or probability of policy(obs) reaches 0"
+        )
+        direction, _, result, solver_used, more = solve_damped(
+            operator, scale, gradient, options, generator, rhs
+        )
+        fisher_d = operator.matvec(direction.to(operator.dtype)).to(torch.float64) / scale
+        fallbacks.extend(operator.notes())
+        score_path, backend = operator.jacobian_path, operator.backend
     require_finite("the natural-gradient direction", direction, "it overflows float64")
     jd = _sampled_jd(policy, obs, acts, scores, log_prob_fn, direction)
-    fisher_d = rows.to(torch.float64) @ direction
-    fallbacks = list(notes)
-    if jac.fallback_reason is not None:
-        fallbacks.append(f"distribution Jacobians one sample at a time: {jac.fallback_reason}")
     fallbacks.extend(more)
     diagnostics = Diagnostics.of_solve(
         result,
         solver=solver_used,
-        backend="materialized",
-        score_path=jac.path,
+        backend=backend,
+        score_path=score_path,
         fallbacks=fallbacks,
         num_samples=n,
         num_params=scores.num_params,

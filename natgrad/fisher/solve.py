@@ -23,12 +23,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from natgrad.operators import DenseOperator, working_dtype
+from natgrad.operators import DenseOperator, ScoreOperator, working_dtype
 from natgrad.solvers import SolveResult, SolverOptions, solve
 
 Form = Literal["kernel", "push_through"]
 
-__all__ = ["Form", "damped_direction"]
+__all__ = ["Form", "damped_direction", "solve_damped"]
 
 
 def damped_direction(
@@ -64,10 +64,37 @@ def damped_direction(
     scale = math.sqrt(rows.shape[0] / num_samples)
     operator = DenseOperator((rows * scale).to(working_dtype(rows.dtype)))
     operator.score_dtype = rows.dtype
+    rhs = None if coefficients is not None else rows.to(torch.float64) @ gradient
+    return solve_damped(operator, scale, gradient, options, generator, rhs, coefficients)
+
+
+def solve_damped(
+    operator: ScoreOperator,
+    scale: float,
+    gradient: Tensor,
+    options: SolverOptions,
+    generator: torch.Generator,
+    rhs: Tensor | None = None,
+    coefficients: Tensor | None = None,
+) -> tuple[Tensor, Form, SolveResult, str, list[str]]:
+    """:func:`damped_direction` for rows already wrapped as an operator of ``s W``.
+
+    Parameters
+    ----------
+    operator
+        ``s W`` with ``s = scale = sqrt(R / N)`` (dense or matrix-free).
+    scale
+        ``s``.
+    gradient, options, generator, coefficients
+        As in :func:`damped_direction`.
+    rhs
+        ``W g`` (float64, shape ``(R,)``) for the push-through form (``coefficients`` None).
+    """
     if coefficients is not None:
         result, solver_used, notes = solve(operator, coefficients * scale, options, generator)
         return result.v, "kernel", result, solver_used, notes
-    rhs = rows.to(torch.float64) @ gradient
+    if rhs is None:
+        raise ValueError("the push-through form needs rhs = W g")
     result, solver_used, notes = solve(
         operator, rhs, options, generator, direction_offset=gradient / scale
     )

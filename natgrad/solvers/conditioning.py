@@ -13,7 +13,9 @@ Two roundings limit any solver, with ``kappa = cond(M) = (lambda_max(K / N) + la
 
 ``precision = kappa eps_w + sqrt(kappa) eps_s`` is reported. ``trace(K / N)`` bounds
 ``lambda_max`` from above for free; a few power iterations refine it only when that cheap
-bound exceeds the requested tolerance.
+bound exceeds the requested tolerance, or replace it for an operator whose rows cost far
+more than its products (:meth:`~natgrad.operators.ScoreOperator.kernel_trace` is
+``None``: the matrix-free expected Fisher).
 """
 
 from __future__ import annotations
@@ -92,11 +94,13 @@ def estimate_conditioning(
     """
     eps_work, eps_score = torch.finfo(operator.dtype).eps, torch.finfo(operator.score_dtype).eps
     n = operator.num_samples
-    trace = float(operator.squared_norms().to(torch.float64).sum()) / n
-    if not math.isfinite(trace):
+    total = operator.kernel_trace()
+    trace = math.inf if total is None else total / n  # unknown: power iterations only
+    if total is not None and not math.isfinite(trace):
         return Conditioning(math.inf, math.inf, math.inf, math.inf)
     largest = trace
-    if _conditioning(trace, damping, eps_work, eps_score).precision > tol and n > 1:
+    refine = _conditioning(trace, damping, eps_work, eps_score).precision > tol and n > 1
+    if refine or total is None:
         generator = torch.Generator().manual_seed(_POWER_SEED)
         x = torch.randn(n, generator=generator, dtype=torch.float64).to(operator.device)
         estimate = 0.0
@@ -109,4 +113,6 @@ def estimate_conditioning(
             x = kx
         if math.isfinite(estimate):
             largest = min(max(estimate, 0.0), trace)
+        elif total is None:  # the products overflow: nothing to solve with
+            return Conditioning(math.inf, math.inf, math.inf, math.inf)
     return _conditioning(largest, damping, eps_work, eps_score)
