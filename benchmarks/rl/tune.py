@@ -177,6 +177,14 @@ def defaults_as_trial(space: str) -> dict:
     return {name: flat[name] for name in SPACES[space]}
 
 
+def _retry_stale_trials(optuna) -> dict:
+    """Retry a trial whose process died (up to 3 times), in this optuna's spelling."""
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 4.9
+        callback = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+        return {"heartbeat_stale_trial_callback": callback}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3)}
+
+
 def study_for(study: str, results: Path = RESULTS):
     import optuna
 
@@ -185,7 +193,7 @@ def study_for(study: str, results: Path = RESULTS):
         f"sqlite:///{results / f'{study}.db'}",
         heartbeat_interval=60,
         grace_period=180,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+        **_retry_stale_trials(optuna),
     )
     sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=5)
     return optuna.create_study(
