@@ -137,6 +137,11 @@ MODULES: dict[str, list[str]] = {
         "tests/test_expected_fisher.py",
         "tests/test_distributed.py",
     ],
+    "natgrad/fisher/factors.py": ["tests/test_expected_fisher.py", "tests/test_supervised.py"],
+    "natgrad/fisher/families.py": ["tests/test_expected_fisher.py"],
+    "natgrad/fisher/solve.py": ["tests/test_expected_fisher.py", "tests/test_supervised.py"],
+    "natgrad/fisher/operator.py": ["tests/test_expected_fisher.py"],
+    "natgrad/fisher/expected.py": ["tests/test_expected_fisher.py"],
     "natgrad/supervised/jacobians.py": [
         "tests/test_supervised.py",
         "tests/test_supervised_optimizer.py",
@@ -186,6 +191,7 @@ CORE_SAMPLED = (
     "natgrad/layers/",
     "natgrad/_rnn.py",
     "natgrad/supervised/",
+    "natgrad/fisher/",
 )
 
 
