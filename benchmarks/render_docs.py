@@ -76,6 +76,10 @@ RESULTS = {
     "solvers/results/large_batch.json": ("CPU large-batch benchmark", SOLVER_CODE),
     "solvers/results/kaczmarz.json": ("CPU Kaczmarz benchmark", SOLVER_CODE),
     "solvers/results/call_profile.json": ("CPU call profile", SOLVER_CODE),
+    "solvers/results/expected_fisher_cost.json": (
+        "CPU expected-Fisher cost",
+        [*SOLVER_CODE, "natgrad/fisher", "natgrad/operators.py"],
+    ),
     "sb3/results/results.json": ("SB3 comparison", ["natgrad/sb3", *SOLVER_CODE]),
     "rl/results/tune/mujoco.json": ("MuJoCo preset search", ["natgrad/rl", *SOLVER_CODE]),
     "rl/results_protocol_300k/protocol-300k/protocol.json": (
@@ -613,6 +617,53 @@ def large_batch_table() -> str:
             f"{mib(r['dense_rows_bytes'])} | {mib(r['gram_bytes'])} |"
         )
     return block("\n".join(rows))
+
+
+EXPECTED_COST = "solvers/results/expected_fisher_cost.json"
+EXPECTED_VARIANTS = {
+    "sampled": '`fisher="sampled"` (default)',
+    "expected": '`fisher="expected"`, matrix-free',
+    "expected_materialized": '`fisher="expected"`, `backend="materialized"`',
+    "trpo_kl_cg": "TRPO: 10 CG iterations on KL-Hessian products",
+}
+
+
+def expected_cost_row(policy: str) -> dict:
+    """One policy's row of the expected-Fisher cost benchmark."""
+    for row in load(EXPECTED_COST)["rows"]:
+        if row["policy"] == policy:
+            return row
+    raise KeyError(policy)
+
+
+def expected_cost_ratio(policy: str, numerator: str, denominator: str) -> float:
+    row = expected_cost_row(policy)
+    return row[numerator]["seconds"] / row[denominator]["seconds"]
+
+
+def expected_cost_table() -> str:
+    rows = load(EXPECTED_COST)["rows"]
+    head = " | ".join(
+        f"{r['policy']} ({r['obs_dim']} obs, {r['act_dim']} actions, P = {num(r['num_params'])})"
+        for r in rows
+    )
+    lines = [
+        f"| call (N = {num(rows[0]['num_samples'])}) | {head} |",
+        "|---" * (1 + len(rows)) + "|",
+    ]
+    for key, label in EXPECTED_VARIANTS.items():
+        cells = []
+        for r in rows:
+            entry = r[key]
+            detail = (
+                f"{entry['iterations']} it."
+                if entry.get("solver") is None
+                else (f"{entry['solver']}, {entry['iterations']} it.")
+            )
+            multiple = entry["seconds"] / r["backward"]["seconds"]
+            cells.append(f"{ms(entry['seconds'])} ({detail}, {times(multiple)} a backward)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return block("\n".join(lines))
 
 
 def per_sample_growth(problem: str) -> float:

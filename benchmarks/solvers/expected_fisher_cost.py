@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -158,13 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fresh", action="store_true", help="forget the finished rows")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--load", default="", help="what else ran on the machine (recorded with the results)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = {"rows": []}
     if args.results.exists() and not args.fresh:
         data = json.loads(args.results.read_text())
     done = {(r["policy"], r["num_samples"]) for r in data["rows"]}
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    machine = (
+        f"{platform.machine()}, {platform.system()} {platform.release()}, {os.cpu_count()} "
+        f"CPUs, {torch.get_num_threads()} torch thread(s); load average "
+        f"{os.getloadavg()[0]:.1f} at the start" + (f" ({args.load})" if args.load else "")
+    )
     for name in args.policies:
         for n in args.sizes:
             if (name, n) in done:
