@@ -236,3 +236,19 @@ def test_solver_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> Non
         "median_solver_seconds": pytest.approx(0.3),
     }
     assert by_algo["peer"]["solver"] is None  # no solver columns: a peer
+
+
+def test_merge_can_take_only_the_peer_rows(tmp_path: Path) -> None:
+    run = protocol.load_script("natgrad_bench_rl_run", BENCH / "run.py")
+    other = fake_results(tmp_path / "old", {"a": [0, 1], "peer": [0, 1]})
+    data = {"runs": []}
+    (tmp_path / "new" / "runs").mkdir(parents=True)
+    run.merge_results(data, tmp_path / "new", other, ["peer"])
+    assert sorted((r["algo"], r["seed"]) for r in data["runs"]) == [("peer", 0), ("peer", 1)]
+    for record in data["runs"]:
+        assert (tmp_path / "new" / "runs" / record["name"] / "progress.csv").exists()
+    assert not any(
+        p.name.startswith("FakeEnv-v0-a-") for p in (tmp_path / "new" / "runs").iterdir()
+    )
+    run.merge_results(data, tmp_path / "new", other)  # no filter: the rest, none twice
+    assert len(data["runs"]) == 4
