@@ -583,6 +583,30 @@ def tune_param(family: str, number: int, name: str) -> str:
     return f"{value:.2g}" if isinstance(value, float) else str(value)
 
 
+def tune_env_ratio(study: str, number: int, env: str) -> float:
+    """A trial's final return over the defaults' (trial 0) on ``env``, mean over seeds."""
+    run, base = tune_trial(study, number)["returns"], tune_trial(study, 0)["returns"]
+    keys = [k for k in run if k.startswith(f"{env}/")]
+    return statistics.fmean(run[k] / base[k] for k in keys)
+
+
+def tune_table(study: str) -> str:
+    """Every trial of a search, best first: its settings, per-env ratios, objective."""
+    info = load(f"rl/results/tune/{study}.json")
+    names = list(info["space"])
+    envs = info["envs"]
+    lines = [
+        "| trial | " + " | ".join(f"`{n}`" for n in names) + " | "
+        + " | ".join(e.removesuffix("-v5") for e in envs) + " | objective |",
+        "|---" * (2 + len(names) + len(envs)) + "|",
+    ]  # fmt: skip
+    for t in sorted(info["trials"], key=lambda t: -t["value"]):
+        params = [tune_param(study, t["number"], n) for n in names]
+        ratios = [f"{tune_env_ratio(study, t['number'], e):.2f}" for e in envs]
+        lines.append(f"| {t['number']} | " + " | ".join(params + ratios) + f" | {t['value']:.2f} |")
+    return block("\n".join(lines))
+
+
 def tune_small_damping(family: str, at_most: float) -> list[float]:
     """Objectives of the trials with ``damping <= at_most``."""
     return [t["value"] for t in tune_trials(family) if t["params"]["damping"] <= at_most]

@@ -567,3 +567,44 @@ def test_diagnostics_of_a_solve_take_its_figures_and_compiled_flag():
     assert (own.residual, own.iterations, own.direction_error) == (1e-9, 7, 2e-9)
     assert (own.condition, own.precision) == (10.0, 1e-15) and 100.0 <= own.seconds < 110.0
     assert Diagnostics.of_solve(result, **kwargs, compiled=False).compiled is False
+
+
+@pytest.mark.parametrize("rows", [12, 1])
+def test_conditioning_without_a_trace_relies_on_power_iterations(rows):
+    """An operator without a cheap trace (the matrix-free expected Fisher) still gets its
+    estimate, even at a tolerance the trace bound alone would have met; products that
+    overflow give an infinite condition. Kills conditioning.py's ``total is not None``
+    guard (``is`` <-> ``is not``, ``not``)."""
+    from natgrad.solvers.conditioning import estimate_conditioning
+
+    class NoTrace(MaterializedScores):
+        def kernel_trace(self):
+            return None
+
+        def squared_norms(self):  # never needed
+            raise AssertionError("the rows' norms were read")
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(rows, 5, generator=gen, dtype=torch.float64)
+    scores[:, 0] *= 6.0  # a clear spectral gap: the power iteration converges
+    largest = float(torch.linalg.eigvalsh(scores @ scores.T / rows)[-1])
+    result = estimate_conditioning(NoTrace(scores), 1e-2, tol=1.0)
+    assert result.largest_eigenvalue == pytest.approx(largest, rel=1e-6)
+    huge = torch.full((3, 2), 1e300, dtype=torch.float64)
+    assert estimate_conditioning(NoTrace(huge), 1e-2, tol=1.0).condition == float("inf")
+
+
+def test_conditioning_keeps_the_trace_when_the_power_iteration_overflows():
+    # a finite trace and products that overflow: the trace bound stands (no refusal);
+    # kills conditioning.py's `elif total is None` -> `is not None`
+    from natgrad.solvers.conditioning import estimate_conditioning
+
+    class Overflowing(MaterializedScores):
+        def matvec(self, v):
+            return torch.full((self.num_samples,), float("inf"), dtype=self.dtype)
+
+    scores = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]], dtype=torch.float64)
+    result = estimate_conditioning(Overflowing(scores), 1e-2, tol=1e-30)
+    trace = float((scores**2).sum()) / 3
+    assert result.largest_eigenvalue == pytest.approx(trace, rel=1e-12)
+    assert result.condition < float("inf")
