@@ -82,7 +82,7 @@ def test_the_registry_lists_every_family_with_its_source_and_plain_values():
         check_preset_values(preset)
     assert PRESETS["classic"].values == {}
     assert PRESETS["classic"].source == "the defaults, tuned on CartPole"
-    assert PRESETS["mujoco"].source.startswith("benchmarks/rl/results/tune/mujoco.md")
+    assert PRESETS["mujoco"].source.startswith("benchmarks/rl/results/tune/mujoco-3env.md")
     assert (ROOT / PRESETS["mujoco"].source.split(":")[0]).exists()  # the cited search
     assert PRESETS["minatar"].source == "not tuned yet"
 
