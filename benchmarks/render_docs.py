@@ -82,6 +82,10 @@ RESULTS = {
     ),
     "sb3/results/results.json": ("SB3 comparison", ["natgrad/sb3", *SOLVER_CODE]),
     "rl/results/tune/mujoco.json": ("MuJoCo preset search", ["natgrad/rl", *SOLVER_CODE]),
+    "rl/results/tune/mujoco-3env.json": (
+        "second MuJoCo preset search",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results_protocol_300k/protocol-300k/protocol.json": (
         "MuJoCo 300k protocol",
         ["natgrad/rl", *SOLVER_CODE],
