@@ -398,3 +398,85 @@ def test_a_policy_that_couples_samples_is_refused_on_every_backend(backend):
     rat = RATNaturalGradient(damping=1e-2, fisher="expected", backend=backend)
     with pytest.raises(ValueError, match="couples samples"):
         rat.natural_gradient(policy, obs, acts, torch.randn(N, dtype=torch.float64))
+
+
+def _operator_and_rows(name: str, chunk_size: int = 5):
+    """The matrix-free operator of a batch and its dense rows ``s W`` (the reference)."""
+    import math
+
+    from natgrad.fisher.expected import _DistributionOutputs
+    from natgrad.fisher.families import family_of
+    from natgrad.fisher.operator import ExpectedFisherRows
+    from natgrad.supervised.jacobians import output_jacobians
+
+    policy, obs, _, _ = _batch(name)
+    with torch.no_grad():
+        dist = policy(obs)
+    family = family_of(dist)
+    wrapper = _DistributionOutputs(policy, family)
+    names = [f"policy.{n}" for n, _ in policy.named_parameters()]
+    shapes = [p.shape for p in policy.parameters()]
+    jac = output_jacobians(wrapper, obs, names, family.outputs(dist).reshape(N, -1), N)
+    rows = family.rows(dist, jac.jacobians).reshape(-1, sum(p.numel() for p in shapes))
+    m = rows.shape[0] // N
+    operator = ExpectedFisherRows(
+        wrapper, policy, obs, names, shapes, dist, family, m, math.sqrt(m), chunk_size
+    )
+    return operator, rows * math.sqrt(m)
+
+
+@pytest.mark.parametrize("name", ["normal_std_head", "multi_discrete"])
+def test_matrix_free_products_match_the_dense_rows(name, monkeypatch):
+    from natgrad.fisher.operator import ExpectedFisherRows
+
+    operator, rows = _operator_and_rows(name)
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(rows.shape[1], generator=gen, dtype=torch.float64)
+    x = torch.randn(rows.shape[0], generator=gen, dtype=torch.float64)
+    index = torch.tensor([0, 3, 7, rows.shape[0] - 1])
+    assert _relative_error(operator.matvec(v), rows @ v) <= 1e-12
+    assert _relative_error(operator.rmatvec(x), rows.T @ x) <= 1e-12
+    assert _relative_error(operator.block(index).gram(), rows[index] @ rows[index].T) <= 1e-12
+    assert _relative_error(operator.gram(), rows @ rows.T) <= 1e-12
+    calls = []
+    monkeypatch.setattr(ExpectedFisherRows, "matvec", lambda self, v: calls.append(v))
+    columns = operator.cross_gram(index)  # all columns in one batched pass
+    assert calls == []
+    assert _relative_error(columns, rows @ rows[index].T) <= 1e-12
+    assert operator.kernel_trace() is None
+    assert operator.notes() == []  # every product ran matrix-free
+
+
+def test_kernel_columns_one_at_a_time_when_batching_fails(monkeypatch):
+    from natgrad.fisher.operator import ExpectedFisherRows
+
+    operator, rows = _operator_and_rows("shared_trunk")
+    unbatched = ExpectedFisherRows._jz
+
+    def no_batching(self, tangents, batched=False):
+        if batched:
+            raise RuntimeError("vmap over this op is not implemented")
+        return unbatched(self, tangents)
+
+    monkeypatch.setattr(ExpectedFisherRows, "_jz", no_batching)
+    index = torch.tensor([1, 2, 9])
+    assert _relative_error(operator.cross_gram(index), rows @ rows[index].T) <= 1e-12
+
+
+def test_rows_from_a_per_sample_loop_are_noted(monkeypatch):
+    import dataclasses
+
+    import natgrad.fisher.operator as operator_module
+
+    operator, rows = _operator_and_rows("normal_fixed_std")
+    real = operator_module.output_jacobians
+
+    def looped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, path="loop", fallback_reason="vmap failed (test)")
+
+    monkeypatch.setattr(operator_module, "output_jacobians", looped)
+    index = torch.tensor([0, 5])
+    assert _relative_error(operator.block(index).gram(), rows[index] @ rows[index].T) <= 1e-12
+    assert operator.notes() == ["distribution Jacobians one sample at a time: vmap failed (test)"]
+    assert operator.jacobian_path == "loop"
