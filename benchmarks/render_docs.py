@@ -90,6 +90,10 @@ RESULTS = {
         "MuJoCo 300k protocol",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_300k_preset/protocol-300k/protocol.json": (
+        "MuJoCo 300k preset evaluation",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
         ["natgrad/rl", *SOLVER_CODE],
@@ -875,6 +879,7 @@ def rl_300k_table() -> str:
 
 PROTOCOL_300K = "rl/results_protocol_300k/protocol-300k/protocol.json"
 ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations/protocol.json"
+PRESET_300K = "rl/results_protocol_300k_preset/protocol-300k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
@@ -936,6 +941,25 @@ def protocol_ratio(name: str, algo: str, env: str | None = None, key: str = "rat
     ratio = load(name)["ratios"][algo]
     figure = ratio["mean"] if env is None else ratio["per_env"][env]
     return f"{figure[key]:.2f}"
+
+
+def paired_finals(new: str, old: str, env: str, algo: str) -> list[tuple[float, float]]:
+    """Final returns of ``algo`` on ``env`` in two protocols, paired by seed (seeds both have)."""
+    before = {r["seed"]: r["final_return"] for r in protocol_row(old, env, algo)["per_seed"]}
+    after = {r["seed"]: r["final_return"] for r in protocol_row(new, env, algo)["per_seed"]}
+    return [(after[s], before[s]) for s in sorted(after) if s in before]
+
+
+def paired_ratio(new: str, old: str, env: str, algo: str) -> str:
+    """Mean final return in ``new`` over the mean in ``old``, same seeds."""
+    pairs = paired_finals(new, old, env, algo)
+    return f"{statistics.fmean(a for a, _ in pairs) / statistics.fmean(b for _, b in pairs):.2f}"
+
+
+def paired_wins(new: str, old: str, env: str, algo: str) -> str:
+    """``'k of n'``: seeds on which ``new`` ended higher than ``old``."""
+    pairs = paired_finals(new, old, env, algo)
+    return f"{sum(a > b for a, b in pairs)} of {len(pairs)}"
 
 
 def protocol_iqr(name: str, env: str, algo: str) -> str:
