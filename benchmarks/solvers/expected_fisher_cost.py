@@ -65,7 +65,10 @@ def flat(tensors) -> torch.Tensor:
 
 
 def trpo_kl_cg(policy, obs, acts, adv, damping: float) -> torch.Tensor:
-    """TRPO's direction: CG on (H_KL + damping I) d = g with double-backward products."""
+    """TRPO's direction: CG on (H_KL + damping I) d = g with double-backward products
+    (natgrad's ``cg-trpo`` baseline CG)."""
+    from natgrad.rl.algorithms.trpo import conjugate_gradient
+
     params = list(policy.parameters())
     log_prob = policy(obs).log_prob(acts).sum(-1)
     g = flat(torch.autograd.grad((adv * log_prob).mean(), params)).detach()
@@ -78,18 +81,7 @@ def trpo_kl_cg(policy, obs, acts, adv, damping: float) -> torch.Tensor:
         product = flat(torch.autograd.grad(grad_kl @ v, params, retain_graph=True))
         return product + damping * v
 
-    x = torch.zeros_like(g)
-    r, p = g.clone(), g.clone()
-    rr = r @ r
-    for _ in range(TRPO_CG_ITERATIONS):
-        hp = hvp(p)
-        alpha = rr / (p @ hp)
-        x += alpha * p
-        r -= alpha * hp
-        new = r @ r
-        p = r + (new / rr) * p
-        rr = new
-    return x
+    return conjugate_gradient(hvp, g, TRPO_CG_ITERATIONS)
 
 
 def vanilla_backward(policy, obs, acts, adv) -> None:

@@ -22,7 +22,7 @@ from torch.distributions import Distribution
 from torch.func import functional_call, vjp, vmap
 
 from natgrad._tree import Tree, take, tree_map, unflatten, unsqueeze
-from natgrad._vmap import is_vmap_limitation
+from natgrad._vmap import raise_unless_vmap_limitation
 from natgrad.fisher.families import FisherFamily
 from natgrad.scores import StreamingScores
 from natgrad.supervised.jacobians import _check_consistent, output_jacobians
@@ -145,13 +145,12 @@ class ExpectedFisherRows(StreamingScores):
             obs_s = take(self.obs, index)
             try:
                 pieces.append(vmap(single)(obs_s))
-            except Exception as error:  # noqa: BLE001 - classified just below
-                if not is_vmap_limitation(error):
-                    raise ValueError(
-                        "the policy draws random numbers in forward (e.g. active dropout), "
-                        "so its Fisher is ill-defined; call policy.eval() first. "
-                        f"Original error: {error}"
-                    ) from error
+            except Exception as error:  # noqa: BLE001 - classified by the helper
+                raise_unless_vmap_limitation(
+                    error,
+                    "the policy draws random numbers in forward (e.g. active dropout), so its "
+                    "Fisher is ill-defined; call policy.eval() first",
+                )
                 pieces += [single(tree_map(lambda t, i=i: t[i], obs_s)) for i in range(len(index))]
         per_sample = torch.cat([p.reshape(-1, self.outputs.shape[1]) for p in pieces])
         _check_consistent(per_sample.detach(), self.outputs)
