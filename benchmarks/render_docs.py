@@ -673,6 +673,12 @@ def expected_cost_ratio(policy: str, numerator: str, denominator: str) -> float:
     return row[numerator]["seconds"] / row[denominator]["seconds"]
 
 
+def expected_rows_shape(policy: str) -> str:
+    """``N m x P`` of a policy's expected-Fisher rows (``m = 2 x`` action dimension)."""
+    row = expected_cost_row(policy)
+    return f"`{num(row['num_samples'] * 2 * row['act_dim'])} x {num(row['num_params'])}`"
+
+
 def expected_cost_table() -> str:
     rows = load(EXPECTED_COST)["rows"]
     head = " | ".join(
