@@ -158,8 +158,8 @@ class RATNaturalGradient(OptionsView):
         it (its ``advantages`` is ``None``: ``d`` is not in the span of the sampled scores,
         so no ``A~`` exists); ``__call__`` raises :class:`~natgrad.errors.FisherError`. The
         ``m`` rows per sample (``m`` classes, or 2 per action dimension) stay matrix-free
-        (products by forward- and backward-mode passes; ``"auto"`` then sets the Nystrom
-        rank to 0) unless ``backend="materialized"``. See the derivation page, *Sampled or
+        (products by backward passes on one recorded forward pass; ``"auto"`` then sets the
+        Nystrom rank to 0) unless ``backend="materialized"``. See the derivation page, *Sampled or
         expected Fisher*.
 
     Attributes
@@ -425,8 +425,8 @@ class RATNaturalGradient(OptionsView):
         if self.backend == "factored":
             notes.append("backend='factored' unused: fisher='expected' streams its rows")
         if self.backend == "auto" and options.preconditioner_rank > 0 and self.solver != "kaczmarz":
-            # Matrix-free rows: each Nystrom column costs a forward-mode pass, about a third
-            # of a CG iteration, so a rank-256 sample outweighs the iterations it saves.
+            # Matrix-free rows: each Nystrom column costs a pass of the policy, about half a
+            # CG iteration, so a rank-256 sample outweighs the iterations it saves.
             options = dataclasses.replace(options, preconditioner_rank=0)
             notes.append(
                 "preconditioner_rank=0 under backend='auto' with fisher='expected' (a Nystrom "

@@ -144,7 +144,7 @@ def expected_natural_gradient(
     materialize
         Hold the ``N m x P`` rows in memory (``backend="materialized"``); otherwise the rows
         stay matrix-free (:class:`~natgrad.fisher.operator.ExpectedFisherRows`: ``W v`` by
-        one forward-mode pass, ``W^T x`` by one backward pass).
+        a double backward and ``W^T x`` by a backward pass, on one recorded forward pass).
 
     Returns
     -------
