@@ -443,6 +443,10 @@ def test_matrix_free_products_match_the_dense_rows(name, monkeypatch):
     columns = operator.cross_gram(index)  # all columns in one batched pass
     assert calls == []
     assert _relative_error(columns, rows @ rows[index].T) <= 1e-12
+    import natgrad.fisher.operator as operator_module
+
+    monkeypatch.setattr(operator_module, "_COLUMNS_AT_ONCE", 3)  # columns in 2 passes
+    assert _relative_error(operator.cross_gram(index), rows @ rows[index].T) <= 1e-12
     assert operator.kernel_trace() is None
     assert operator.notes() == []  # every product ran matrix-free
 
@@ -480,3 +484,25 @@ def test_rows_from_a_per_sample_loop_are_noted(monkeypatch):
     assert _relative_error(operator.block(index).gram(), rows[index] @ rows[index].T) <= 1e-12
     assert operator.notes() == ["distribution Jacobians one sample at a time: vmap failed (test)"]
     assert operator.jacobian_path == "loop"
+
+
+def test_a_log_prob_fn_within_rounding_of_the_distribution_is_accepted():
+    """The agreement check allows rounding relative to 1 + |log p| and no more."""
+    policy, obs, acts, adv = _batch("categorical")
+    with torch.no_grad():
+        magnitudes = policy(obs).log_prob(acts).abs()
+    # some samples below and some above |log p| = 0.9: every tighter tolerance bites
+    assert float(magnitudes.min()) < 0.9 and float(magnitudes.max()) > 0.2
+
+    def shifted(offset):
+        def log_prob_fn(policy, obs, acts):
+            return policy(obs).log_prob(acts) + offset
+
+        return log_prob_fn
+
+    rat = _expected(1e-2, "cholesky", log_prob_fn=shifted(9e-8))  # tol is 1e-7 (1 + |log p|)
+    assert rat.natural_gradient(policy, obs, acts, adv).diagnostics.converged
+    with pytest.raises(FisherError, match="log_prob_fn gives other log-probabilities"):
+        _expected(1e-2, "cholesky", log_prob_fn=shifted(3e-7)).natural_gradient(
+            policy, obs, acts, adv
+        )
