@@ -355,6 +355,9 @@ def test_auto_backend_turns_the_nystrom_sample_off_and_says_so():
     ng = rat.natural_gradient(policy, obs, acts, adv)
     assert any("preconditioner_rank=0" in note for note in ng.diagnostics.fallbacks)
     assert rat.preconditioner_rank == 256  # the object's own setting is left as it was
+    plain = RATNaturalGradient(damping=1e-2, fisher="expected", preconditioner_rank=0)
+    notes = plain.natural_gradient(policy, obs, acts, adv).diagnostics.fallbacks
+    assert not any("preconditioner_rank" in note for note in notes)  # nothing was changed
     assert (
         _relative_error(_flat(ng.direction), _reference_direction("normal_fixed_std", 1e-2)) <= 1e-8
     )

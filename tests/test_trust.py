@@ -430,3 +430,29 @@ def test_numpy_scalars_are_accepted():
     rat(Gaussian(), torch.randn(16, 4), torch.randn(16, 2), torch.randn(16))
     with pytest.raises(TypeError, match="damping"):
         RATNaturalGradient(damping=np.bool_(True))
+
+
+def test_a_policy_whose_parameters_mix_dtypes_is_refused():
+    """One dtype per policy: a float32 ``log_std`` beside float64 layers is natgrad's
+    TypeError (naming the dtypes), whichever parameter comes first."""
+    from torch.distributions import Normal
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean = nn.Linear(3, 2).double()
+            self.log_std = nn.Parameter(torch.zeros(2))  # float32
+
+        def forward(self, obs):
+            mean = self.mean(obs)
+            return Normal(mean, self.log_std.exp().expand_as(mean))
+
+    policy = Mixed()
+    obs = torch.randn(8, 3, dtype=torch.float64)
+    with torch.no_grad():
+        acts = policy(obs).sample()
+    for fisher in ("sampled", "expected"):
+        with pytest.raises(TypeError, match="float32"):
+            RATNaturalGradient(damping=0.1, fisher=fisher).natural_gradient(
+                policy, obs, acts, torch.randn(8, dtype=torch.float64)
+            )
