@@ -76,7 +76,7 @@ class ExpectedFisherRows(StreamingScores):
     scale
         ``s = sqrt(R / N)``: the solvers' ``J^T J / R`` is then ``W^T W / N``.
     chunk_size
-        Rows computed at once when rows are needed (trace, Nystrom columns, kernel).
+        Rows computed at once when rows are needed (Kaczmarz blocks, Nystrom sample, kernel).
     """
 
     backend = "streaming"
