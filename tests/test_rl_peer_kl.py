@@ -1,0 +1,55 @@
+"""benchmarks/rl/peer_kl.py: sb3-contrib TRPO's KL constraint in natgrad's units."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sb3_contrib")
+gym = pytest.importorskip("gymnasium")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rl"
+ENV_ID = "NatgradTestBox4-v0"
+
+
+class Box4(gym.Env):
+    """Continuous control with 4 action dimensions and random observations (no MuJoCo)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def load_peer_kl():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("natgrad_bench_rl_peer_kl", BENCH / "peer_kl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_peer_constrains_the_kl_per_action_dimension(monkeypatch):
+    peer_kl = load_peer_kl()
+    if ENV_ID not in gym.registry:
+        gym.register(ENV_ID, entry_point=Box4, max_episode_steps=50)
+    zoo = {"n_envs": 2, "normalize": True, "n_steps": 64, "batch_size": 64, "target_kl": 0.05}
+    monkeypatch.setitem(peer_kl.ZOO_TRPO, ENV_ID, zoo)
+    row = peer_kl.kl_factor(ENV_ID, perturbations=3, seed=0)
+    assert row["action_dim"] == 4
+    assert row["per_dimension_kl_shape"] == [512, 4]  # one KL per sample and dimension
+    assert row["ratio_min"] == pytest.approx(4.0, rel=1e-5)
+    assert row["ratio_max"] == pytest.approx(4.0, rel=1e-5)
+    assert row["effective_max_kl"] == pytest.approx(0.2, rel=1e-5)
+    monkeypatch.setitem(peer_kl.ZOO_TRPO, ENV_ID, {"n_steps": 64, "batch_size": 64})
+    default = peer_kl.kl_factor(ENV_ID, perturbations=1, seed=0)
+    assert default["zoo_target_kl"] == 0.01  # sb3-contrib's default where the zoo sets none
