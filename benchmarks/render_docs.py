@@ -94,6 +94,11 @@ RESULTS = {
         "MuJoCo 300k preset evaluation",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_kl_tuning/results.json": (
+        "trust-region runs on tuning seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
         ["natgrad/rl", *SOLVER_CODE],
@@ -881,6 +886,97 @@ def rl_300k_table() -> str:
         for a in algos
     )
     return block(text.strip("\n") + f"\n| — wall time per run (s) | {walls} |")
+
+
+KL_TUNING = "results_kl_tuning"
+PEER_KL = "rl/results/peer_kl.json"
+
+
+def peer_kl(env: str, key: str = "effective_max_kl") -> float:
+    """A figure of ``peer_kl.json``: sb3-contrib TRPO's KL constraint in natgrad's units."""
+    return load(PEER_KL)["envs"][env][key]
+
+
+def natgrad_default_max_kl() -> float:
+    """natgrad's default ``max_kl``, as ``peer_kl.py`` recorded it."""
+    return load(PEER_KL)["natgrad_default_max_kl"]
+
+
+def peer_kl_table() -> str:
+    """The peer's ``target_kl`` per env and what it is in natgrad's units."""
+    data = load(PEER_KL)
+    if not data["train_constrains_mean_of_kl_divergence"]:
+        raise ValueError(f"{PEER_KL}: sb3-contrib's TRPO.train no longer takes the mean KL")
+    lines = [
+        "| env | action dimensions | whole / constrained KL | rl-zoo `target_kl` | "
+        "as natgrad's `max_kl` |",
+        "|---|---|---|---|---|",
+    ]
+    for env, row in data["envs"].items():
+        lines.append(
+            f"| {env} | {row['action_dim']} | {row['ratio']:.2f} | {row['zoo_target_kl']:g} | "
+            f"{row['effective_max_kl']:.2f} |"
+        )
+    return block("\n".join(lines))
+
+
+KL_TUNING_ROWS = {
+    "HalfCheetah-v5": [
+        "rat-npg",
+        "rat-npg+max_kl=0.06",
+        "rat-npg+max_kl=0.12",
+        "rat-npg+max_kl=0.24",
+        "rat-npg+num_envs=2+num_steps=1024+max_kl=0.04+critic_epochs=20+critic_minibatch=128",
+        "cg-trpo+num_envs=2+num_steps=1024+max_kl=0.04+critic_epochs=20+critic_minibatch=128"
+        "+cg_iters=25",
+        "cg-trpo+num_envs=2+num_steps=1024+critic_epochs=20+critic_minibatch=128+max_kl=0.24"
+        "+cg_iters=25",
+        "sb3-trpo",
+    ],
+    "Hopper-v5": ["rat-npg", "rat-npg+max_kl=0.03", "rat-npg+max_kl=0.06"],
+    "Walker2d-v5": ["rat-npg", "rat-npg+max_kl=0.06", "rat-npg+max_kl=0.12"],
+}
+
+
+def kl_tuning_table() -> str:
+    rows = [(env, algo) for env, algos in KL_TUNING_ROWS.items() for algo in algos]
+    return tuning_table(KL_TUNING, rows)
+
+
+def kl_tuning_mean(env: str, algo: str) -> str:
+    """Mean final return of ``algo`` on the tuning seeds of ``results_kl_tuning``."""
+    return num(statistics.fmean(r["final_return"] for r in rl_runs(env, algo, 300_000, KL_TUNING)))
+
+
+def kl_tuning_ratio(env: str, algo: str, reference: str = "rat-npg") -> str:
+    """Mean final return of ``algo`` over ``reference``'s on the tuning seeds."""
+    finals = {
+        a: statistics.fmean(r["final_return"] for r in rl_runs(env, a, 300_000, KL_TUNING))
+        for a in (algo, reference)
+    }
+    return f"{finals[algo] / finals[reference]:.2f}"
+
+
+def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat-npg") -> str:
+    """Runs on tuning seeds: per-seed final returns, their mean, and the mean's ratio to
+    ``reference`` on the same env and seeds; ``rows`` are ``(env, algo)`` pairs."""
+    lines = [
+        f"| env | row | seeds | final return per seed | mean | ÷ `{reference}` |",
+        "|---|---|---|---|---|---|",
+    ]
+    for env, algo in rows:
+        runs = sorted(rl_runs(env, algo, steps, results), key=lambda r: r["seed"])
+        seeds = [r["seed"] for r in runs]
+        base = {r["seed"]: r["final_return"] for r in rl_runs(env, reference, steps, results)}
+        if not set(seeds) <= set(base):
+            raise KeyError(f"{results}: {env} {reference} lacks seeds of {algo}")
+        mean = statistics.fmean(r["final_return"] for r in runs)
+        ratio = mean / statistics.fmean(base[s] for s in seeds)
+        finals = " / ".join(f"{r['final_return']:,.0f}" for r in runs)
+        lines.append(
+            f"| {env} | `{algo}` | {span(seeds)} | {finals} | {mean:,.0f} | {ratio:.2f} |"
+        )
+    return block("\n".join(lines))
 
 
 PROTOCOL_300K = "rl/results_protocol_300k/protocol-300k/protocol.json"

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         stable_baselines3=stable_baselines3.__version__, sb3_contrib=sb3_contrib.__version__
     )
     data = {
-        **record,
+        "provenance": record,
         "command": " ".join(["python benchmarks/rl/peer_kl.py", *(argv or sys.argv[1:])]),
         "train_constrains_mean_of_kl_divergence": (
             "kl_divergence(distribution, old_distribution).mean()" in source
