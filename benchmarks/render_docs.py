@@ -973,9 +973,7 @@ def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat
         mean = statistics.fmean(r["final_return"] for r in runs)
         ratio = mean / statistics.fmean(base[s] for s in seeds)
         finals = " / ".join(f"{r['final_return']:,.0f}" for r in runs)
-        lines.append(
-            f"| {env} | `{algo}` | {span(seeds)} | {finals} | {mean:,.0f} | {ratio:.2f} |"
-        )
+        lines.append(f"| {env} | `{algo}` | {span(seeds)} | {finals} | {mean:,.0f} | {ratio:.2f} |")
     return block("\n".join(lines))
 
 
