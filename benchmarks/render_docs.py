@@ -98,6 +98,10 @@ RESULTS = {
         "trust-region runs on tuning seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_300k_kl/protocol-300k/protocol.json": (
+        "MuJoCo 300k, max_kl 0.06 on evaluation seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
@@ -980,6 +984,7 @@ def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat
 PROTOCOL_300K = "rl/results_protocol_300k/protocol-300k/protocol.json"
 ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations/protocol.json"
 PRESET_300K = "rl/results_protocol_300k_preset/protocol-300k/protocol.json"
+KL_300K = "rl/results_protocol_300k_kl/protocol-300k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
