@@ -935,6 +935,8 @@ KL_TUNING_ROWS = {
         "+cg_iters=25",
         "cg-trpo+num_envs=2+num_steps=1024+critic_epochs=20+critic_minibatch=128+max_kl=0.24"
         "+cg_iters=25",
+        "rat-trpo+num_envs=2+num_steps=1024+critic_epochs=20+critic_minibatch=128+max_kl=0.24",
+        "rat-npg+num_envs=2+num_steps=1024+critic_epochs=20+critic_minibatch=128+max_kl=0.24",
         "sb3-trpo",
     ],
     "Hopper-v5": ["rat-npg", "rat-npg+max_kl=0.03", "rat-npg+max_kl=0.06"],
