@@ -163,3 +163,25 @@ def test_pages_render_from_committed_files_only(tmp_path, monkeypatch):
             assert render_docs.render_text(text) == text, page
     finally:
         render_docs.load.cache_clear()
+
+
+def test_tuning_table_compares_on_the_same_seeds(tmp_path, monkeypatch):
+    def run(algo, seed, final):
+        return {"env": "E-v0", "algo": algo, "seed": seed, "steps": 300_000, "final_return": final}
+
+    runs = [run("base", 1000, 100.0), run("base", 1001, 300.0), run("base", 1002, 999.0)]
+    runs += [run("new", 1000, 150.0), run("new", 1001, 450.0)]
+    folder = tmp_path / "benchmarks" / "rl" / "fake"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"runs": runs}))
+    monkeypatch.setattr(render_docs, "BENCH", tmp_path / "benchmarks")
+    render_docs.load.cache_clear()
+    table = render_docs.tuning_table("fake", [("E-v0", "new")], reference="base")
+    # mean 300 over seeds 1000-1001, against the reference's 200 on those seeds (not 466)
+    assert "| E-v0 | `new` | 1000-1001 | 150 / 450 | 300 | 1.50 |" in table
+    runs.append(run("new", 1005, 1.0))  # a seed the reference lacks: an error, not a ratio
+    (folder / "results.json").write_text(json.dumps({"runs": runs}))
+    render_docs.load.cache_clear()
+    with pytest.raises(KeyError, match="lacks seeds"):
+        render_docs.tuning_table("fake", [("E-v0", "new")], reference="base")
+    render_docs.load.cache_clear()  # later tests read the real files
