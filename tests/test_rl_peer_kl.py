@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from bench import load_benchmark
 
 pytest.importorskip("sb3_contrib")
 gym = pytest.importorskip("gymnasium")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rl"
 ENV_ID = "NatgradTestBox4-v0"
 
 
@@ -30,16 +26,8 @@ class Box4(gym.Env):
         return self.observation_space.sample(), 0.0, False, False, {}
 
 
-def load_peer_kl():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("natgrad_bench_rl_peer_kl", BENCH / "peer_kl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_peer_constrains_the_kl_per_action_dimension(monkeypatch):
-    peer_kl = load_peer_kl()
+    peer_kl = load_benchmark("rl/peer_kl.py")
     if ENV_ID not in gym.registry:
         gym.register(ENV_ID, entry_point=Box4, max_episode_steps=50)
     zoo = {"n_envs": 2, "normalize": True, "n_steps": 64, "batch_size": 64, "target_kl": 0.05}

@@ -3,15 +3,14 @@ fake run folders with known curves, and benchmarks/rl/run.py --jobs 2 at a tiny 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench import load_benchmark
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rl"
 BUDGET = 2560
@@ -19,16 +18,7 @@ LOG_STEPS = range(256, BUDGET + 1, 256)  # 10 points; the grid (201 points) hits
 SLOPES = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0, 4: 1000.0}  # seed 4: an outlier the IQM drops
 
 
-def load_protocol() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "natgrad_bench_rl_protocol", BENCH / "protocol.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-protocol = load_protocol()
+protocol = load_benchmark("rl/protocol.py")
 
 
 def fake_results(root: Path, algos: dict[str, list[int]]) -> Path:

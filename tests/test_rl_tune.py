@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from bench import load_benchmark
 
 pytest.importorskip("gymnasium")
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rl"
 
 
-def load_tune():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("natgrad_bench_rl_tune", BENCH / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tune = load_tune()
+tune = load_benchmark("rl/tune.py")
 
 
 def test_layout_splits_the_batch_into_envs_and_steps():
