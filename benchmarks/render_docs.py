@@ -102,6 +102,10 @@ RESULTS = {
         "MuJoCo 300k, max_kl 0.06 on evaluation seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_300k_peer/protocol-300k/protocol.json": (
+        "MuJoCo 300k, the peer's setting on evaluation seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
@@ -987,6 +991,7 @@ PROTOCOL_300K = "rl/results_protocol_300k/protocol-300k/protocol.json"
 ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations/protocol.json"
 PRESET_300K = "rl/results_protocol_300k_preset/protocol-300k/protocol.json"
 KL_300K = "rl/results_protocol_300k_kl/protocol-300k/protocol.json"
+PEER_300K = "rl/results_protocol_300k_peer/protocol-300k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
