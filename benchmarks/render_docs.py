@@ -953,18 +953,18 @@ def kl_tuning_table() -> str:
     return tuning_table(KL_TUNING, rows)
 
 
+def _kl_tuning_final(env: str, algo: str) -> float:
+    return statistics.fmean(r["final_return"] for r in rl_runs(env, algo, 300_000, KL_TUNING))
+
+
 def kl_tuning_mean(env: str, algo: str) -> str:
     """Mean final return of ``algo`` on the tuning seeds of ``results_kl_tuning``."""
-    return num(statistics.fmean(r["final_return"] for r in rl_runs(env, algo, 300_000, KL_TUNING)))
+    return num(_kl_tuning_final(env, algo))
 
 
 def kl_tuning_ratio(env: str, algo: str, reference: str = "rat-npg") -> str:
     """Mean final return of ``algo`` over ``reference``'s on the tuning seeds."""
-    finals = {
-        a: statistics.fmean(r["final_return"] for r in rl_runs(env, a, 300_000, KL_TUNING))
-        for a in (algo, reference)
-    }
-    return f"{finals[algo] / finals[reference]:.2f}"
+    return f"{_kl_tuning_final(env, algo) / _kl_tuning_final(env, reference):.2f}"
 
 
 def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat-npg") -> str:
