@@ -17,6 +17,7 @@ from natgrad.rl.algorithms import PPOOptions, RatNPGOptions  # noqa: E402
 from natgrad.rl.presets import (  # noqa: E402
     PRESETS,
     check_preset_values,
+    env_key,
     preset_choices,
     preset_for_env,
 )
@@ -79,6 +80,7 @@ def test_the_registry_lists_every_family_with_its_source_and_plain_values():
     for name, preset in PRESETS.items():
         assert preset.name == name and preset.description and preset.source
         assert type(preset.values) is dict  # the tuning session edits one dict literal
+        assert type(preset.envs) is dict and all(type(v) is dict for v in preset.envs.values())
         check_preset_values(preset)
     assert PRESETS["classic"].values == {}
     assert PRESETS["classic"].source == "the defaults, tuned on CartPole"
@@ -102,6 +104,64 @@ def test_a_bad_preset_value_is_a_clear_error(monkeypatch, values, message):
         check_preset_values(PRESETS["mujoco"])
     with pytest.raises(ConfigError, match=message):  # also when a run resolves it
         TrainConfig(env="Hopper-v5").resolved()
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ("HalfCheetah-v5", "HalfCheetah"),
+        ("HalfCheetah", "HalfCheetah"),
+        ("MinAtar/Breakout-v1", "MinAtar/Breakout"),
+        ("my_package:Hopper-v4", "Hopper"),
+        ("", None),
+    ],
+)
+def test_env_key_drops_the_version(env, key):
+    assert env_key(env) == key
+
+
+@pytest.fixture
+def mujoco_with_an_env_entry(monkeypatch):
+    """``mujoco`` with family values and a HalfCheetah entry that overrides one of them."""
+    preset = dataclasses.replace(
+        PRESETS["mujoco"],
+        values={"gamma": 0.98, "max_kl": 0.03},
+        envs={"HalfCheetah": {"max_kl": 0.24, "num_envs": 2}},
+    )
+    monkeypatch.setitem(PRESETS, "mujoco", preset)
+    return preset
+
+
+def test_an_env_entry_wins_over_the_family_for_that_env_only(mujoco_with_an_env_entry):
+    run = TrainConfig(env="HalfCheetah-v5", **{**SMALL, "num_envs": 8}).resolved()
+    # num_envs=8 equals the default but was passed: the user's value wins over the entry
+    assert (run.gamma, run.options.max_kl, run.num_envs) == (0.98, 0.24, 8)
+    assert run.preset == "mujoco" and run.preset_values == {"gamma": 0.98, "max_kl": 0.24}
+    run = TrainConfig(env="HalfCheetah-v4").resolved()  # any version
+    assert (run.options.max_kl, run.num_envs) == (0.24, 2)
+    assert run.preset_values == {"gamma": 0.98, "max_kl": 0.24, "num_envs": 2}
+    run = TrainConfig(env="Hopper-v5").resolved()  # the rest of the family
+    assert (run.gamma, run.options.max_kl, run.num_envs) == (0.98, 0.03, 8)
+    assert run.preset_values == {"gamma": 0.98, "max_kl": 0.03}
+    run = TrainConfig(env="Hopper-v5", preset="none").resolved()
+    assert run.options.max_kl == 0.02 and run.preset_values == {}
+    assert mujoco_with_an_env_entry.values == {"gamma": 0.98, "max_kl": 0.03}  # not mutated
+
+
+@pytest.mark.parametrize(
+    ("envs", "message"),
+    [
+        ({"CartPole": {"gamma": 0.9}}, "envs entry 'CartPole', which is not an environment "
+                                       "of the 'mujoco' family"),
+        ({"HalfCheetah-v5": {"gamma": 0.9}}, "envs entry 'HalfCheetah-v5'.*without its version"),
+        ({"HalfCheetah": {"gama": 0.9}}, r"envs\['HalfCheetah'\] sets unknown option 'gama'"),
+        ({"HalfCheetah": {"damping": -1.0}}, r"envs\['HalfCheetah'\]: damping must be > 0"),
+    ],
+)  # fmt: skip
+def test_a_bad_env_entry_is_a_clear_error(monkeypatch, envs, message):
+    monkeypatch.setitem(PRESETS, "mujoco", dataclasses.replace(PRESETS["mujoco"], envs=envs))
+    with pytest.raises(ConfigError, match=f"preset 'mujoco' .*{message}"):
+        check_preset_values(PRESETS["mujoco"])
 
 
 def test_the_preset_fills_what_the_user_left_at_the_defaults(tuned_classic):

@@ -151,11 +151,13 @@ class TrainConfig(RecordsGivenFields):
     def resolved(self) -> TrainConfig:
         """A copy with the preset applied under the values the user passed explicitly.
 
-        Precedence, lowest first: the dataclass defaults, the preset's values, the values
-        the user set (keywords of ``TrainConfig(...)`` and of the options dataclass, keys
-        given to :meth:`from_dict`, i.e. ``natgrad train`` flags, and any field whose value
-        differs from its default). Preset values for options the chosen algorithm does not
-        read are skipped. ``self`` is not changed.
+        Precedence, lowest first: the dataclass defaults, the preset's values (the
+        family's, then its entry for this environment:
+        :meth:`~natgrad.rl.presets.Preset.values_for`), the values the user set (keywords
+        of ``TrainConfig(...)`` and of the options dataclass, keys given to
+        :meth:`from_dict`, i.e. ``natgrad train`` flags, and any field whose value differs
+        from its default). Preset values for options the chosen algorithm does not read
+        are skipped. ``self`` is not changed.
 
         Returns
         -------
@@ -178,7 +180,7 @@ class TrainConfig(RecordsGivenFields):
         values: dict[str, Any] = {}
         if name != "none":
             check_preset_values(PRESETS[name])
-            values = dict(PRESETS[name].values)
+            values = PRESETS[name].values_for(self.env)
         assert self.options is not None  # set by validate()
         mine, theirs = explicit_fields(self), explicit_fields(self.options)
         shared = {k: v for k, v in values.items() if k in _shared_names() and k not in mine}

@@ -7,9 +7,11 @@ values the user passed explicitly always win over the preset's, and the preset's
 dataclass defaults. The resolved name and the values it applied are saved in the run's
 ``config.json`` (see :meth:`natgrad.rl.TrainConfig.resolved`).
 
-Each preset's overrides are one plain dict literal below; its keys are checked against
-the real option fields when :mod:`natgrad.rl.config` is imported
-(:func:`check_preset_values`).
+Each preset's overrides are one plain dict literal below, for the whole family, and
+optionally one more per environment (``envs``, keyed by the id without its version, as
+rl-baselines3-zoo tunes per environment); an environment's entry wins over the family's
+values. Every key is checked against the real option fields when :mod:`natgrad.rl.config`
+is imported (:func:`check_preset_values`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "PRESET_CHOICES",
     "Preset",
     "check_preset_values",
+    "env_key",
     "preset_choices",
     "preset_for_env",
 ]
@@ -46,12 +49,32 @@ class Preset:
     values
         The :class:`~natgrad.rl.TrainConfig` fields and algorithm options it overrides, by
         field name (``{"gamma": 0.995, "max_kl": 0.01}``); empty: the defaults.
+    envs
+        Further overrides for single environments of the family, keyed by the id without
+        its version (``{"HalfCheetah": {"damping": 0.6}}``, ``"MinAtar/Breakout"``); they
+        win over ``values``.
     """
 
     name: str
     description: str
     source: str
     values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    envs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def values_for(self, env_id: str) -> dict[str, Any]:
+        """The overrides for ``env_id``: the family's values, then the environment's entry.
+
+        Parameters
+        ----------
+        env_id
+            A Gymnasium id (any version), e.g. ``"HalfCheetah-v5"``.
+
+        Returns
+        -------
+        dict
+            A new dict; the preset is not changed.
+        """
+        return {**self.values, **self.envs.get(env_key(env_id) or "", {})}
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,6 +120,19 @@ def preset_choices() -> tuple[str, ...]:
     return (*PRESET_CHOICES, *PRESETS)
 
 
+def env_key(env_id: str) -> str | None:
+    """The id of ``env_id`` without its version or ``module:`` prefix (``None``: not an id).
+
+    ``"HalfCheetah-v5"`` -> ``"HalfCheetah"``, ``"MinAtar/Breakout-v1"`` ->
+    ``"MinAtar/Breakout"``: the keys of :attr:`Preset.envs`.
+    """
+    match = _ID.match(env_id.rsplit(":", 1)[-1])
+    if match is None:
+        return None
+    namespace, name = match["namespace"], match["name"]
+    return name if namespace is None else f"{namespace}/{name}"
+
+
 def preset_for_env(env_id: str) -> str | None:
     """The preset family of a Gymnasium environment id, or ``None`` for unknown ids.
 
@@ -111,13 +147,13 @@ def preset_for_env(env_id: str) -> str | None:
     str or None
         ``"classic"``, ``"mujoco"``, ``"minatar"``, or ``None``: no preset applies.
     """
-    match = _ID.match(env_id.rsplit(":", 1)[-1])
-    if match is None:
+    key = env_key(env_id)
+    if key is None:
         return None
-    namespace, name = match["namespace"], match["name"]
+    namespace, _, name = key.rpartition("/")
     if namespace == "MinAtar":
         return "minatar"
-    if namespace is not None:
+    if namespace:
         return None
     if name in _CLASSIC:
         return "classic"
@@ -139,14 +175,30 @@ def check_preset_values(preset: Preset) -> None:
     ConfigError
         A key that is no :class:`~natgrad.rl.TrainConfig` field nor algorithm option (the
         message lists the known names), a key that chooses the run (``env``, ``algo``,
-        ``seed``, ``preset``), or a value its option rejects.
+        ``seed``, ``preset``), a value its option rejects, or an ``envs`` entry for an
+        environment outside the family.
     """
+    where = f"preset {preset.name!r} (natgrad/rl/presets.py)"
+    _check_values(where, preset.values)
+    for key, values in preset.envs.items():
+        if env_key(key) != key or preset_for_env(key) != preset.name:
+            raise ConfigError(
+                f"{where} has an envs entry {key!r}, which is not an environment of the "
+                f"{preset.name!r} family written without its version (e.g. "
+                f"{_EXAMPLE_KEYS.get(preset.name, 'Hopper')!r}); fix or remove the entry"
+            )
+        _check_values(f"{where}, envs[{key!r}]", values)
+
+
+_EXAMPLE_KEYS = {"classic": "CartPole", "mujoco": "HalfCheetah", "minatar": "MinAtar/Breakout"}
+
+
+def _check_values(where: str, values: Mapping[str, Any]) -> None:
     from natgrad.rl.config import TrainConfig, algorithm_option_fields
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "options"}
     fields.update(algorithm_option_fields())
-    where = f"preset {preset.name!r} (natgrad/rl/presets.py)"
-    for name, value in preset.values.items():
+    for name, value in values.items():
         if name in _NOT_PRESETTABLE:
             raise ConfigError(
                 f"{where} sets {name!r}, which chooses the run rather than tunes it; "
