@@ -911,19 +911,22 @@ def natgrad_default_max_kl() -> float:
 
 
 def peer_kl_table() -> str:
-    """The peer's ``target_kl`` per env and what it is in natgrad's units."""
+    """The peer's ``target_kl`` and ``cg_damping`` per env and what they are in natgrad's units."""
     data = load(PEER_KL)
     if not data["train_constrains_mean_of_kl_divergence"]:
         raise ValueError(f"{PEER_KL}: sb3-contrib's TRPO.train no longer takes the mean KL")
+    if not data["hessian_vector_product_adds_cg_damping"]:
+        raise ValueError(f"{PEER_KL}: sb3-contrib's TRPO no longer damps its KL Hessian")
     lines = [
         "| env | action dimensions | whole / constrained KL | rl-zoo `target_kl` | "
-        "as natgrad's `max_kl` |",
-        "|---|---|---|---|---|",
+        "as natgrad's `max_kl` | rl-zoo `cg_damping` | as natgrad's `damping` |",
+        "|---|---|---|---|---|---|---|",
     ]
     for env, row in data["envs"].items():
         lines.append(
             f"| {env} | {row['action_dim']} | {row['ratio']:.2f} | {row['zoo_target_kl']:g} | "
-            f"{row['effective_max_kl']:.2f} |"
+            f"{row['effective_max_kl']:.2f} | {row['zoo_cg_damping']:g} | "
+            f"{row['effective_damping']:.2f} |"
         )
     return block("\n".join(lines))
 
@@ -1086,6 +1089,21 @@ def protocol_finals_span(name: str, env: str, algo: str) -> str:
     """Lowest to highest per-seed final return of a row."""
     finals = [r["final_return"] for r in protocol_row(name, env, algo)["per_seed"]]
     return f"{num(min(finals))} to {num(max(finals))}"
+
+
+def protocol_update(name: str, env: str, algo: str, key: str) -> float:
+    """A pooled step figure of a protocol row (``median_kl_ratio`` or
+    ``backtracked_fraction``, :func:`benchmarks.rl.protocol.step_summary`)."""
+    summary = protocol_row(name, env, algo).get("update")
+    if not summary or summary.get(key) is None:
+        raise ValueError(f"{name}: no update {key} in {env} x {algo} (rerun protocol.py)")
+    return float(summary[key])
+
+
+def protocol_above(name: str, env: str, algo: str, threshold: float) -> str:
+    """How many seeds of a row ended above ``threshold``, as "K of N"."""
+    finals = [r["final_return"] for r in protocol_row(name, env, algo)["per_seed"]]
+    return f"{sum(f > threshold for f in finals)} of {len(finals)}"
 
 
 def protocol_solver(name: str, env: str, algo: str, key: str) -> float:

@@ -38,6 +38,21 @@ def test_the_peer_constrains_the_kl_per_action_dimension(monkeypatch):
     assert row["ratio_min"] == pytest.approx(4.0, rel=1e-5)
     assert row["ratio_max"] == pytest.approx(4.0, rel=1e-5)
     assert row["effective_max_kl"] == pytest.approx(0.2, rel=1e-5)
+    assert row["zoo_cg_damping"] == 0.1  # sb3-contrib's default: the zoo entry sets none
+    assert row["effective_damping"] == pytest.approx(0.4, rel=1e-5)
     monkeypatch.setitem(peer_kl.ZOO_TRPO, ENV_ID, {"n_steps": 64, "batch_size": 64})
     default = peer_kl.kl_factor(ENV_ID, perturbations=1, seed=0)
     assert default["zoo_target_kl"] == 0.01  # sb3-contrib's default where the zoo sets none
+
+
+def test_the_record_checks_what_the_conversion_relies_on(monkeypatch, tmp_path):
+    peer_kl = load_benchmark("rl/peer_kl.py")
+    if ENV_ID not in gym.registry:
+        gym.register(ENV_ID, entry_point=Box4, max_episode_steps=50)
+    monkeypatch.setitem(peer_kl.ZOO_TRPO, ENV_ID, {"n_steps": 64, "batch_size": 64})
+    out = tmp_path / "peer_kl.json"
+    data = peer_kl.main(["--envs", ENV_ID, "--perturbations", "1", "--out", str(out)])
+    # sb3-contrib's TRPO takes the mean KL and damps its Hessian: the conversion holds
+    assert data["train_constrains_mean_of_kl_divergence"] is True
+    assert data["hessian_vector_product_adds_cg_damping"] is True
+    assert out.exists() and data["envs"][ENV_ID]["effective_damping"] == pytest.approx(0.4)

@@ -242,3 +242,27 @@ def test_merge_can_take_only_the_peer_rows(tmp_path: Path) -> None:
     )
     run.merge_results(data, tmp_path / "new", other)  # no filter: the rest, none twice
     assert len(data["runs"]) == 4
+
+
+def test_step_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> None:
+    results = fake_results(tmp_path, {"a": [0, 1], "peer": [0]})
+    columns = {
+        0: ("0.01,0.03,0.02", "0.02,0.02,0.02", "0,1,0"),
+        1: ("0.04,,0.01", "0.02,,0.02", "2,,0"),
+    }
+    for seed, (kl, target, backtracks) in columns.items():
+        run_dir = results / "runs" / protocol.run_name("FakeEnv-v0", "a", seed, BUDGET)
+        rows = ["step,episodic_return_mean,wall_time,kl,kl_target,backtracks"]
+        steps = (BUDGET - 256, BUDGET - 128, BUDGET)
+        cells = zip(steps, kl.split(","), target.split(","), backtracks.split(","), strict=True)
+        rows += [f"{step},{step},1,{k},{t},{b}" for step, k, t, b in cells]
+        (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
+    out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "peer"], [0, 1], BUDGET, reps=50)
+    by_algo = {row["algo"]: row for row in out["rows"]}
+    # KL / target: 0.5 1.5 1 2 0.5 (the empty row skipped); backtracked: 0 1 0 1 0
+    assert by_algo["a"]["update"] == {
+        "updates": 5,
+        "median_kl_ratio": pytest.approx(1.0),
+        "backtracked_fraction": pytest.approx(0.4),
+    }
+    assert by_algo["peer"]["update"] is None  # no KL target: a peer

@@ -5,9 +5,13 @@ Stable-Baselines3's ``kl_divergence``, which for a diagonal Gaussian policy retu
 per action dimension: the mean then runs over samples *and* action dimensions. natgrad's
 ``max_kl`` (and TRPO's paper) bounds the KL of the whole action distribution, the sum over
 dimensions, averaged over samples. So the peer's ``target_kl`` is ``action_dim`` times
-larger in natgrad's units. This script measures the factor on the peer's own policy (built
-with rl-zoo's settings by ``run.py``), for a few random perturbations of its actor, and
-records the trust region each comparison in docs/rl.md gives the peer:
+larger in natgrad's units. Its conjugate gradient runs on the Hessian of that same mean
+plus ``cg_damping`` times the identity, so its damping is ``action_dim`` times larger in
+natgrad's units too (``(H / k + c I) s = g`` is ``(H + k c I) (s / k) = g``; the step is
+rescaled to the trust region, so only the direction matters). This script measures the
+factor on the peer's own policy (built with rl-zoo's settings by ``run.py``), for a few
+random perturbations of its actor, and records the trust region and damping each
+comparison in docs/rl.md gives the peer:
 
     python benchmarks/rl/peer_kl.py      # writes benchmarks/rl/results/peer_kl.json
 
@@ -83,8 +87,9 @@ def kl_factor(env_id: str, perturbations: int, seed: int) -> dict:
             p.copy_(p0)
     action_dim = int(model.action_space.shape[0])
     # where the zoo entry sets none, sb3-contrib's own default applies
-    default = inspect.signature(TRPO).parameters["target_kl"].default
-    target_kl = float(hp.get("target_kl", default))
+    defaults = inspect.signature(TRPO).parameters
+    target_kl = float(hp.get("target_kl", defaults["target_kl"].default))
+    cg_damping = float(hp.get("cg_damping", defaults["cg_damping"].default))
     factor = float(np.median(ratios))
     return {
         "action_dim": action_dim,
@@ -94,6 +99,8 @@ def kl_factor(env_id: str, perturbations: int, seed: int) -> dict:
         "ratio": factor,
         "zoo_target_kl": target_kl,
         "effective_max_kl": target_kl * factor,
+        "zoo_cg_damping": cg_damping,
+        "effective_damping": cg_damping * factor,
     }
 
 
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     from natgrad.rl.algorithms.base import TrustRegionOptions
 
     source = inspect.getsource(TRPO.train)
+    hvp_source = inspect.getsource(TRPO.hessian_vector_product)
     solvers_run = load_script("natgrad_bench_solvers_run", HERE.parent / "solvers" / "run.py")
     record = solvers_run.provenance(  # the solver benchmarks' record: commit, versions
         f"{platform.machine()}, {platform.system()} {platform.release()}"
@@ -125,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_constrains_mean_of_kl_divergence": (
             "kl_divergence(distribution, old_distribution).mean()" in source
         ),
+        "hessian_vector_product_adds_cg_damping": "+ self.cg_damping * vector" in hvp_source,
         "natgrad_default_max_kl": TrustRegionOptions().max_kl,
         "envs": {env: kl_factor(env, args.perturbations, args.seed) for env in args.envs},
     }
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     for env, row in data["envs"].items():
         print(
             f"{env}: action_dim {row['action_dim']}, whole/constrained KL {row['ratio']:.3f}, "
-            f"zoo target_kl {row['zoo_target_kl']} = max_kl {row['effective_max_kl']:.3f}"
+            f"zoo target_kl {row['zoo_target_kl']} = max_kl {row['effective_max_kl']:.3f}, "
+            f"zoo cg_damping {row['zoo_cg_damping']} = damping {row['effective_damping']:.3f}"
         )
     return data
 

@@ -167,6 +167,40 @@ def collect(
 SOLVER_COLUMNS = ("solver_converged", "solver_seconds")
 
 
+def pooled_columns(
+    results_dir: Path, runs: Sequence[dict], columns: Sequence[str]
+) -> dict[str, list[float]]:
+    """Every non-empty value of ``columns`` in the runs' ``progress.csv``, pooled by column.
+
+    Values of one update stay aligned across columns only where every column is filled;
+    callers that pair columns use :func:`pooled_rows`.
+    """
+    pooled: dict[str, list[float]] = {column: [] for column in columns}
+    for record in pooled_rows(results_dir, runs, columns, complete=False):
+        for column, value in record.items():
+            pooled[column].append(value)
+    return pooled
+
+
+def pooled_rows(
+    results_dir: Path, runs: Sequence[dict], columns: Sequence[str], complete: bool = True
+) -> list[dict[str, float]]:
+    """One dict per update of every run: its non-empty ``columns`` as floats.
+
+    With ``complete``, only updates that fill every column.
+    """
+    import csv
+
+    out = []
+    for run in runs:
+        with open(results_dir / "runs" / run["name"] / "progress.csv", newline="") as handle:
+            for record in csv.DictReader(handle):
+                row = {c: float(record[c]) for c in columns if record.get(c) not in ("", None)}
+                if row and (not complete or len(row) == len(columns)):
+                    out.append(row)
+    return out
+
+
 def solver_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
     """Pooled solver figures of a row's runs, over every update of every seed.
 
@@ -175,15 +209,7 @@ def solver_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
     rows that carry the column. None when no run records a solver (the peers, PPO, ...).
     Kept in ``protocol.json`` because the run folders are not committed.
     """
-    import csv
-
-    pooled: dict[str, list[float]] = {column: [] for column in SOLVER_COLUMNS}
-    for run in runs:
-        with open(results_dir / "runs" / run["name"] / "progress.csv", newline="") as handle:
-            for record in csv.DictReader(handle):
-                for column in SOLVER_COLUMNS:
-                    if record.get(column) not in ("", None):
-                        pooled[column].append(float(record[column]))
+    pooled = pooled_columns(results_dir, runs, SOLVER_COLUMNS)
     converged, seconds = pooled["solver_converged"], pooled["solver_seconds"]
     if not converged and not seconds:
         return None
@@ -191,6 +217,26 @@ def solver_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
         "updates": len(seconds),
         "converged_fraction": float(np.mean(converged)) if converged else None,
         "median_solver_seconds": float(np.median(seconds)) if seconds else None,
+    }
+
+
+def step_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
+    """How far a row's policy updates moved, pooled over every update of every seed.
+
+    ``median_kl_ratio`` is the median of the measured KL of an update over its target
+    (``kl / kl_target`` in ``progress.csv``, over the updates that record both) and
+    ``backtracked_fraction`` the share of updates whose line search shrank the step at
+    least once (``None`` without a line search). None when no run records a KL target
+    (the peers, PPO, ...). Kept in ``protocol.json`` because run folders are not committed.
+    """
+    rows = pooled_rows(results_dir, runs, ("kl", "kl_target"))
+    if not rows:
+        return None
+    backtracks = pooled_columns(results_dir, runs, ("backtracks",))["backtracks"]
+    return {
+        "updates": len(rows),
+        "median_kl_ratio": float(np.median([r["kl"] / r["kl_target"] for r in rows])),
+        "backtracked_fraction": float(np.mean(np.asarray(backtracks) > 0)) if backtracks else None,
     }
 
 
@@ -368,6 +414,7 @@ def evaluate(
             "median_wall_time": float(np.median(walls)) if walls else None,
             "stopped_early": [r["seed"] for r in runs if r["steps_reached"] < steps],
             "solver": solver_summary(results_dir, runs),
+            "update": step_summary(results_dir, runs),
             "per_seed": runs,
         })  # fmt: skip
     return {
