@@ -89,8 +89,21 @@ PRESETS: dict[str, Preset] = {
         "Gymnasium MuJoCo locomotion and manipulation: Hopper, Walker2d, HalfCheetah, Ant, ...",
         "benchmarks/rl/results/tune/mujoco-3env.md: the defaults. Two searches found no "
         "setting that holds up: the first (mujoco.md) nothing better on tuning seeds, the "
-        "second's best (damping 1.0, 2 x 1,024) lost to the defaults on evaluation seeds",
+        "second's best (damping 1.0, 2 x 1,024) lost to the defaults on evaluation seeds. "
+        "HalfCheetah: sb3-contrib TRPO's rl-zoo setting in natgrad's units (its damping "
+        "and batch layout; half its trust region, chosen on tuning seeds in "
+        "benchmarks/rl/results_damping_tuning)",
         {},
+        {
+            "HalfCheetah": {
+                "num_envs": 2,
+                "num_steps": 1024,
+                "critic_epochs": 20,
+                "critic_minibatch": 128,
+                "max_kl": 0.12,
+                "damping": 0.6,
+            },
+        },
     ),
     "minatar": Preset(
         "minatar",
