@@ -59,6 +59,9 @@ ASSETS = {
     "rl-300k-Hopper.png": "rl/results_protocol_300k/protocol-300k/curves-Hopper-v5.png",
     "rl-300k-Walker2d.png": "rl/results_protocol_300k/protocol-300k/curves-Walker2d-v5.png",
     "rl-300k-HalfCheetah.png": "rl/results_protocol_300k/protocol-300k/curves-HalfCheetah-v5.png",
+    "rl-300k-HalfCheetah-entry.png": (
+        "rl/results_protocol_300k_entry/protocol-300k/curves-HalfCheetah-v5.png"
+    ),
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -98,12 +101,20 @@ RESULTS = {
         "trust-region runs on tuning seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_damping_tuning/results.json": (
+        "the peer's damping on tuning seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results_protocol_300k_kl/protocol-300k/protocol.json": (
         "MuJoCo 300k, max_kl 0.06 on evaluation seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "rl/results_protocol_300k_peer/protocol-300k/protocol.json": (
         "MuJoCo 300k, the peer's setting on evaluation seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_300k_entry/protocol-300k/protocol.json": (
+        "MuJoCo 300k, the preset with HalfCheetah's entry on evaluation seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
@@ -970,6 +981,30 @@ def kl_tuning_ratio(env: str, algo: str, reference: str = "rat-npg") -> str:
     return f"{_kl_tuning_final(env, algo) / _kl_tuning_final(env, reference):.2f}"
 
 
+DAMPING_TUNING = "results_damping_tuning"
+_PEER_LAYOUT = "num_envs=2+num_steps=1024+critic_epochs=20+critic_minibatch=128"
+DAMPING_TUNING_ROWS = [
+    f"rat-npg+{_PEER_LAYOUT}+max_kl=0.24+damping=0.6",
+    f"rat-npg+{_PEER_LAYOUT}+max_kl=0.12+damping=0.6",
+    "sb3-trpo",
+]
+
+
+def damping_tuning_table() -> str:
+    """HalfCheetah on tuning seeds 1000-1007 with the peer's damping, beside the peer."""
+    rows = [("HalfCheetah-v5", algo) for algo in DAMPING_TUNING_ROWS]
+    return tuning_table(DAMPING_TUNING, rows, reference="sb3-trpo")
+
+
+def damping_tuning_ratio(algo: str) -> str:
+    """Mean final return of ``algo`` over the peer's on the same tuning seeds."""
+    def final(name: str) -> float:
+        runs = rl_runs("HalfCheetah-v5", name, 300_000, DAMPING_TUNING)
+        return statistics.fmean(r["final_return"] for r in runs)
+
+    return f"{final(algo) / final('sb3-trpo'):.2f}"
+
+
 def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat-npg") -> str:
     """Runs on tuning seeds: per-seed final returns, their mean, and the mean's ratio to
     ``reference`` on the same env and seeds; ``rows`` are ``(env, algo)`` pairs."""
@@ -995,6 +1030,7 @@ ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations/protocol.json
 PRESET_300K = "rl/results_protocol_300k_preset/protocol-300k/protocol.json"
 KL_300K = "rl/results_protocol_300k_kl/protocol-300k/protocol.json"
 PEER_300K = "rl/results_protocol_300k_peer/protocol-300k/protocol.json"
+ENTRY_300K = "rl/results_protocol_300k_entry/protocol-300k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
