@@ -23,7 +23,7 @@ from torch.func import functional_call, grad_and_value, vjp, vmap
 from natgrad import distributions
 from natgrad._rnn import batched_recurrent
 from natgrad._tree import Tree, take, unflatten, unsqueeze
-from natgrad._vmap import is_vmap_limitation
+from natgrad._vmap import raise_unless_vmap_limitation
 from natgrad.errors import SampleCouplingError
 from natgrad.operators import (  # the interface, re-exported where scores are built
     BlockFunctions,
@@ -180,13 +180,13 @@ class PolicyScores:
             try:
                 rows, values = self._rows_vmap(obs_s, acts_s)
             except Exception as error:  # noqa: BLE001 - classified just below
-                if not is_vmap_limitation(error):
-                    raise ValueError(
-                        "the policy draws random numbers while computing log-probabilities "
-                        "(e.g. active dropout or sampling inside forward), so per-sample "
-                        "scores are ill-defined; make log_prob_fn deterministic "
-                        f"(policy.eval(), no sampling). Original error: {error}"
-                    ) from error
+                raise_unless_vmap_limitation(
+                    error,
+                    "the policy draws random numbers while computing log-probabilities "
+                    "(e.g. active dropout or sampling inside forward), so per-sample "
+                    "scores are ill-defined; make log_prob_fn deterministic "
+                    "(policy.eval(), no sampling)",
+                )
                 self.path = "loop"
                 self.fallback_reason = f"vmap failed ({type(error).__name__}: {error})"
                 rows, values = self._rows_loop_checked(obs_s, acts_s, index)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
 from natgrad._tree import Tree, take, tree_map, unsqueeze
-from natgrad._vmap import is_vmap_limitation
+from natgrad._vmap import raise_unless_vmap_limitation
 
 __all__ = ["ModelJacobians", "output_jacobians", "output_jvp"]
 
@@ -101,12 +101,11 @@ def output_jacobians(
             try:
                 jac, out = vmap(jacrev(single, has_aux=True), in_dims=(None, 0))(params, x_s)
             except Exception as error:  # noqa: BLE001 - classified just below
-                if not is_vmap_limitation(error):
-                    raise ValueError(
-                        "the model draws random numbers in forward (e.g. active dropout), so "
-                        "per-sample Jacobians are ill-defined; call model.eval() first. "
-                        f"Original error: {error}"
-                    ) from error
+                raise_unless_vmap_limitation(
+                    error,
+                    "the model draws random numbers in forward (e.g. active dropout), so "
+                    "per-sample Jacobians are ill-defined; call model.eval() first",
+                )
                 path, reason = "loop", f"vmap failed ({type(error).__name__}: {error})"
         if path == "loop":
             pieces = [
