@@ -117,6 +117,10 @@ RESULTS = {
         "MuJoCo 300k, the preset with HalfCheetah's entry on evaluation seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_300k_fresh/protocol-300k/protocol.json": (
+        "HalfCheetah 300k, the preset's entry on fresh seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
@@ -1031,6 +1035,7 @@ PRESET_300K = "rl/results_protocol_300k_preset/protocol-300k/protocol.json"
 KL_300K = "rl/results_protocol_300k_kl/protocol-300k/protocol.json"
 PEER_300K = "rl/results_protocol_300k_peer/protocol-300k/protocol.json"
 ENTRY_300K = "rl/results_protocol_300k_entry/protocol-300k/protocol.json"
+FRESH_300K = "rl/results_protocol_300k_fresh/protocol-300k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
