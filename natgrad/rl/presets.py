@@ -90,9 +90,10 @@ PRESETS: dict[str, Preset] = {
         "benchmarks/rl/results/tune/mujoco-3env.md: the defaults. Two searches found no "
         "setting that holds up: the first (mujoco.md) nothing better on tuning seeds, the "
         "second's best (damping 1.0, 2 x 1,024) lost to the defaults on evaluation seeds. "
-        "HalfCheetah: sb3-contrib TRPO's rl-zoo setting in natgrad's units (its damping "
-        "and batch layout; half its trust region, chosen on tuning seeds in "
-        "benchmarks/rl/results_damping_tuning)",
+        "HalfCheetah: sb3-contrib TRPO's rl-zoo setting in natgrad's units (its damping, "
+        "batch layout and critic fitting; half its trust region, chosen on tuning seeds in "
+        "benchmarks/rl/results_damping_tuning; evaluated in results_protocol_300k_entry "
+        "and results_protocol_300k_fresh)",
         {},
         {
             "HalfCheetah": {
