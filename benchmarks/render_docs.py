@@ -1002,6 +1002,7 @@ def damping_tuning_table() -> str:
 
 def damping_tuning_ratio(algo: str) -> str:
     """Mean final return of ``algo`` over the peer's on the same tuning seeds."""
+
     def final(name: str) -> float:
         runs = rl_runs("HalfCheetah-v5", name, 300_000, DAMPING_TUNING)
         return statistics.fmean(r["final_return"] for r in runs)
@@ -1132,13 +1133,18 @@ def protocol_finals_span(name: str, env: str, algo: str) -> str:
     return f"{num(min(finals))} to {num(max(finals))}"
 
 
+def _pooled_figure(name: str, env: str, algo: str, part: str, key: str) -> float:
+    """``protocol_row(...)[part][key]``, or an error that says to rerun protocol.py."""
+    summary = protocol_row(name, env, algo).get(part)
+    if not summary or summary.get(key) is None:
+        raise ValueError(f"{name}: no {part} {key} in {env} x {algo} (rerun protocol.py)")
+    return float(summary[key])
+
+
 def protocol_update(name: str, env: str, algo: str, key: str) -> float:
     """A pooled step figure of a protocol row (``median_kl_ratio`` or
     ``backtracked_fraction``, :func:`benchmarks.rl.protocol.step_summary`)."""
-    summary = protocol_row(name, env, algo).get("update")
-    if not summary or summary.get(key) is None:
-        raise ValueError(f"{name}: no update {key} in {env} x {algo} (rerun protocol.py)")
-    return float(summary[key])
+    return _pooled_figure(name, env, algo, "update", key)
 
 
 def protocol_above(name: str, env: str, algo: str, threshold: float) -> str:
@@ -1150,10 +1156,7 @@ def protocol_above(name: str, env: str, algo: str, threshold: float) -> str:
 def protocol_solver(name: str, env: str, algo: str, key: str) -> float:
     """A pooled solver figure of a protocol row (``converged_fraction`` or
     ``median_solver_seconds``, :func:`benchmarks.rl.protocol.solver_summary`)."""
-    summary = protocol_row(name, env, algo).get("solver")
-    if not summary or summary.get(key) is None:
-        raise ValueError(f"{name}: no solver {key} in {env} x {algo} (rerun protocol.py)")
-    return float(summary[key])
+    return _pooled_figure(name, env, algo, "solver", key)
 
 
 def protocol_auc(name: str, env: str, algo: str) -> str:

@@ -208,15 +208,20 @@ def test_run_names_keep_budgets_apart() -> None:
         assert run.budget_steps(suffix) == steps
 
 
+def write_progress(results: Path, seed: int, columns: dict[str, str]) -> None:
+    """Three updates of run ``a``/``seed``: each column's comma-separated cells (may be empty)."""
+    run_dir = results / "runs" / protocol.run_name("FakeEnv-v0", "a", seed, BUDGET)
+    rows = ["step,episodic_return_mean,wall_time," + ",".join(columns)]
+    cells = zip(*(text.split(",") for text in columns.values()), strict=True)
+    for step, values in zip((BUDGET - 256, BUDGET - 128, BUDGET), cells, strict=True):
+        rows.append(f"{step},{step},1," + ",".join(values))
+    (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
+
+
 def test_solver_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> None:
     results = fake_results(tmp_path, {"a": [0, 1], "peer": [0]})
     for seed, (converged, seconds) in {0: ("1,0,0", "0.1,0.2,0.3"), 1: ("1,,1", "0.4,,5")}.items():
-        run_dir = results / "runs" / protocol.run_name("FakeEnv-v0", "a", seed, BUDGET)
-        rows = ["step,episodic_return_mean,wall_time,solver_converged,solver_seconds"]
-        steps = (BUDGET - 256, BUDGET - 128, BUDGET)
-        for step, c, s in zip(steps, converged.split(","), seconds.split(","), strict=True):
-            rows.append(f"{step},{step},1,{c},{s}")
-        (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
+        write_progress(results, seed, {"solver_converged": converged, "solver_seconds": seconds})
     out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "peer"], [0, 1], BUDGET, reps=50)
     by_algo = {row["algo"]: row for row in out["rows"]}
     # converged: 1, 0, 0, 1, 1 (the empty cell skipped); seconds 0.1 0.2 0.3 0.4 5
@@ -251,12 +256,7 @@ def test_step_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> None:
         1: ("0.04,,0.01", "0.02,,0.02", "2,,0"),
     }
     for seed, (kl, target, backtracks) in columns.items():
-        run_dir = results / "runs" / protocol.run_name("FakeEnv-v0", "a", seed, BUDGET)
-        rows = ["step,episodic_return_mean,wall_time,kl,kl_target,backtracks"]
-        steps = (BUDGET - 256, BUDGET - 128, BUDGET)
-        cells = zip(steps, kl.split(","), target.split(","), backtracks.split(","), strict=True)
-        rows += [f"{step},{step},1,{k},{t},{b}" for step, k, t, b in cells]
-        (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
+        write_progress(results, seed, {"kl": kl, "kl_target": target, "backtracks": backtracks})
     out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "peer"], [0, 1], BUDGET, reps=50)
     by_algo = {row["algo"]: row for row in out["rows"]}
     # KL / target: 0.5 1.5 1 2 0.5 (the empty row skipped); backtracked: 0 1 0 1 0
