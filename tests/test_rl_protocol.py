@@ -218,21 +218,6 @@ def write_progress(results: Path, seed: int, columns: dict[str, str]) -> None:
     (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
 
 
-def test_solver_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> None:
-    results = fake_results(tmp_path, {"a": [0, 1], "peer": [0]})
-    for seed, (converged, seconds) in {0: ("1,0,0", "0.1,0.2,0.3"), 1: ("1,,1", "0.4,,5")}.items():
-        write_progress(results, seed, {"solver_converged": converged, "solver_seconds": seconds})
-    out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "peer"], [0, 1], BUDGET, reps=50)
-    by_algo = {row["algo"]: row for row in out["rows"]}
-    # converged: 1, 0, 0, 1, 1 (the empty cell skipped); seconds 0.1 0.2 0.3 0.4 5
-    assert by_algo["a"]["solver"] == {
-        "updates": 5,
-        "converged_fraction": pytest.approx(0.6),
-        "median_solver_seconds": pytest.approx(0.3),
-    }
-    assert by_algo["peer"]["solver"] is None  # no solver columns: a peer
-
-
 def test_merge_can_take_only_the_peer_rows(tmp_path: Path) -> None:
     run = protocol.load_script("natgrad_bench_rl_run", BENCH / "run.py")
     other = fake_results(tmp_path / "old", {"a": [0, 1], "peer": [0, 1]})
@@ -249,20 +234,38 @@ def test_merge_can_take_only_the_peer_rows(tmp_path: Path) -> None:
     assert len(data["runs"]) == 4
 
 
-def test_step_figures_are_pooled_over_updates_and_seeds(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("part", "columns", "expected"),
+    [
+        pytest.param(
+            "solver",
+            {
+                0: {"solver_converged": "1,0,0", "solver_seconds": "0.1,0.2,0.3"},
+                1: {"solver_converged": "1,,1", "solver_seconds": "0.4,,5"},
+            },
+            # converged: 1, 0, 0, 1, 1 (the empty cell skipped); seconds 0.1 0.2 0.3 0.4 5
+            {"updates": 5, "converged_fraction": 0.6, "median_solver_seconds": 0.3},
+            id="solver",
+        ),
+        pytest.param(
+            "update",
+            {
+                0: {"kl": "0.01,0.03,0.02", "kl_target": "0.02,0.02,0.02", "backtracks": "0,1,0"},
+                1: {"kl": "0.04,,0.01", "kl_target": "0.02,,0.02", "backtracks": "2,,0"},
+            },
+            # KL / target: 0.5 1.5 1 2 0.5 (the empty row skipped); backtracked: 0 1 0 1 0
+            {"updates": 5, "median_kl_ratio": 1.0, "backtracked_fraction": 0.4},
+            id="update",
+        ),
+    ],
+)
+def test_progress_figures_are_pooled_over_updates_and_seeds(
+    tmp_path: Path, part: str, columns: dict, expected: dict
+) -> None:
     results = fake_results(tmp_path, {"a": [0, 1], "peer": [0]})
-    columns = {
-        0: ("0.01,0.03,0.02", "0.02,0.02,0.02", "0,1,0"),
-        1: ("0.04,,0.01", "0.02,,0.02", "2,,0"),
-    }
-    for seed, (kl, target, backtracks) in columns.items():
-        write_progress(results, seed, {"kl": kl, "kl_target": target, "backtracks": backtracks})
+    for seed, cells in columns.items():
+        write_progress(results, seed, cells)
     out = protocol.evaluate(results, ["FakeEnv-v0"], ["a", "peer"], [0, 1], BUDGET, reps=50)
     by_algo = {row["algo"]: row for row in out["rows"]}
-    # KL / target: 0.5 1.5 1 2 0.5 (the empty row skipped); backtracked: 0 1 0 1 0
-    assert by_algo["a"]["update"] == {
-        "updates": 5,
-        "median_kl_ratio": pytest.approx(1.0),
-        "backtracked_fraction": pytest.approx(0.4),
-    }
-    assert by_algo["peer"]["update"] is None  # no KL target: a peer
+    assert by_algo["a"][part] == {k: pytest.approx(v) for k, v in expected.items()}
+    assert by_algo["peer"][part] is None  # no such columns: a peer
