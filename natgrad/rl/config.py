@@ -131,8 +131,8 @@ class TrainConfig(RecordsGivenFields):
     preset: str = option(
         "auto",
         "Hyperparameter preset (natgrad.rl.presets): auto picks the family of --env (classic, "
-        "mujoco, minatar; none for other ids), none keeps the defaults. Flags you pass win "
-        "over the preset.",
+        "mujoco, minatar; none for other ids) and its entry for --env if it has one (mujoco: "
+        "HalfCheetah), none keeps the defaults. Flags you pass win over the preset.",
         choices=preset_choices,
     )
     options: AlgorithmOptions | None = None
