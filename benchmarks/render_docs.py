@@ -126,6 +126,10 @@ RESULTS = {
         "MuJoCo 300k ablations",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_300k/protocol-300k-ablations-walker2d/protocol.json": (
+        "Walker2d 300k ablations",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "supervised/results/results.json": (
         "supervised benchmark",
         ["natgrad/supervised", "natgrad/solvers", "natgrad/scores.py"],
@@ -1032,6 +1036,7 @@ def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat
 
 PROTOCOL_300K = "rl/results_protocol_300k/protocol-300k/protocol.json"
 ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations/protocol.json"
+WALKER_ABLATIONS_300K = "rl/results_protocol_300k/protocol-300k-ablations-walker2d/protocol.json"
 PRESET_300K = "rl/results_protocol_300k_preset/protocol-300k/protocol.json"
 KL_300K = "rl/results_protocol_300k_kl/protocol-300k/protocol.json"
 PEER_300K = "rl/results_protocol_300k_peer/protocol-300k/protocol.json"
