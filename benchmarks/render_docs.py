@@ -121,6 +121,10 @@ RESULTS = {
         "HalfCheetah 300k, the preset's entry on fresh seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.json": (
+        "MuJoCo 300k, the preset on fresh seeds, three envs",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
@@ -1042,6 +1046,7 @@ KL_300K = "rl/results_protocol_300k_kl/protocol-300k/protocol.json"
 PEER_300K = "rl/results_protocol_300k_peer/protocol-300k/protocol.json"
 ENTRY_300K = "rl/results_protocol_300k_entry/protocol-300k/protocol.json"
 FRESH_300K = "rl/results_protocol_300k_fresh/protocol-300k/protocol.json"
+FRESH3_300K = "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
