@@ -161,6 +161,8 @@ def test_run_py_jobs_2_trains_both_seeds_and_a_variant(tmp_path: Path) -> None:
         config = json.loads((tmp_path / "runs" / name / "config.json").read_text())
         expected = (0.05, False) if variant in name else (0.1, True)
         assert (config["options"]["damping"], config["norm_adv"]) == expected
+        # the resolved configuration the run trained with, not the one it was given
+        assert config["preset"] == "classic" and config["preset_values"] == {}
 
 
 def test_variant_specs_parse_or_fail_clearly() -> None:

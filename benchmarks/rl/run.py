@@ -161,7 +161,7 @@ def run_natgrad(env: str, algo: str, seed: int, steps: int, out: Path) -> dict:
         trainer.run(progress=False)
     finally:
         trainer.close()
-    return {"config": config.to_dict()}
+    return {"config": trainer.config.to_dict()}  # resolved: the preset values it ran with
 
 
 def run_peer(env: str, seed: int, steps: int, out: Path) -> dict:
