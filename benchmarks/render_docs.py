@@ -979,18 +979,19 @@ def kl_tuning_table() -> str:
     return tuning_table(KL_TUNING, rows)
 
 
-def _kl_tuning_final(env: str, algo: str) -> float:
-    return statistics.fmean(r["final_return"] for r in rl_runs(env, algo, 300_000, KL_TUNING))
+def _tuning_final(env: str, algo: str, results: str = "results_kl_tuning") -> float:
+    """Mean final return of ``algo`` at 300k steps over the runs in ``results``."""
+    return statistics.fmean(r["final_return"] for r in rl_runs(env, algo, 300_000, results))
 
 
 def kl_tuning_mean(env: str, algo: str) -> str:
     """Mean final return of ``algo`` on the tuning seeds of ``results_kl_tuning``."""
-    return num(_kl_tuning_final(env, algo))
+    return num(_tuning_final(env, algo))
 
 
 def kl_tuning_ratio(env: str, algo: str, reference: str = "rat-npg") -> str:
     """Mean final return of ``algo`` over ``reference``'s on the tuning seeds."""
-    return f"{_kl_tuning_final(env, algo) / _kl_tuning_final(env, reference):.2f}"
+    return f"{_tuning_final(env, algo) / _tuning_final(env, reference):.2f}"
 
 
 DAMPING_TUNING = "results_damping_tuning"
@@ -1010,12 +1011,11 @@ def damping_tuning_table() -> str:
 
 def damping_tuning_ratio(algo: str) -> str:
     """Mean final return of ``algo`` over the peer's on the same tuning seeds."""
-
-    def final(name: str) -> float:
-        runs = rl_runs("HalfCheetah-v5", name, 300_000, DAMPING_TUNING)
-        return statistics.fmean(r["final_return"] for r in runs)
-
-    return f"{final(algo) / final('sb3-trpo'):.2f}"
+    env = "HalfCheetah-v5"
+    ratio = _tuning_final(env, algo, DAMPING_TUNING) / _tuning_final(
+        env, "sb3-trpo", DAMPING_TUNING
+    )
+    return f"{ratio:.2f}"
 
 
 def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat-npg") -> str:

@@ -170,25 +170,18 @@ SOLVER_COLUMNS = ("solver_converged", "solver_seconds")
 def pooled_columns(
     results_dir: Path, runs: Sequence[dict], columns: Sequence[str]
 ) -> dict[str, list[float]]:
-    """Every non-empty value of ``columns`` in the runs' ``progress.csv``, pooled by column.
-
-    Values of one update stay aligned across columns only where every column is filled;
-    callers that pair columns use :func:`pooled_rows`.
-    """
+    """Every non-empty value of ``columns`` in the runs' ``progress.csv``, pooled by column."""
     pooled: dict[str, list[float]] = {column: [] for column in columns}
-    for record in pooled_rows(results_dir, runs, columns, complete=False):
+    for record in pooled_rows(results_dir, runs, columns):
         for column, value in record.items():
             pooled[column].append(value)
     return pooled
 
 
 def pooled_rows(
-    results_dir: Path, runs: Sequence[dict], columns: Sequence[str], complete: bool = True
+    results_dir: Path, runs: Sequence[dict], columns: Sequence[str]
 ) -> list[dict[str, float]]:
-    """One dict per update of every run: its non-empty ``columns`` as floats.
-
-    With ``complete``, only updates that fill every column.
-    """
+    """One dict per update of every run: its non-empty ``columns`` as floats (one read)."""
     import csv
 
     out = []
@@ -196,7 +189,7 @@ def pooled_rows(
         with open(results_dir / "runs" / run["name"] / "progress.csv", newline="") as handle:
             for record in csv.DictReader(handle):
                 row = {c: float(record[c]) for c in columns if record.get(c) not in ("", None)}
-                if row and (not complete or len(row) == len(columns)):
+                if row:
                     out.append(row)
     return out
 
@@ -229,13 +222,14 @@ def step_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
     least once (``None`` without a line search). None when no run records a KL target
     (the peers, PPO, ...). Kept in ``protocol.json`` because run folders are not committed.
     """
-    rows = pooled_rows(results_dir, runs, ("kl", "kl_target"))
-    if not rows:
+    rows = pooled_rows(results_dir, runs, ("kl", "kl_target", "backtracks"))
+    moved = [r["kl"] / r["kl_target"] for r in rows if "kl" in r and "kl_target" in r]
+    if not moved:
         return None
-    backtracks = pooled_columns(results_dir, runs, ("backtracks",))["backtracks"]
+    backtracks = [r["backtracks"] for r in rows if "backtracks" in r]
     return {
-        "updates": len(rows),
-        "median_kl_ratio": float(np.median([r["kl"] / r["kl_target"] for r in rows])),
+        "updates": len(moved),
+        "median_kl_ratio": float(np.median(moved)),
         "backtracked_fraction": float(np.mean(np.asarray(backtracks) > 0)) if backtracks else None,
     }
 
