@@ -996,26 +996,39 @@ def kl_tuning_ratio(env: str, algo: str, reference: str = "rat-npg") -> str:
 
 DAMPING_TUNING = "results_damping_tuning"
 _PEER_LAYOUT = "num_envs=2+num_steps=1024+critic_epochs=20+critic_minibatch=128"
-DAMPING_TUNING_ROWS = [
-    f"rat-npg+{_PEER_LAYOUT}+max_kl=0.24+damping=0.6",
-    f"rat-npg+{_PEER_LAYOUT}+max_kl=0.12+damping=0.6",
-    "sb3-trpo",
-]
+DAMPING_TUNING_ROWS = {
+    "HalfCheetah-v5": [
+        f"rat-npg+{_PEER_LAYOUT}+max_kl=0.24+damping=0.6",
+        f"rat-npg+{_PEER_LAYOUT}+max_kl=0.12+damping=0.6",
+        "sb3-trpo",
+    ],
+    "Walker2d-v5": [
+        "rat-npg",
+        "rat-npg+max_kl=0.04",
+        f"rat-npg+{_PEER_LAYOUT}+max_kl=0.03+damping=0.6",
+        "sb3-trpo",
+    ],
+}
 
 
-def damping_tuning_table() -> str:
-    """HalfCheetah on tuning seeds 1000-1007 with the peer's damping, beside the peer."""
-    rows = [("HalfCheetah-v5", algo) for algo in DAMPING_TUNING_ROWS]
+def damping_tuning_table(env: str = "HalfCheetah-v5") -> str:
+    """``env`` on tuning seeds 1000-1007: the candidate entries beside the peer."""
+    rows = [(env, algo) for algo in DAMPING_TUNING_ROWS[env]]
     return tuning_table(DAMPING_TUNING, rows, reference="sb3-trpo")
 
 
-def damping_tuning_ratio(algo: str) -> str:
+def damping_tuning_ratio(algo: str, env: str = "HalfCheetah-v5") -> str:
     """Mean final return of ``algo`` over the peer's on the same tuning seeds."""
-    env = "HalfCheetah-v5"
     ratio = _tuning_final(env, algo, DAMPING_TUNING) / _tuning_final(
         env, "sb3-trpo", DAMPING_TUNING
     )
     return f"{ratio:.2f}"
+
+
+def tuning_wall(env: str, algo: str) -> str:
+    """Median wall time per run of ``algo`` on ``env`` in the damping-tuning results."""
+    runs = rl_runs(env, algo, 300_000, DAMPING_TUNING)
+    return f"{statistics.median(r['wall_time'] for r in runs):.0f} s"
 
 
 def tuning_table(results: str, rows, steps: int = 300_000, reference: str = "rat-npg") -> str:

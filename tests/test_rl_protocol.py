@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,19 +22,19 @@ SLOPES = {0: 10.0, 1: 20.0, 2: 30.0, 3: 40.0, 4: 1000.0}  # seed 4: an outlier t
 protocol = load_benchmark("rl/protocol.py")
 
 
-def fake_results(root: Path, algos: dict[str, list[int]]) -> Path:
+def fake_results(root: Path, algos: dict[str, list[int]], env: str = "FakeEnv-v0") -> Path:
     """Runs with return(step) = c * step / budget and wall_time = step / 1000 * (seed + 1)."""
     runs = []
     for algo, seeds in algos.items():
         for seed in seeds:
-            name = protocol.run_name("FakeEnv-v0", algo, seed, BUDGET)
+            name = protocol.run_name(env, algo, seed, BUDGET)
             run_dir = root / "runs" / name
             run_dir.mkdir(parents=True)
             rows = ["step,episodic_return_mean,wall_time", "128,,0.1"]  # no episode yet
             c = SLOPES[seed] * (2.0 if algo == "b" else 1.0)
             rows += [f"{s},{c * s / BUDGET},{s / 1000 * (seed + 1)}" for s in LOG_STEPS]
             (run_dir / "progress.csv").write_text("\n".join(rows) + "\n")
-            runs.append({"name": name, "env": "FakeEnv-v0", "algo": algo, "seed": seed,
+            runs.append({"name": name, "env": env, "algo": algo, "seed": seed,
                          "steps": BUDGET, "machine": "test", "commit": f"c{seed}"})  # fmt: skip
     (root / "results.json").write_text(json.dumps({"runs": runs, "machines": {"test": {}}}))
     return root
@@ -234,6 +235,21 @@ def test_merge_can_take_only_the_peer_rows(tmp_path: Path) -> None:
     )
     run.merge_results(data, tmp_path / "new", other)  # no filter: the rest, none twice
     assert len(data["runs"]) == 4
+
+
+def test_merge_can_take_only_some_envs(tmp_path: Path) -> None:
+    run = protocol.load_script("natgrad_bench_rl_run", BENCH / "run.py")
+    other = fake_results(tmp_path / "old", {"a": [0, 1]})
+    fake_results(tmp_path / "old2", {"a": [0]}, env="OtherEnv-v0")
+    merged = json.loads((other / "results.json").read_text())
+    merged["runs"] += json.loads((tmp_path / "old2" / "results.json").read_text())["runs"]
+    (other / "results.json").write_text(json.dumps(merged))
+    shutil.copytree(tmp_path / "old2" / "runs", other / "runs", dirs_exist_ok=True)
+    data = {"runs": []}
+    (tmp_path / "new" / "runs").mkdir(parents=True)
+    run.merge_results(data, tmp_path / "new", other, ["a"], ["OtherEnv-v0"])
+    assert [(r["env"], r["seed"]) for r in data["runs"]] == [("OtherEnv-v0", 0)]
+    assert [p.name for p in (tmp_path / "new" / "runs").iterdir()] == [data["runs"][0]["name"]]
 
 
 @pytest.mark.parametrize(

@@ -404,19 +404,27 @@ def machine_label(info: dict) -> str:
 
 
 def merge_results(
-    data: dict, results_dir: Path, other: Path, algos: Sequence[str] | None = None
+    data: dict,
+    results_dir: Path,
+    other: Path,
+    algos: Sequence[str] | None = None,
+    envs: Sequence[str] | None = None,
 ) -> None:
     """Add the runs recorded in another results folder (e.g. made on another machine).
 
     ``algos`` keeps only those rows (e.g. the peer's, whose runs do not depend on
-    natgrad's code or presets); ``None`` merges every run. Runs already recorded here
-    are left alone.
+    natgrad's code or presets) and ``envs`` only those environments; ``None`` merges
+    every run. Runs already recorded here are left alone.
     """
     theirs = json.loads((other / "results.json").read_text())
     data.setdefault("machines", {}).update(theirs.get("machines", {}))
     done = {r["name"] for r in data["runs"]}
     for run in theirs["runs"]:
-        if run["name"] in done or (algos is not None and run["algo"] not in algos):
+        if (
+            run["name"] in done
+            or (algos is not None and run["algo"] not in algos)
+            or (envs is not None and run["env"] not in envs)
+        ):
             continue
         shutil.copytree(other / "runs" / run["name"], results_dir / "runs" / run["name"],
                         dirs_exist_ok=True)  # fmt: skip
@@ -574,6 +582,8 @@ def main() -> None:
     parser.add_argument("--merge-algos", nargs="+", default=None, metavar="ALGO",
                         help="merge only these rows (e.g. sb3-trpo: peer runs that "
                              "natgrad's presets do not change)")  # fmt: skip
+    parser.add_argument("--merge-envs", nargs="+", default=None, metavar="ENV",
+                        help="merge only the runs of these envs")  # fmt: skip
     parser.add_argument("--adopt", type=Path, help="folder of runs stopped before their budget")
     parser.add_argument("--adopt-machine", default="", help="machine label of --adopt runs")
     parser.add_argument("--jobs", type=int, default=1,
@@ -597,7 +607,7 @@ def main() -> None:
         for run in data["runs"]:
             run.setdefault("machine", machine_label(old))
     for other in args.merge:
-        merge_results(data, results_dir, other, args.merge_algos)
+        merge_results(data, results_dir, other, args.merge_algos, args.merge_envs)
     if args.adopt:
         adopt_stopped_runs(data, results_dir, args.adopt, args.adopt_machine)
     commands = data.setdefault("commands", [])

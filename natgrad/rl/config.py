@@ -132,7 +132,7 @@ class TrainConfig(RecordsGivenFields):
         "auto",
         "Hyperparameter preset (natgrad.rl.presets): auto picks the family of --env (classic, "
         "mujoco, minatar; none for other ids) and its entry for --env if it has one (mujoco: "
-        "HalfCheetah), none keeps the defaults. Flags you pass win over the preset.",
+        "HalfCheetah, Walker2d), none keeps the defaults. Flags you pass win over the preset.",
         choices=preset_choices,
     )
     options: AlgorithmOptions | None = None
