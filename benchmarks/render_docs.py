@@ -62,6 +62,9 @@ ASSETS = {
     "rl-300k-HalfCheetah-entry.png": (
         "rl/results_protocol_300k_entry/protocol-300k/curves-HalfCheetah-v5.png"
     ),
+    "rl-300k-Walker2d-entry.png": (
+        "rl/results_protocol_300k_walker2d_entry/protocol-300k/curves-Walker2d-v5.png"
+    ),
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -123,6 +126,10 @@ RESULTS = {
     ),
     "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.json": (
         "MuJoCo 300k, the preset on fresh seeds, three envs",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_300k_walker2d_entry/protocol-300k/protocol.json": (
+        "Walker2d 300k, the preset's entry on fresh seeds",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
@@ -1060,6 +1067,7 @@ PEER_300K = "rl/results_protocol_300k_peer/protocol-300k/protocol.json"
 ENTRY_300K = "rl/results_protocol_300k_entry/protocol-300k/protocol.json"
 FRESH_300K = "rl/results_protocol_300k_fresh/protocol-300k/protocol.json"
 FRESH3_300K = "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.json"
+WALKER_ENTRY_300K = "rl/results_protocol_300k_walker2d_entry/protocol-300k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
@@ -1121,6 +1129,13 @@ def protocol_ratio(name: str, algo: str, env: str | None = None, key: str = "rat
     ratio = load(name)["ratios"][algo]
     figure = ratio["mean"] if env is None else ratio["per_env"][env]
     return f"{figure[key]:.2f}"
+
+
+def mean_of_ratios(algo: str, *cells: tuple[str, str]) -> str:
+    """Mean of ``algo``'s ratios to the reference over ``(protocol, env)`` cells, which may
+    come from protocols of different seeds (a point estimate: no interval)."""
+    ratios = [load(name)["ratios"][algo]["per_env"][env]["ratio"] for name, env in cells]
+    return f"{statistics.fmean(ratios):.2f}"
 
 
 def paired_finals(new: str, old: str, env: str, algo: str) -> list[tuple[float, float]]:
