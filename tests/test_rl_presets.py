@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -86,6 +87,9 @@ def test_the_registry_lists_every_family_with_its_source_and_plain_values():
     assert PRESETS["classic"].source == "the defaults, tuned on CartPole"
     assert PRESETS["mujoco"].source.startswith("benchmarks/rl/results/tune/mujoco-3env.md")
     assert (ROOT / PRESETS["mujoco"].source.split(":")[0]).exists()  # the cited search
+    cited = re.findall(r"results_\w+", PRESETS["mujoco"].source)  # the entries' evidence
+    assert {"results_damping_tuning", "results_protocol_300k_walker2d_entry"} <= set(cited)
+    assert all((ROOT / "benchmarks" / "rl" / folder).is_dir() for folder in cited)
     assert PRESETS["minatar"].source == "not tuned yet"
 
 
