@@ -65,6 +65,7 @@ ASSETS = {
     "rl-300k-Walker2d-entry.png": (
         "rl/results_protocol_300k_walker2d_entry/protocol-300k/curves-Walker2d-v5.png"
     ),
+    "rl-1m-protocol-Hopper.png": "rl/results_protocol_1m/protocol-1000k/curves-Hopper-v5.png",
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -130,6 +131,10 @@ RESULTS = {
     ),
     "rl/results_protocol_300k_walker2d_entry/protocol-300k/protocol.json": (
         "Walker2d 300k, the preset's entry on fresh seeds",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_1m/protocol-1000k/protocol.json": (
+        "MuJoCo 1M protocol",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
@@ -1068,6 +1073,7 @@ ENTRY_300K = "rl/results_protocol_300k_entry/protocol-300k/protocol.json"
 FRESH_300K = "rl/results_protocol_300k_fresh/protocol-300k/protocol.json"
 FRESH3_300K = "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.json"
 WALKER_ENTRY_300K = "rl/results_protocol_300k_walker2d_entry/protocol-300k/protocol.json"
+PROTOCOL_1M = "rl/results_protocol_1m/protocol-1000k/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
