@@ -1,0 +1,128 @@
+"""``cg-trpo``'s update against sb3-contrib's TRPO, an independent implementation.
+
+From the same weights and the same batch, one ``CGTRPO.update`` with sb3-contrib's setting
+in natgrad's units (trust region and damping times the action dimension: sb3-contrib
+averages the KL over action dimensions, natgrad sums them) must move the policy to the
+same parameters as one ``TRPO.train()``. This pins the update itself (CG on Fisher-vector
+products, step scaling, line search), so a gap in learning between the two lies in what
+surrounds it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sb3_contrib")
+gym = pytest.importorskip("gymnasium")
+
+from sb3_contrib import TRPO  # noqa: E402
+from stable_baselines3.common.logger import configure  # noqa: E402
+
+from natgrad.distributions import log_prob  # noqa: E402
+from natgrad.rl.algorithms.trpo import CGTRPO, CGTRPOOptions  # noqa: E402
+from natgrad.rl.policies import GaussianPolicy  # noqa: E402
+
+OBS_DIM, ACT_DIM, N = 5, 3, 256
+
+
+class RandomBox(gym.Env):
+    """Continuous control with random observations: only the spaces matter here."""
+
+    observation_space = gym.spaces.Box(-5.0, 5.0, (OBS_DIM,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+def peer_model(target_kl: float, cg_damping: float, seed: int) -> TRPO:
+    model = TRPO(
+        "MlpPolicy", RandomBox(), n_steps=N, batch_size=N, target_kl=target_kl,
+        cg_damping=cg_damping, cg_max_steps=25, n_critic_updates=1, seed=seed, device="cpu",
+    )  # fmt: skip
+    model.set_logger(configure(None, [""]))
+    return model
+
+
+def natgrad_copy(model: TRPO) -> GaussianPolicy:
+    """natgrad's Gaussian policy holding the peer's actor weights (same layout: 64-64 tanh)."""
+    policy = GaussianPolicy((OBS_DIM,), ACT_DIM, (64, 64))
+    peer = model.policy
+    pairs = [
+        (policy.torso.net[0], peer.mlp_extractor.policy_net[0]),
+        (policy.torso.net[2], peer.mlp_extractor.policy_net[2]),
+        (policy.head, peer.action_net),
+    ]
+    with torch.no_grad():
+        for ours, theirs in pairs:
+            ours.weight.copy_(theirs.weight)
+            ours.bias.copy_(theirs.bias)
+        policy.log_std.copy_(peer.log_std)
+    return policy
+
+
+def fill_buffer(model: TRPO, obs: torch.Tensor, acts: torch.Tensor, adv: np.ndarray) -> None:
+    """Put one batch in the peer's rollout buffer, with the given advantages."""
+    buffer = model.rollout_buffer
+    buffer.reset()
+    with torch.no_grad():
+        dist = model.policy.get_distribution(obs)
+        old = dist.log_prob(acts)
+        values = model.policy.predict_values(obs)
+    for t in range(N):
+        buffer.add(obs[t : t + 1].numpy(), acts[t : t + 1].numpy(), np.zeros(1),
+                   np.zeros(1), values[t : t + 1].flatten(), old[t : t + 1])  # fmt: skip
+    buffer.compute_returns_and_advantage(values[-1:].flatten(), np.zeros(1))
+    buffer.advantages[:] = adv.reshape(N, 1)
+
+
+def actor_vector(model: TRPO) -> torch.Tensor:
+    peer = model.policy
+    parts = [peer.mlp_extractor.policy_net[0], peer.mlp_extractor.policy_net[2], peer.action_net]
+    flat = [t.detach().reshape(-1) for m in parts for t in (m.weight, m.bias)]
+    return torch.cat([*flat, peer.log_std.detach()])
+
+
+def natgrad_vector(policy: GaussianPolicy) -> torch.Tensor:
+    parts = [policy.torso.net[0], policy.torso.net[2], policy.head]
+    flat = [t.detach().reshape(-1) for m in parts for t in (m.weight, m.bias)]
+    return torch.cat([*flat, policy.log_std.detach()])
+
+
+@pytest.mark.parametrize(("seed", "target_kl", "cg_damping"), [(0, 0.01, 0.1), (3, 0.04, 0.1),
+                                                              (7, 0.02, 0.01)])  # fmt: skip
+def test_one_update_moves_the_policy_where_the_peer_does(seed, target_kl, cg_damping):
+    model = peer_model(target_kl, cg_damping, seed)
+    policy = natgrad_copy(model)
+    gen = torch.Generator().manual_seed(seed + 100)
+    obs = torch.randn(N, OBS_DIM, generator=gen) * 2.0
+    with torch.no_grad():
+        acts = policy(obs).sample()
+    # advantages that the policy can follow: a smooth function of state and action
+    raw_adv = (acts[:, 0] * obs[:, 0] - acts[:, 1] + 0.3 * torch.randn(N, generator=gen)).numpy()
+    fill_buffer(model, obs, acts, raw_adv.astype(np.float32))
+    before = actor_vector(model)
+    assert torch.equal(before, natgrad_vector(policy))
+
+    model.train()
+    peer_step = actor_vector(model) - before
+
+    adv = torch.as_tensor(raw_adv)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # the trainer's whitening, as the peer's
+    with torch.no_grad():
+        old_log_probs = log_prob(policy(obs), acts)
+    options = CGTRPOOptions(max_kl=ACT_DIM * target_kl, cg_damping=ACT_DIM * cg_damping,
+                            cg_iters=25, backtrack_coeff=0.8)  # fmt: skip
+    stats = CGTRPO(policy, options).update(obs, acts, old_log_probs, adv)
+    our_step = natgrad_vector(policy) - before
+
+    assert stats["step_accepted"] == 1.0 and stats["backtracks"] == 0.0
+    assert peer_step.norm() > 1e-3  # the peer moved, the comparison is not between two zeros
+    # float32 rounding apart (measured: a few 1e-6 of the step's norm), the same step
+    assert float((our_step - peer_step).norm() / peer_step.norm()) < 1e-4
