@@ -93,6 +93,22 @@ def test_the_registry_lists_every_family_with_its_source_and_plain_values():
     assert PRESETS["minatar"].source == "not tuned yet"
 
 
+def test_the_docs_table_states_what_each_preset_sets():
+    """docs/rl.md's preset table lists every env entry with its values, and no stale one."""
+    rows = [line for line in (ROOT / "docs" / "rl.md").read_text().splitlines()
+            if re.match(r"\| `(classic|mujoco|minatar)` \|", line)]  # fmt: skip
+    for name, preset in PRESETS.items():
+        documented = {row.split("|")[2].strip() for row in rows if f"| `{name}` |" in row}
+        assert documented - {"all", "the family, Hopper"} == set(preset.envs), name
+        assert not preset.values  # a family-wide value would need its own column
+        for env, values in preset.envs.items():
+            (row,) = [r for r in rows if r.startswith(f"| `{name}` | {env} |")]
+            cells = row.split("|")[3]
+            for key, value in values.items():
+                assert f"`{key}` {value}" in cells, (env, key, value)
+            assert cells.count("`") == 2 * len(values), (env, "a value the code does not set")
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
