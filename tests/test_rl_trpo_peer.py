@@ -1,11 +1,13 @@
-"""``cg-trpo``'s update against sb3-contrib's TRPO, an independent implementation.
+"""``cg-trpo``'s update and natgrad's rollouts against sb3-contrib's TRPO, independently written.
 
 From the same weights and the same batch, one ``CGTRPO.update`` with sb3-contrib's setting
 in natgrad's units (trust region and damping times the action dimension: sb3-contrib
 averages the KL over action dimensions, natgrad sums them) must move the policy to the
 same parameters as one ``TRPO.train()``. This pins the update itself (CG on Fisher-vector
-products, step scaling, line search), so a gap in learning between the two lies in what
-surrounds it.
+products, step scaling, line search). With the same weights, env seeds and deterministic
+actions, natgrad's :class:`~natgrad.rl.rollout.Collector` must record what sb3-contrib's
+rollout with ``VecNormalize`` records (normalized observations, values, scaled rewards with
+truncated episodes bootstrapped, GAE advantages and returns).
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ pytest.importorskip("sb3_contrib")
 gym = pytest.importorskip("gymnasium")
 
 from sb3_contrib import TRPO  # noqa: E402
+from stable_baselines3.common.env_util import make_vec_env as sb3_make_vec_env  # noqa: E402
 from stable_baselines3.common.logger import configure  # noqa: E402
+from stable_baselines3.common.vec_env import VecNormalize  # noqa: E402
 
 from natgrad.distributions import log_prob  # noqa: E402
 from natgrad.rl.algorithms.trpo import CGTRPO, CGTRPOOptions  # noqa: E402
-from natgrad.rl.policies import GaussianPolicy  # noqa: E402
+from natgrad.rl.envs import make_vec_env  # noqa: E402
+from natgrad.rl.normalize import ObsNormalizer, RewardScaler  # noqa: E402
+from natgrad.rl.policies import GaussianPolicy, ValueFunction  # noqa: E402
+from natgrad.rl.rollout import Collector, RolloutBuffer  # noqa: E402
 
 OBS_DIM, ACT_DIM, N = 5, 3, 256
 
@@ -126,3 +133,70 @@ def test_one_update_moves_the_policy_where_the_peer_does(seed, target_kl, cg_dam
     assert peer_step.norm() > 1e-3  # the peer moved, the comparison is not between two zeros
     # float32 rounding apart (measured: a few 1e-6 of the step's norm), the same step
     assert float((our_step - peer_step).norm() / peer_step.norm()) < 1e-4
+
+
+@pytest.fixture
+def zero_std_allowed():
+    """A zero standard deviation makes both sides act with the policy mean, bit for bit."""
+    before = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)
+    yield
+    torch.distributions.Distribution.set_default_validate_args(before)
+
+
+def test_a_rollout_records_what_the_peers_rollout_records(zero_std_allowed):
+    steps, envs, seed, gamma, lam = 256, 2, 3, 0.99, 0.95  # Pendulum truncates at 200 steps
+    venv = VecNormalize(sb3_make_vec_env("Pendulum-v1", n_envs=envs, seed=seed), gamma=gamma)
+    model = TRPO("MlpPolicy", venv, n_steps=steps, batch_size=steps, gamma=gamma,
+                 gae_lambda=lam, seed=seed, device="cpu")  # fmt: skip
+    model.set_logger(configure(None, [""]))
+    with torch.no_grad():
+        model.policy.log_std.fill_(-200.0)  # exp underflows to 0: actions are the mean
+    _, callback = model._setup_learn(steps * envs, None)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=steps)
+    peer = model.rollout_buffer
+
+    policy, critic = GaussianPolicy((3,), 1, (64, 64)), ValueFunction((3,), (64, 64))
+    theirs = model.policy
+    pairs = [
+        (policy.torso.net[0], theirs.mlp_extractor.policy_net[0]),
+        (policy.torso.net[2], theirs.mlp_extractor.policy_net[2]),
+        (policy.head, theirs.action_net),
+        (critic.torso.net[0], theirs.mlp_extractor.value_net[0]),
+        (critic.torso.net[2], theirs.mlp_extractor.value_net[2]),
+        (critic.head, theirs.value_net),
+    ]
+    with torch.no_grad():
+        for ours, their in pairs:
+            ours.weight.copy_(their.weight)
+            ours.bias.copy_(their.bias)
+        policy.log_std.copy_(theirs.log_std)
+    collector = Collector(make_vec_env("Pendulum-v1", envs), ObsNormalizer((3,)),
+                          RewardScaler(envs, gamma), gamma)  # fmt: skip
+    collector.reset(seed)
+    buffer = RolloutBuffer(steps, envs, (3,), (1,), discrete=False)
+    collector.collect(policy, critic, buffer, torch.Generator().manual_seed(0))
+    batch = buffer.batch(gamma, lam)
+
+    def same(ours, their, atol=1e-6):
+        their = np.asarray(their, dtype=np.float64)  # the peer's (steps, envs, ...) layout
+        their = their.reshape(their.shape[0], envs, -1)
+        ours = np.asarray(ours, dtype=np.float64).reshape(their.shape)
+        return np.abs(ours - their).max(-1) <= atol
+
+    assert same(buffer.obs.numpy(), peer.observations).all()
+    assert same(buffer.acts.numpy(), peer.actions).all()
+    assert same(buffer.values.numpy(), peer.values).all()
+    done = buffer.dones.numpy()
+    assert done.sum() == envs and done[199].all()  # each env's episode truncated at step 200
+    assert (done[:-1] == peer.episode_starts[1:]).all()  # the peer flags the next step
+    # the truncated step's bootstrap gamma V(final obs): sb3 normalizes the final
+    # observation with the statistics after this step's update, natgrad with those before
+    rewards = same(buffer.rewards.numpy(), peer.rewards)
+    assert rewards[~done].all()
+    assert same(buffer.rewards.numpy(), peer.rewards, atol=0.05)[done].all()
+    adv = batch.advantages.numpy().reshape(steps, envs)
+    assert np.abs(adv - peer.advantages).max() < 0.05
+    assert same(adv[200:], peer.advantages[200:]).all()  # after the episode: identical
+    ret = batch.returns.numpy().reshape(steps, envs)
+    assert same(ret[200:], peer.returns[200:]).all()
