@@ -1144,6 +1144,62 @@ def mean_of_ratios(algo: str, *cells: tuple[str, str]) -> str:
     return f"{statistics.fmean(ratios):.2f}"
 
 
+def _spread(values: list[float]) -> float | None:
+    """75th minus 25th percentile (linear), as ``protocol.py`` computes the IQR."""
+    if len(values) < 2:
+        return None
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")  # numpy's "linear"
+    return high - low
+
+
+def protocol_goal_table(
+    name: str,
+    rivals: tuple[str, ...] = ("sb3-trpo", "cg-trpo", "kfac"),
+    today: str = "rl/results_mujoco_1m/results.json",
+) -> str:
+    """Issue 13's second goal per env: the best RAT row's IQM against each rival's, and its
+    spread across seeds against ``today``'s ``rat-npg`` runs (the table the goal refers to).
+
+    ``met``: every rival was run and none has a higher IQM (point estimates; the intervals
+    are in the cells); ``missed``: a rival's IQM is higher; ``open``: a rival is not run yet.
+    """
+    data = load(name)
+    earlier = load(today)["runs"]
+    header = " | ".join(f"`{r}`" for r in rivals)
+    lines = [
+        f"| env | best RAT row, IQM [95% CI] | {header} | IQR: best RAT row / today's "
+        "`rat-npg` | IQM goal |",
+        "|---|---|" + "---|" * len(rivals) + "---|---|",
+    ]
+    for env in data["envs"]:
+        rows = {row["algo"]: row for row in data["rows"] if row["env"] == env}
+        rat = [row for algo, row in rows.items() if algo.startswith("rat-")]
+        if not rat:
+            continue
+        best = max(rat, key=lambda row: row["final_return"]["estimate"])
+        cells, verdict = [], "met"
+        for rival in rivals:
+            if rival not in rows:
+                cells.append("not run")
+                verdict = "open" if verdict == "met" else verdict
+                continue
+            cells.append(_iqm_ci(rows[rival]["final_return"]))
+            if rows[rival]["final_return"]["estimate"] > best["final_return"]["estimate"]:
+                verdict = "missed"
+        before = _spread([r["final_return"] for r in earlier
+                          if r["env"] == env and r["algo"] == "rat-npg"])  # fmt: skip
+        spread = best["iqr_final_return"]
+        spreads = f"{'n/a' if spread is None else num(spread)} / " + (
+            "n/a" if before is None else num(before)
+        )
+        lines.append(
+            f"| {env} | `{best['algo']}` {_iqm_ci(best['final_return'])} | "
+            + " | ".join(cells)
+            + f" | {spreads} | {verdict} |"
+        )
+    return block("\n".join(lines))
+
+
 def paired_finals(new: str, old: str, env: str, algo: str) -> list[tuple[float, float]]:
     """Final returns of ``algo`` on ``env`` in two protocols, paired by seed (seeds both have)."""
     before = {r["seed"]: r["final_return"] for r in protocol_row(old, env, algo)["per_seed"]}

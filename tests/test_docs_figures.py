@@ -185,3 +185,32 @@ def test_tuning_table_compares_on_the_same_seeds(tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="lacks seeds"):
         render_docs.tuning_table("fake", [("E-v0", "new")], reference="base")
     render_docs.load.cache_clear()  # later tests read the real files
+
+
+def test_goal_table_takes_the_best_rat_row_and_says_what_is_missing(tmp_path, monkeypatch):
+    def row(env, algo, iqm, iqr):
+        figure = {"estimate": iqm, "low": iqm - 10, "high": iqm + 10}
+        return {"env": env, "algo": algo, "final_return": figure, "iqr_final_return": iqr}
+
+    rows = [row("A-v0", "rat-npg", 100.0, 5.0), row("A-v0", "rat-trpo", 120.0, 7.0),
+            row("A-v0", "sb3-trpo", 110.0, 9.0), row("A-v0", "cg-trpo", 90.0, 9.0),
+            row("A-v0", "kfac", 80.0, 9.0),
+            row("B-v0", "rat-npg", 100.0, 5.0), row("B-v0", "sb3-trpo", 130.0, 9.0),
+            row("C-v0", "rat-npg", 100.0, 5.0), row("C-v0", "sb3-trpo", 90.0, 9.0)]  # fmt: skip
+    earlier = [{"env": "A-v0", "algo": "rat-npg", "final_return": f} for f in (10.0, 20.0, 40.0)]
+    folder = tmp_path / "benchmarks" / "rl"
+    folder.mkdir(parents=True)
+    (folder / "protocol.json").write_text(
+        json.dumps({"envs": ["A-v0", "B-v0", "C-v0"], "rows": rows})
+    )
+    (folder / "today.json").write_text(json.dumps({"runs": earlier}))
+    monkeypatch.setattr(render_docs, "BENCH", tmp_path / "benchmarks")
+    render_docs.load.cache_clear()
+    table = render_docs.protocol_goal_table("rl/protocol.json", today="rl/today.json")
+    render_docs.load.cache_clear()  # later tests read the real files
+    lines = table.strip().splitlines()
+    # A: rat-trpo is the best RAT row and beats every rival; today's IQR of 10, 20, 40 is 15
+    assert lines[2] == ("| A-v0 | `rat-trpo` 120 [110, 130] | 110 [100, 120] | 90 [80, 100] | "
+                        "80 [70, 90] | 7 / 15 | met |")  # fmt: skip
+    assert lines[3].endswith("| not run | not run | 5 / n/a | missed |")  # the peer is ahead
+    assert lines[4].endswith("| not run | not run | 5 / n/a | open |")  # ahead, rows missing
