@@ -57,21 +57,26 @@ def peer_model(target_kl: float, cg_damping: float, seed: int) -> TRPO:
     return model
 
 
-def natgrad_copy(model: TRPO) -> GaussianPolicy:
-    """natgrad's Gaussian policy holding the peer's actor weights (same layout: 64-64 tanh)."""
-    policy = GaussianPolicy((OBS_DIM,), ACT_DIM, (64, 64))
+def natgrad_copy(model: TRPO) -> tuple[GaussianPolicy, ValueFunction]:
+    """natgrad's policy and critic holding the peer's weights (same layout: 64-64 tanh)."""
+    space = model.observation_space.shape[0], model.action_space.shape[0]
+    policy = GaussianPolicy(space[:1], space[1], (64, 64))
+    critic = ValueFunction(space[:1], (64, 64))
     peer = model.policy
     pairs = [
         (policy.torso.net[0], peer.mlp_extractor.policy_net[0]),
         (policy.torso.net[2], peer.mlp_extractor.policy_net[2]),
         (policy.head, peer.action_net),
+        (critic.torso.net[0], peer.mlp_extractor.value_net[0]),
+        (critic.torso.net[2], peer.mlp_extractor.value_net[2]),
+        (critic.head, peer.value_net),
     ]
     with torch.no_grad():
         for ours, theirs in pairs:
             ours.weight.copy_(theirs.weight)
             ours.bias.copy_(theirs.bias)
         policy.log_std.copy_(peer.log_std)
-    return policy
+    return policy, critic
 
 
 def fill_buffer(model: TRPO, obs: torch.Tensor, acts: torch.Tensor, adv: np.ndarray) -> None:
@@ -106,7 +111,7 @@ def natgrad_vector(policy: GaussianPolicy) -> torch.Tensor:
                                                               (7, 0.02, 0.01)])  # fmt: skip
 def test_one_update_moves_the_policy_where_the_peer_does(seed, target_kl, cg_damping):
     model = peer_model(target_kl, cg_damping, seed)
-    policy = natgrad_copy(model)
+    policy, _ = natgrad_copy(model)
     gen = torch.Generator().manual_seed(seed + 100)
     obs = torch.randn(N, OBS_DIM, generator=gen) * 2.0
     with torch.no_grad():
@@ -156,21 +161,7 @@ def test_a_rollout_records_what_the_peers_rollout_records(zero_std_allowed):
     model.collect_rollouts(model.env, callback, model.rollout_buffer, n_rollout_steps=steps)
     peer = model.rollout_buffer
 
-    policy, critic = GaussianPolicy((3,), 1, (64, 64)), ValueFunction((3,), (64, 64))
-    theirs = model.policy
-    pairs = [
-        (policy.torso.net[0], theirs.mlp_extractor.policy_net[0]),
-        (policy.torso.net[2], theirs.mlp_extractor.policy_net[2]),
-        (policy.head, theirs.action_net),
-        (critic.torso.net[0], theirs.mlp_extractor.value_net[0]),
-        (critic.torso.net[2], theirs.mlp_extractor.value_net[2]),
-        (critic.head, theirs.value_net),
-    ]
-    with torch.no_grad():
-        for ours, their in pairs:
-            ours.weight.copy_(their.weight)
-            ours.bias.copy_(their.bias)
-        policy.log_std.copy_(theirs.log_std)
+    policy, critic = natgrad_copy(model)
     collector = Collector(make_vec_env("Pendulum-v1", envs), ObsNormalizer((3,)),
                           RewardScaler(envs, gamma), gamma)  # fmt: skip
     collector.reset(seed)
