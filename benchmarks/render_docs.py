@@ -66,6 +66,9 @@ ASSETS = {
         "rl/results_protocol_300k_walker2d_entry/protocol-300k/curves-Walker2d-v5.png"
     ),
     "rl-1m-protocol-Hopper.png": "rl/results_protocol_1m/protocol-1000k/curves-Hopper-v5.png",
+    "rl-1m-protocol-Walker2d.png": (
+        "rl/results_protocol_1m/protocol-1000k-walker2d/curves-Walker2d-v5.png"
+    ),
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -135,6 +138,10 @@ RESULTS = {
     ),
     "rl/results_protocol_1m/protocol-1000k/protocol.json": (
         "MuJoCo 1M protocol",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_1m/protocol-1000k-walker2d/protocol.json": (
+        "MuJoCo 1M protocol, Walker2d",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
@@ -1074,6 +1081,7 @@ FRESH_300K = "rl/results_protocol_300k_fresh/protocol-300k/protocol.json"
 FRESH3_300K = "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.json"
 WALKER_ENTRY_300K = "rl/results_protocol_300k_walker2d_entry/protocol-300k/protocol.json"
 PROTOCOL_1M = "rl/results_protocol_1m/protocol-1000k/protocol.json"
+PROTOCOL_1M_WALKER = "rl/results_protocol_1m/protocol-1000k-walker2d/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
@@ -1153,17 +1161,17 @@ def _spread(values: list[float]) -> float | None:
 
 
 def protocol_goal_table(
-    name: str,
+    *names: str,
     rivals: tuple[str, ...] = ("sb3-trpo", "cg-trpo", "kfac"),
     today: str = "rl/results_mujoco_1m/results.json",
 ) -> str:
-    """Issue 13's second goal per env: the best RAT row's IQM against each rival's, and its
-    spread across seeds against ``today``'s ``rat-npg`` runs (the table the goal refers to).
+    """Issue 13's second goal per env of the protocols ``names``: the best RAT row's IQM
+    against each rival's, and its spread across seeds against ``today``'s ``rat-npg`` runs
+    (the table the goal refers to).
 
     ``met``: every rival was run and none has a higher IQM (point estimates; the intervals
     are in the cells); ``missed``: a rival's IQM is higher; ``open``: a rival is not run yet.
     """
-    data = load(name)
     earlier = load(today)["runs"]
     header = " | ".join(f"`{r}`" for r in rivals)
     lines = [
@@ -1171,7 +1179,7 @@ def protocol_goal_table(
         "`rat-npg` | IQM goal |",
         "|---|---|" + "---|" * len(rivals) + "---|---|",
     ]
-    for env in data["envs"]:
+    for env, data in [(env, load(name)) for name in names for env in load(name)["envs"]]:
         rows = {row["algo"]: row for row in data["rows"] if row["env"] == env}
         rat = [row for algo, row in rows.items() if algo.startswith("rat-")]
         if not rat:
