@@ -1167,7 +1167,8 @@ def protocol_goal_table(
 ) -> str:
     """Issue 13's second goal per env of the protocols ``names``: the best RAT row's IQM
     against each rival's, and its spread across seeds against ``today``'s ``rat-npg`` runs
-    (the table the goal refers to).
+    (the table the goal refers to). An env's rows may come from several protocols (e.g.
+    the rivals' runs evaluated later); a later protocol's row wins.
 
     ``met``: every rival was run and none has a higher IQM (point estimates; the intervals
     are in the cells); ``missed``: a rival's IQM is higher; ``open``: a rival is not run yet.
@@ -1179,8 +1180,11 @@ def protocol_goal_table(
         "`rat-npg` | IQM goal |",
         "|---|---|" + "---|" * len(rivals) + "---|---|",
     ]
-    for env, data in [(env, load(name)) for name in names for env in load(name)["envs"]]:
-        rows = {row["algo"]: row for row in data["rows"] if row["env"] == env}
+    pooled: dict[str, dict[str, dict]] = {}  # env -> algo -> row, over every protocol
+    for name in names:
+        for row in load(name)["rows"]:
+            pooled.setdefault(row["env"], {})[row["algo"]] = row
+    for env, rows in pooled.items():
         rat = [row for algo, row in rows.items() if algo.startswith("rat-")]
         if not rat:
             continue

@@ -214,3 +214,11 @@ def test_goal_table_takes_the_best_rat_row_and_says_what_is_missing(tmp_path, mo
                         "80 [70, 90] | 7 / 15 | met |")  # fmt: skip
     assert lines[3].endswith("| not run | not run | 5 / n/a | missed |")  # the peer is ahead
     assert lines[4].endswith("| not run | not run | 5 / n/a | open |")  # ahead, rows missing
+    # the rivals of C evaluated later, in a protocol of their own: C's row pools both
+    later = [row("C-v0", "cg-trpo", 95.0, 9.0), row("C-v0", "kfac", 99.0, 9.0)]
+    (folder / "later.json").write_text(json.dumps({"envs": ["C-v0"], "rows": later}))
+    table = render_docs.protocol_goal_table(
+        "rl/protocol.json", "rl/later.json", today="rl/today.json"
+    )
+    render_docs.load.cache_clear()
+    assert table.strip().splitlines()[4].endswith("| 95 [85, 105] | 99 [89, 109] | 5 / n/a | met |")
