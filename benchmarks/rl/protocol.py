@@ -200,7 +200,7 @@ def solver_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
     ``converged_fraction`` is the mean of ``progress.csv``'s ``solver_converged`` column
     and ``median_solver_seconds`` the median of ``solver_seconds``; ``updates`` counts the
     rows that carry the column. None when no run records a solver (the peers, PPO, ...).
-    Kept in ``protocol.json`` because the run folders are not committed.
+    Kept in ``protocol.json``: run folders of earlier benchmarks were not committed.
     """
     pooled = pooled_columns(results_dir, runs, SOLVER_COLUMNS)
     converged, seconds = pooled["solver_converged"], pooled["solver_seconds"]
@@ -220,7 +220,7 @@ def step_summary(results_dir: Path, runs: Sequence[dict]) -> dict | None:
     (``kl / kl_target`` in ``progress.csv``, over the updates that record both) and
     ``backtracked_fraction`` the share of updates whose line search shrank the step at
     least once (``None`` without a line search). None when no run records a KL target
-    (the peers, PPO, ...). Kept in ``protocol.json`` because run folders are not committed.
+    (the peers, PPO, ...). Kept in ``protocol.json``: earlier run folders were not committed.
     """
     rows = pooled_rows(results_dir, runs, ("kl", "kl_target", "backtracks"))
     moved = [r["kl"] / r["kl_target"] for r in rows if "kl" in r and "kl_target" in r]
