@@ -252,6 +252,21 @@ def test_merge_can_take_only_some_envs(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "new" / "runs").iterdir()] == [data["runs"][0]["name"]]
 
 
+def test_report_plots_the_runs_on_disk_and_tables_every_recorded_run(tmp_path: Path, capsys):
+    run = protocol.load_script("natgrad_bench_rl_run", BENCH / "run.py")
+    results = fake_results(tmp_path, {"a": [0, 1, 2]}, env="CartPole-v1")  # a threshold
+    data = json.loads((results / "results.json").read_text())
+    for record in data["runs"]:
+        record.update(final_return=1.0, steps_to_threshold=None, wall_time=1.0)
+    data["commands"] = ["python benchmarks/rl/run.py ..."]
+    (results / "results.json").write_text(json.dumps(data))
+    shutil.rmtree(results / "runs" / data["runs"][0]["name"])  # recorded, folder gone
+    run.report(results)
+    assert "| CartPole-v1 | a | 3 |" in (results / "results.md").read_text()
+    assert len(list(results.glob("CartPole-v1*.png"))) == 1
+    assert "plots leave out 1 recorded runs" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("part", "columns", "expected"),
     [

@@ -553,8 +553,12 @@ def report(results_dir: Path) -> None:
     (results_dir / "results.md").write_text("\n".join(header + lines) + "\n")
     from natgrad.rl.plotting import plot_runs
 
-    for env, steps in sorted({(r["env"], r["steps"]) for r in runs}):
-        chosen = [r for r in runs if r["env"] == env and r["steps"] == steps]
+    on_disk = [r for r in runs if (results_dir / "runs" / r["name"] / "progress.csv").exists()]
+    if len(on_disk) < len(runs):  # recorded before run folders were committed
+        print(f"plots leave out {len(runs) - len(on_disk)} recorded runs whose runs/<name>/"
+              "progress.csv is not on disk", file=sys.stderr)  # fmt: skip
+    for env, steps in sorted({(r["env"], r["steps"]) for r in on_disk}):
+        chosen = [r for r in on_disk if r["env"] == env and r["steps"] == steps]
         dirs = [results_dir / "runs" / r["name"] for r in chosen]
         labels = [f"{env} / {r['algo']}" for r in chosen]  # variants are rows of their own
         budget = "" if steps == 100_000 else f"-{steps // 1000}k"
