@@ -144,6 +144,10 @@ RESULTS = {
         "MuJoCo 1M protocol, Walker2d",
         ["natgrad/rl", *SOLVER_CODE],
     ),
+    "rl/results_protocol_1m/protocol-1000k-hopper-rivals/protocol.json": (
+        "MuJoCo 1M protocol, Hopper's cg-trpo and kfac rows",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
     "rl/results_protocol_300k/protocol-300k-ablations/protocol.json": (
         "MuJoCo 300k ablations",
@@ -1082,6 +1086,7 @@ FRESH3_300K = "rl/results_protocol_300k_fresh/protocol-300k-three-envs/protocol.
 WALKER_ENTRY_300K = "rl/results_protocol_300k_walker2d_entry/protocol-300k/protocol.json"
 PROTOCOL_1M = "rl/results_protocol_1m/protocol-1000k/protocol.json"
 PROTOCOL_1M_WALKER = "rl/results_protocol_1m/protocol-1000k-walker2d/protocol.json"
+PROTOCOL_1M_HOPPER_RIVALS = "rl/results_protocol_1m/protocol-1000k-hopper-rivals/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
