@@ -222,3 +222,12 @@ def test_goal_table_takes_the_best_rat_row_and_says_what_is_missing(tmp_path, mo
     )
     render_docs.load.cache_clear()
     assert table.strip().splitlines()[4].endswith("| 95 [85, 105] | 99 [89, 109] | 5 / n/a | met |")
+
+
+def test_goal_table_spread_is_the_protocols_iqr():
+    """render_docs keeps to the standard library; its IQR must be protocol.py's (numpy's)."""
+    from bench import load_benchmark
+
+    protocol = load_benchmark("rl/protocol.py")
+    for values in ([1.0, 2.0], [788.0, 3721.0, 3248.0], [5.0, -1.0, 2.5, 9.0, 3.0, 3.0, 0.5]):
+        assert render_docs._spread(values) == pytest.approx(protocol.iqr_spread(values))
