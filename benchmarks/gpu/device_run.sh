@@ -40,5 +40,6 @@ echo "solver benchmark exit $? after $(( $(date +%s) - START )) s" >> "$OUT/solv
 wait
 echo "RL done after $(( $(date +%s) - START )) s" >> "$OUT/solvers.log"
 tar czf "$OUT/solvers.tgz" -C /tmp solvers
-tar czf "$OUT/rl.tgz" -C /tmp --exclude='*.pt' --exclude='checkpoints' rl natgrad_bench 2>/dev/null
+# runs stopped at the deadline are under rl/<name>/partial/ (run.py --adopt that folder)
+tar czf "$OUT/rl.tgz" -C /tmp --exclude='*.pt' --exclude='*.pkl' rl 2>/dev/null
 ls -la "$OUT"

@@ -2,8 +2,10 @@
 
 Each run is recorded as ``results/runs/<env>-<algo>-s<seed>/progress.csv`` (same columns
 for natgrad and the peer) plus a line in ``results/results.json``; finished runs are
-skipped, so the script can be interrupted and restarted. ``--report`` only rebuilds the
-table (``results/results.md``) and the curves (``results/<env>.png``).
+skipped, so the script can be interrupted and restarted: a natgrad run stopped midway
+continues from its last checkpoint (``results/partial/``, every 10 updates; sb3-contrib
+runs start over). ``--report`` only rebuilds the table (``results/results.md``) and the
+curves (``results/<env>.png``).
 
     python benchmarks/rl/run.py --envs CartPole-v1 Pendulum-v1 --seeds 0 1 2 --steps 100000
     python benchmarks/rl/run.py --envs Hopper-v5 --seeds 0 1 2 3 4 --steps 1000000 --jobs 16
@@ -37,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -46,6 +49,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+PARTIAL = "partial"  # <results>/partial/<run name>/: a run in progress and its checkpoints
 PEER = "sb3-trpo"
 NATGRAD_ALGOS = ("rat-npg", "rat-trpo", "cg-trpo", "kfac", "ppo", "a2c")
 # The same overrides for every natgrad algorithm on an env (peer: its zoo file below).
@@ -149,19 +153,56 @@ def _typed_value(spec: str, key: str, text: str, field) -> object:
     return text
 
 
-def run_natgrad(env: str, algo: str, seed: int, steps: int, out: Path) -> dict:
-    from natgrad.rl import TrainConfig, Trainer
+def run_natgrad(
+    env: str, algo: str, seed: int, steps: int, out: Path, trust_env_state: bool = False
+) -> dict:
+    """Train one natgrad run in ``out``, continuing the run a stopped sweep left there.
+
+    ``out`` is continued from its last checkpoint when it holds one of this very run (the
+    same resolved config); anything else in it is removed first. With
+    ``trust_env_state`` the saved environments are unpickled, so the run continues bit
+    for bit (only for folders this script wrote); without it the episodes in progress are
+    dropped and the environments re-seeded, and the record says where it resumed.
+    """
+    from natgrad.rl import CheckpointError, TrainConfig, Trainer
 
     name, overrides = parse_variant(algo)
     settings = {"env": env, "algo": name, "seed": seed, "steps": steps,
                 **ENV_OVERRIDES.get(env, {}), **overrides}  # fmt: skip
     config = TrainConfig.from_dict(settings)
-    trainer = Trainer(config, out, tensorboard=False)
+    trainer = None
+    if _holds_checkpoint_of(out, config):
+        try:
+            with warnings.catch_warnings():  # the re-seeding note: recorded as resumed_at
+                warnings.simplefilter("ignore", RuntimeWarning)
+                trainer = Trainer(None, out, resume=True, tensorboard=False,
+                                  trust_env_state=trust_env_state)  # fmt: skip
+        except CheckpointError as error:
+            print(f"{out.name}: not resumed ({error}); starting over", file=sys.stderr)
+    resumed_at = None if trainer is None else trainer.global_step
+    if trainer is None:
+        shutil.rmtree(out, ignore_errors=True)
+        trainer = Trainer(config, out, tensorboard=False)
     try:
         trainer.run(progress=False)
     finally:
         trainer.close()
-    return {"config": trainer.config.to_dict()}  # resolved: the preset values it ran with
+    record = {"config": trainer.config.to_dict()}  # resolved: the preset values it ran with
+    if resumed_at is not None:
+        record["resumed_at"] = resumed_at
+        record["resumed_bit_for_bit"] = trust_env_state
+    return record
+
+
+def _holds_checkpoint_of(out: Path, config) -> bool:
+    """Whether ``out`` has a checkpoint of the run ``config`` describes (same resolved config)."""
+    if not (out / "checkpoint.pt").exists() or not (out / "config.json").exists():
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(config.resolved().to_dict()))
 
 
 def run_peer(env: str, seed: int, steps: int, out: Path) -> dict:
@@ -267,11 +308,13 @@ def summarize(run_dir: Path, threshold: float | None, until: float | None = None
 
 
 def train_and_record(env: str, algo: str, seed: int, steps: int, results_dir: Path,
-                     label: str) -> dict:  # fmt: skip
+                     label: str, trust_env_state: bool = False) -> dict:  # fmt: skip
     """Train one run, keep its ``progress.csv`` and ``config.json``, return its record.
 
-    Writes only ``results_dir/runs/<run_name>/`` (never ``results.json``), so several of
-    these can run at once in separate processes.
+    Trains in ``results_dir/partial/<run_name>/`` (a natgrad run found there from a
+    stopped sweep is continued from its last checkpoint: :func:`run_natgrad`), then keeps
+    ``results_dir/runs/<run_name>/`` and removes the partial folder. Never writes
+    ``results.json``, so several of these can run at once in separate processes.
 
     Parameters
     ----------
@@ -281,26 +324,32 @@ def train_and_record(env: str, algo: str, seed: int, steps: int, results_dir: Pa
         Results folder; the run is kept in its ``runs/`` subfolder.
     label
         Machine label recorded with the run (:func:`machine_label`).
+    trust_env_state
+        Continue a stopped natgrad run bit for bit (unpickles the environments this
+        script saved in the partial folder).
 
     Returns
     -------
     dict
-        The line of ``results.json`` for this run.
+        The line of ``results.json`` for this run (with ``resumed_at``, the step it was
+        continued from, when it was).
     """
     name = run_name(env, algo, seed, steps)
     threshold = reward_threshold(env)
-    tmp = Path("/tmp/natgrad_bench") / name
-    shutil.rmtree(tmp, ignore_errors=True)
-    if algo == PEER:
-        extra = run_peer(env, seed, steps, tmp)
+    work = results_dir / PARTIAL / name
+    if algo == PEER:  # sb3 runs cannot be continued: always from the start
+        shutil.rmtree(work, ignore_errors=True)
+        extra = run_peer(env, seed, steps, work)
     else:
-        extra = run_natgrad(env, algo, seed, steps, tmp)
+        extra = run_natgrad(env, algo, seed, steps, work, trust_env_state)
     keep = results_dir / "runs" / name
     keep.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tmp / "progress.csv", keep / "progress.csv")
+    shutil.copy(work / "progress.csv", keep / "progress.csv")
     (keep / "config.json").write_text(json.dumps(extra["config"], indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    resumed = {key: extra[key] for key in ("resumed_at", "resumed_bit_for_bit") if key in extra}
     return {"name": name, "env": env, "algo": algo, "seed": seed,
-            "steps": steps, "machine": label,
+            "steps": steps, "machine": label, **resumed,
             **summarize(keep, threshold), "commit": git_commit()}  # fmt: skip
 
 
@@ -316,6 +365,7 @@ def run_parallel(
     label: str,
     jobs: int,
     record_run: Callable[[dict], None],
+    trust_env_state: bool = False,
 ) -> None:
     """Train ``pending`` runs, up to ``jobs`` at a time, one spawned process per run.
 
@@ -328,7 +378,7 @@ def run_parallel(
     ----------
     pending
         ``(env, algo, seed)`` of the runs to train.
-    steps, results_dir, label
+    steps, results_dir, label, trust_env_state
         As for :func:`train_and_record`.
     jobs
         Most runs at a time (processes).
@@ -341,9 +391,9 @@ def run_parallel(
         jobs, mp_context=context, initializer=_one_thread, max_tasks_per_child=1
     ) as pool:
         futures = {
-            pool.submit(train_and_record, env, algo, seed, steps, results_dir, label): (
-                run_name(env, algo, seed, steps)
-            )
+            pool.submit(
+                train_and_record, env, algo, seed, steps, results_dir, label, trust_env_state
+            ): run_name(env, algo, seed, steps)
             for env, algo, seed in pending
         }
         for future in as_completed(futures):
@@ -590,6 +640,11 @@ def main() -> None:
                         help="merge only the runs of these envs")  # fmt: skip
     parser.add_argument("--adopt", type=Path, help="folder of runs stopped before their budget")
     parser.add_argument("--adopt-machine", default="", help="machine label of --adopt runs")
+    parser.add_argument("--trust-env-state", action="store_true",
+                        help="continue runs a stopped sweep left in <results>/partial bit for "
+                             "bit: unpickles the environments saved there, which can run "
+                             "code; only for folders this script wrote (without it they "
+                             "continue with re-seeded environments)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, one process each (default 1: in this "
                              "process, one after the other)")  # fmt: skip
@@ -649,9 +704,11 @@ def main() -> None:
 
         if args.jobs == 1:
             for env, algo, seed in pending:
-                record_run(train_and_record(env, algo, seed, args.steps, results_dir, label))
+                record_run(train_and_record(env, algo, seed, args.steps, results_dir, label,
+                                            args.trust_env_state))  # fmt: skip
         else:
-            run_parallel(pending, args.steps, results_dir, label, args.jobs, record_run)
+            run_parallel(pending, args.steps, results_dir, label, args.jobs, record_run,
+                         args.trust_env_state)  # fmt: skip
     path.write_text(json.dumps(data, indent=2))
     report(results_dir)
 
