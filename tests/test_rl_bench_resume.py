@@ -79,9 +79,7 @@ def test_a_stopped_run_continues_bit_for_bit_with_trust_env_state(tmp_path, unin
     assert not (tmp_path / run.PARTIAL / record["name"]).exists()  # cleaned up
 
 
-def test_without_trust_it_continues_from_the_checkpoint_with_reseeded_envs(
-    tmp_path, uninterrupted
-):
+def test_without_trust_it_continues_from_the_checkpoint_with_reseeded_envs(tmp_path, uninterrupted):
     _, rows = uninterrupted
     _stopped_run(tmp_path, ALGO, updates=2)
     record = run.train_and_record(ENV, ALGO, 0, STEPS, tmp_path, "test")
