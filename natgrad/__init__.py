@@ -6,6 +6,8 @@ policy-gradient backward pass yields the Tikhonov-damped natural gradient.
 """
 
 from natgrad.errors import (
+    ArgumentError,
+    ArgumentTypeError,
     GramMemoryError,
     IllConditionedError,
     NatgradError,
@@ -32,6 +34,8 @@ __all__ = [
     "NaturalGradient",
     # errors and warnings
     "NatgradError",
+    "ArgumentError",
+    "ArgumentTypeError",
     "GramMemoryError",
     "IllConditionedError",
     "NonFiniteError",

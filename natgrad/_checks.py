@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from natgrad._tree import Tree, tree_leaves
-from natgrad.errors import NonFiniteError, UnderflowError
+from natgrad._tree import Tree, tree_leaves, tree_map
+from natgrad.errors import ArgumentError, ArgumentTypeError, NonFiniteError, UnderflowError
 
 try:  # NumPy is a dependency, but keep the checks importable without it
     from numpy import bool_ as np_bool
@@ -32,9 +32,9 @@ def is_real(value: Any) -> bool:
 def check_nonnegative_int(name: str, value: Any, hint: str = "") -> int:
     """Return ``value`` as an ``int`` if it is an integer >= 0."""
     if not is_integer(value):
-        raise TypeError(f"{name} must be an integer >= 0, got {value!r}{hint}")
+        raise ArgumentTypeError(f"{name} must be an integer >= 0, got {value!r}{hint}")
     if value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}{hint}")
+        raise ArgumentError(f"{name} must be an integer >= 0, got {value!r}{hint}")
     return int(value)
 
 
@@ -42,63 +42,69 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``allowed``, else raise a ``ValueError``."""
     if value not in allowed:
         options = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        raise ArgumentError(f"{name} must be one of {options}, got {value!r}")
     return value
 
 
 def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is a bool (``True``/``False``), else raise a ``TypeError``."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def check_positive_float(name: str, value: Any, hint: str = "") -> float:
     """Return ``value`` as a float if it is a real number (NumPy's too), finite and > 0."""
     if not is_real(value):
-        raise TypeError(f"{name} must be a finite float > 0, got {value!r}{hint}")
+        raise ArgumentTypeError(f"{name} must be a finite float > 0, got {value!r}{hint}")
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite float > 0, got {value!r}{hint}")
+        raise ArgumentError(f"{name} must be a finite float > 0, got {value!r}{hint}")
     return float(value)
 
 
 def check_positive_int(name: str, value: Any, hint: str = "") -> int:
     """Return ``value`` as an ``int`` if it is an integer (NumPy's too) >= 1."""
     if not is_integer(value):
-        raise TypeError(f"{name} must be an integer >= 1, got {value!r}{hint}")
+        raise ArgumentTypeError(f"{name} must be an integer >= 1, got {value!r}{hint}")
     if value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}{hint}")
+        raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}{hint}")
     return int(value)
 
 
 def check_policy(policy: Any) -> nn.Module:
     """Require an ``nn.Module`` whose per-sample gradients are well defined."""
     if not isinstance(policy, nn.Module):
-        raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
+        raise ArgumentTypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
     for name, module in policy.named_modules():
         where = f"policy.{name}" if name else "policy"
         if not module.training:
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            raise ValueError(
+            raise ArgumentError(
                 f"{where} is a {type(module).__name__} in train mode: it normalizes with "
                 "batch statistics, which couples samples, so per-sample scores are "
                 "ill-defined; call policy.eval() (or that module's .eval()) before RAT and "
                 "switch back to .train() afterwards"
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where} is an active {type(module).__name__}(p={module.p}): the "
                 "log-probabilities are random, so per-sample scores are ill-defined; call "
                 "policy.eval() before RAT (or use p=0)"
             )
+        if isinstance(module, nn.RReLU):
+            raise ArgumentError(
+                f"{where} is an RReLU in train mode: it draws a random slope for every "
+                "element, so the log-probabilities are random and per-sample scores are "
+                "ill-defined; call policy.eval() before RAT (RReLU then uses a fixed slope)"
+            )
         if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where} is a MultiheadAttention with active dropout={module.dropout}; "
                 "call policy.eval() before RAT (or use dropout=0)"
             )
         if isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"{where} is a {type(module).__name__} with active dropout={module.dropout}; "
                 "call policy.eval() before RAT (or use dropout=0)"
             )
@@ -115,13 +121,13 @@ def select_parameters(policy: nn.Module, params: Iterable[Tensor] | None) -> lis
     if params is None:
         names = [n for n, p in named if p.requires_grad]
         if not names:
-            raise ValueError(
+            raise ArgumentError(
                 "policy has no parameters with requires_grad=True, so there is no natural "
                 "gradient to compute; unfreeze some parameters or pass params=[...]"
             )
         return names
     if isinstance(params, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             "params must be an iterable of parameters (e.g. policy.actor.parameters()), "
             "got a single tensor; wrap it in a list"
         )
@@ -129,36 +135,40 @@ def select_parameters(policy: nn.Module, params: Iterable[Tensor] | None) -> lis
     chosen: set[str] = set()
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise TypeError(f"params[{i}] must be a parameter tensor, got {type(p).__name__}")
+            raise ArgumentTypeError(
+                f"params[{i}] must be a parameter tensor, got {type(p).__name__}"
+            )
         if id(p) not in by_id:
-            raise ValueError(
+            raise ArgumentError(
                 f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of policy; pass "
                 "parameters obtained from the policy itself, e.g. policy.actor.parameters()"
             )
         if not p.requires_grad:
-            raise ValueError(
+            raise ArgumentError(
                 f"params[{i}] ({by_id[id(p)]}) has requires_grad=False (frozen); drop it "
                 "from params or unfreeze it"
             )
         chosen.add(by_id[id(p)])
     if not chosen:
-        raise ValueError("params is empty; pass at least one trainable parameter or None")
+        raise ArgumentError("params is empty; pass at least one trainable parameter or None")
     return [n for n, _ in named if n in chosen]
 
 
 def check_advantages(adv: Any, device: torch.device) -> Tensor:
     """``adv`` must be a finite, non-empty, 1-D floating tensor on the policy's device."""
     if not isinstance(adv, Tensor):
-        raise TypeError(f"adv must be a torch.Tensor of shape (N,), got {type(adv).__name__}")
+        raise ArgumentTypeError(
+            f"adv must be a torch.Tensor of shape (N,), got {type(adv).__name__}"
+        )
     if adv.dim() != 1:
         hint = "; flatten it with adv.reshape(-1)" if adv.numel() == adv.shape[0] else ""
-        raise ValueError(f"adv must be 1-D of shape (N,), got shape {tuple(adv.shape)}{hint}")
+        raise ArgumentError(f"adv must be 1-D of shape (N,), got shape {tuple(adv.shape)}{hint}")
     if adv.shape[0] == 0:
-        raise ValueError("adv is empty (N = 0): RAT needs at least one sample")
+        raise ArgumentError("adv is empty (N = 0): RAT needs at least one sample")
     if not adv.is_floating_point():
-        raise TypeError(f"adv must be a floating-point tensor, got dtype {adv.dtype}")
+        raise ArgumentTypeError(f"adv must be a floating-point tensor, got dtype {adv.dtype}")
     if adv.device != device:
-        raise ValueError(
+        raise ArgumentError(
             f"adv is on {adv.device} but the policy parameters are on {device}; move it "
             f"with adv.to({str(device)!r})"
         )
@@ -188,7 +198,7 @@ def check_batch(
     """
     for path, leaf in tree_leaves(tree, name):
         if not isinstance(leaf, Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{path} must be a torch.Tensor (or a dict/list/tuple of tensors), "
                 f"got {type(leaf).__name__}; convert it with torch.as_tensor(...)"
             )
@@ -198,18 +208,18 @@ def check_batch(
                 if leaf.dim() == 0
                 else f"{leaf.shape[0]} rows (shape {tuple(leaf.shape)})"
             )
-            raise ValueError(
+            raise ArgumentError(
                 f"{path} has {got} but {counted_by} has N = {num_samples} samples; the first "
                 f"dimension of every {name} tensor and of {counted_by} must be the same "
                 "sample dimension"
             )
         if leaf.device != device:
-            raise ValueError(
+            raise ArgumentError(
                 f"{path} is on {leaf.device} but the {owner} parameters are on {device}; "
                 f"move it with .to({str(device)!r})"
             )
         if leaf.is_floating_point() and leaf.dtype != dtype:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{path} has dtype {leaf.dtype} but the {owner} parameters are {dtype}; "
                 f"convert it with .to({dtype})"
             )
@@ -220,6 +230,39 @@ def check_batch(
                 f"{int(torch.nonzero(bad)[0, 0])}); drop or repair those samples (e.g. an "
                 "environment that returned NaN, a normalizer dividing by a zero std)"
             )
+
+
+def parameter_device_dtype(
+    module: nn.Module, names: list[str], role: str = "policy"
+) -> tuple[torch.device, torch.dtype]:
+    """The one device and floating dtype of the selected parameters ``names`` of ``module``.
+
+    Scores, tolerances and the precision estimate are computed in one dtype, so selected
+    parameters of several dtypes are refused (a float64 ``log_std`` beside a float32
+    network would get float64 tolerances for float32 rounding), as are parameters on the
+    ``meta`` device (no values to differentiate).
+    """
+    named = dict(module.named_parameters())
+    selected = [(name, named[name]) for name in names]
+    device, dtype = selected[0][1].device, selected[0][1].dtype
+    if device.type == "meta":
+        raise ArgumentError(
+            f"the {role} parameters are on the meta device (shapes without values), so there "
+            f"are no scores to compute; materialize the {role} first, e.g. "
+            f"{role}.to_empty(device='cpu') and load its weights"
+        )
+    if not dtype.is_floating_point:
+        raise ArgumentTypeError(f"{role} parameters must be floating point, got {dtype}")
+    other = next(((n, p) for n, p in selected if p.dtype != dtype), None)
+    if other is not None:
+        raise ArgumentTypeError(
+            f"{role} parameters have several dtypes ({role}.{selected[0][0]} is {dtype}, "
+            f"{role}.{other[0]} is {other[1].dtype}); natgrad computes the scores, their "
+            f"tolerances and its precision estimate in one dtype; convert the {role} to "
+            f"one (e.g. {role}.double() or {role}.float()) or select parameters of one "
+            "dtype with params=[...]"
+        )
+    return device, dtype
 
 
 def check_finite_parameters(module: nn.Module, role: str = "policy") -> None:
@@ -266,20 +309,54 @@ def representable(what: str, exact: Tensor, dtype: torch.dtype) -> Tensor:
     return cast
 
 
+def check_log_probs_differentiable(
+    log_prob_fn: Any, policy: nn.Module, obs: Tree, acts: Tree, names: list[str]
+) -> None:
+    """``log_prob_fn`` must return log-probabilities that depend on the parameters.
+
+    A detached output (``.detach()``, ``torch.no_grad()`` or a NumPy round trip inside
+    ``log_prob_fn``) has zero scores, and the transform would silently return ``A / lam``.
+    Checked on the first sample, with gradients enabled; the caller restores the policy.
+    Skipped when no selected parameter requires grad (``params=`` of frozen tensors), and
+    when ``log_prob_fn`` fails on one sample (the per-sample scores diagnose that).
+    """
+    named = dict(policy.named_parameters())
+    if not any(named[name].requires_grad for name in names):
+        return
+    try:
+        out = log_prob_fn(policy, tree_map(lambda t: t[:1], obs), tree_map(lambda t: t[:1], acts))
+    except Exception:  # noqa: BLE001 - diagnosed by the per-sample scores
+        return
+    if isinstance(out, Tensor) and not out.requires_grad:
+        raise ArgumentError(
+            "log_prob_fn returned log-probabilities that do not depend on the policy "
+            "parameters (no autograd graph: detached, computed under torch.no_grad(), or "
+            "through NumPy), so every score would be zero and the transform would return "
+            "A / damping; return policy(obs).log_prob(acts) as a tensor still attached to "
+            "the graph"
+        )
+
+
 def check_log_probs(log_probs: Any, num_samples: int) -> Tensor:
     """The output of ``log_prob_fn`` on the whole batch must be finite and shaped ``(N,)``."""
     if not isinstance(log_probs, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"log_prob_fn must return a tensor of shape (N,), got {type(log_probs).__name__}"
         )
     if tuple(log_probs.shape) != (num_samples,):
         hint = ""
-        if log_probs.dim() == 2 and log_probs.shape[0] == num_samples:
+        if tuple(log_probs.shape) == (num_samples, num_samples) and num_samples > 1:
+            hint = (
+                "; a square (N, N) table usually means actions of shape (N, 1) broadcast "
+                "against a distribution of batch shape (N,), pairing every action with "
+                "every state: pass acts.squeeze(-1)"
+            )
+        elif log_probs.dim() == 2 and log_probs.shape[0] == num_samples:
             hint = (
                 "; it looks like one log-probability per action dimension: sum them with "
                 ".sum(-1) (or wrap the distribution in torch.distributions.Independent)"
             )
-        raise ValueError(
+        raise ArgumentError(
             f"log_prob_fn must return shape (N,) = ({num_samples},), got "
             f"{tuple(log_probs.shape)}{hint}"
         )

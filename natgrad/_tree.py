@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from natgrad.errors import ArgumentTypeError
+
 Tree = Any
 
 
@@ -20,7 +22,9 @@ def tree_map(fn: Callable[[torch.Tensor], Any], tree: Tree) -> Tree:
     if isinstance(tree, (list, tuple)):
         mapped = [tree_map(fn, value) for value in tree]
         return type(tree)(*mapped) if hasattr(tree, "_fields") else type(tree)(mapped)
-    raise TypeError(f"expected a tensor or a dict/list/tuple of tensors, got {type(tree).__name__}")
+    raise ArgumentTypeError(
+        f"expected a tensor or a dict/list/tuple of tensors, got {type(tree).__name__}"
+    )
 
 
 def tree_leaves(tree: Tree, prefix: str) -> Iterator[tuple[str, Any]]:

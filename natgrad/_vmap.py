@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from natgrad.errors import ArgumentError
+
 
 def is_vmap_limitation(error: Exception) -> bool:
     """Whether ``error`` from ``vmap`` is a gap in batching (worth a per-sample loop)."""
@@ -18,4 +20,4 @@ def raise_unless_vmap_limitation(error: Exception, randomness: str) -> None:
     to do (the message's middle); the original error is chained and quoted.
     """
     if not is_vmap_limitation(error):
-        raise ValueError(f"{randomness}. Original error: {error}") from error
+        raise ArgumentError(f"{randomness}. Original error: {error}") from error

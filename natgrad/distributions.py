@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, Normal, kl_divergence
 
+from natgrad.errors import ArgumentError, ArgumentTypeError
+
 __all__ = [
     "SAMPLERS",
     "entropy",
@@ -43,8 +45,39 @@ def sum_action_dims(values: Tensor) -> Tensor:
 
 
 def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
-    """Joint log-probability ``log pi(a_i | s_i)`` of each sample, shape ``(N,)``."""
-    return sum_action_dims(dist.log_prob(acts))
+    """Joint log-probability ``log pi(a_i | s_i)`` of each sample, shape ``(N,)``.
+
+    Raises
+    ------
+    ArgumentError
+        If ``acts`` lies outside the distribution's support, or broadcasts against the
+        distribution instead of matching it (discrete actions stored as ``(N, 1)``
+        against a ``Categorical`` of batch shape ``(N,)`` give an ``(N, N)`` table of
+        every action under every state).
+    """
+    try:
+        values = dist.log_prob(acts)
+    except ValueError as error:  # torch's argument validation: name the argument and fix
+        if "support" not in str(error):
+            raise
+        raise ArgumentError(
+            f"acts holds actions outside the support of the policy's {type(dist).__name__} "
+            "(e.g. a discrete action >= the number of actions, or < 0), so they have no "
+            "log-probability; pass the actions the policy took (torch says: "
+            f"{str(error).splitlines()[0][:200]})"
+        ) from error
+    batch = tuple(dist.batch_shape)
+    if batch and tuple(values.shape) != batch and isinstance(acts, Tensor):
+        expected = batch + tuple(dist.event_shape)
+        hint = "acts.squeeze(-1)" if tuple(acts.shape) == (*expected, 1) else "acts.reshape"
+        raise ArgumentError(
+            f"acts of shape {tuple(acts.shape)} does not match the policy's "
+            f"{type(dist).__name__} (batch shape {batch}, event shape "
+            f"{tuple(dist.event_shape)}): log_prob broadcast it to shape "
+            f"{tuple(values.shape)}, pairing every action with every state; pass acts of "
+            f"shape {expected} (e.g. {hint})"
+        )
+    return sum_action_dims(values)
 
 
 def entropy(dist: Distribution) -> Tensor:
@@ -73,7 +106,7 @@ def mode(dist: Distribution) -> Tensor:
     try:
         return dist.mode
     except NotImplementedError:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"no deterministic action for {type(dist).__name__}: it has no closed-form mode; "
             "evaluate it with sampled actions instead"
         ) from None
@@ -113,7 +146,7 @@ def sample(dist: Distribution, generator: torch.Generator) -> Tensor:
     for kind in type(dist).__mro__:
         if kind in SAMPLERS:
             return SAMPLERS[kind](dist, generator)
-    raise TypeError(
+    raise ArgumentTypeError(
         f"cannot sample from {type(dist).__name__} with an explicit generator; register a "
         f"sampler: natgrad.distributions.SAMPLERS[{type(dist).__name__}] = fn(dist, generator)"
     )

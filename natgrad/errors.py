@@ -8,6 +8,8 @@ argument or quantity at fault, the problem and the fix.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "FisherError",
     "IllConditionedError",
     "MissingExtraError",
@@ -25,6 +27,17 @@ __all__ = [
 
 class NatgradError(Exception):
     """Base class of the errors natgrad raises on purpose."""
+
+
+class ArgumentError(NatgradError, ValueError):
+    """An argument has a value, shape or content natgrad cannot use.
+
+    The message names the argument, what is wrong with it and what to pass instead.
+    """
+
+
+class ArgumentTypeError(NatgradError, TypeError):
+    """An argument has a type natgrad cannot use; the message names the type expected."""
 
 
 class NotConvergedError(NatgradError, RuntimeError):

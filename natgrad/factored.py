@@ -361,8 +361,11 @@ def build_factored_scores(
     positions = {n: offsets[n] for n in covered}
     operator = FactoredScores(factors, rest, rest_positions, scores.num_params, positions)
     operator.score_dtype = scores.dtype
-    # Per-sample evaluation of a few random samples: catches policies that couple samples.
+    # Per-sample scores of a few random samples (they pick the vmap or loop path and check
+    # the rows are finite), then every sample's log-probability alone against the batch:
+    # catches policies that couple samples anywhere in the batch.
     scores.rows(_random_samples(scores.num_samples, check_samples, scores.device))
+    scores.check_values(chunk_size)
     mismatch = verify_on_batch(operator, reference, scores.dtype)
     if mismatch is not None:
         return None, (

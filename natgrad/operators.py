@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from natgrad.errors import ArgumentError
+
 __all__ = [
     "DENSE_FUNCTIONS",
     "BlockFunctions",
@@ -198,7 +200,7 @@ class DenseOperator(ScoreOperator):
 
     def __init__(self, matrix: Tensor) -> None:
         if matrix.dim() != 2:
-            raise ValueError(f"matrix must be 2-D (N, P), got shape {tuple(matrix.shape)}")
+            raise ArgumentError(f"matrix must be 2-D (N, P), got shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self.num_samples, self.num_params = matrix.shape
         self.dtype = matrix.dtype

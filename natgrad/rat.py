@@ -16,8 +16,10 @@ from natgrad._checks import (
     check_choice,
     check_finite_parameters,
     check_log_probs,
+    check_log_probs_differentiable,
     check_policy,
     check_positive_int,
+    parameter_device_dtype,
     representable,
     require_finite,
     select_parameters,
@@ -30,7 +32,7 @@ from natgrad.distributed import (
     check_process_group,
     distributed_natural_gradient,
 )
-from natgrad.errors import FisherError
+from natgrad.errors import ArgumentTypeError, FisherError
 from natgrad.factored import FACTORED_MISMATCH, build_factored_scores
 from natgrad.fisher.expected import check_fisher, expected_natural_gradient
 from natgrad.results import Diagnostics, NaturalGradient
@@ -214,7 +216,7 @@ class RATNaturalGradient(OptionsView):
         fisher: FisherName = "sampled",
     ) -> None:
         if log_prob_fn is not None and not callable(log_prob_fn):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "log_prob_fn must be callable(policy, obs, acts) -> Tensor[N] or None, "
                 f"got {type(log_prob_fn).__name__}"
             )
@@ -466,10 +468,7 @@ class RATNaturalGradient(OptionsView):
         """Check the inputs; the per-sample score computation of the batch (lazy)."""
         check_policy(policy)
         names = select_parameters(policy, params)
-        first = dict(policy.named_parameters())[names[0]]
-        device, dtype = first.device, first.dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"policy parameters must be floating point, got {dtype}")
+        device, dtype = parameter_device_dtype(policy, names)
         check_finite_parameters(policy)
         check_advantages(adv, device)
         n = adv.shape[0]
@@ -477,6 +476,8 @@ class RATNaturalGradient(OptionsView):
         check_batch("acts", acts, n, device, dtype)
         with unchanged_module(policy), torch.no_grad():
             log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
+        with unchanged_module(policy), torch.enable_grad():
+            check_log_probs_differentiable(self.log_prob_fn, policy, obs, acts, names)
         return PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())
 
     def _operator(

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from natgrad.errors import ArgumentError
+
 if TYPE_CHECKING:
     from natgrad.solvers import SolveResult
 
@@ -155,7 +157,7 @@ class NaturalGradient:
             ``eta``; ``0.0`` if the direction is zero.
         """
         if not (math.isfinite(max_kl) and max_kl > 0):
-            raise ValueError(f"max_kl must be a finite float > 0, got {max_kl!r}")
+            raise ArgumentError(f"max_kl must be a finite float > 0, got {max_kl!r}")
         if self.d_fisher_d <= 0.0:
             return 0.0
         return math.sqrt(2.0 * max_kl / self.d_fisher_d)

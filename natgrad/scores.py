@@ -24,7 +24,7 @@ from natgrad import distributions
 from natgrad._rnn import batched_recurrent
 from natgrad._tree import Tree, take, unflatten, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
-from natgrad.errors import SampleCouplingError
+from natgrad.errors import ArgumentError, ArgumentTypeError, SampleCouplingError
 from natgrad.operators import (  # the interface, re-exported where scores are built
     BlockFunctions,
     DenseBlock,
@@ -59,7 +59,7 @@ def default_log_prob(policy: nn.Module, obs: Tree, acts: Tree) -> Tensor:
     """
     dist = policy(obs)
     if not hasattr(dist, "log_prob"):
-        raise TypeError(
+        raise ArgumentTypeError(
             "log_prob_fn=None expects policy(obs) to return a torch.distributions."
             f"Distribution, but it returned {type(dist).__name__}; pass "
             "log_prob_fn=lambda policy, obs, acts: ... returning log pi(acts | obs) of shape (N,)"
@@ -195,6 +195,31 @@ class PolicyScores:
         self._check(rows, values, index)
         return rows
 
+    def check_values(self, chunk_size: int) -> None:
+        """Compare every sample's log-probability alone with its value in the batch.
+
+        One forward pass per sample (vectorized, no gradients): a policy whose samples
+        interact anywhere in the batch is refused (:class:`SampleCouplingError`), not only
+        at the samples whose scores were computed.
+        """
+        single = vmap(self._log_prob_single, in_dims=(None, 0, 0))
+        index = torch.arange(self.num_samples, device=self.device)
+        for chunk in index.split(chunk_size):
+            obs_s, acts_s = take(self._obs, chunk), take(self._acts, chunk)
+            with torch.no_grad():
+                if self.path == "vmap":
+                    with warnings.catch_warnings(), batched_recurrent(self._module):
+                        warnings.filterwarnings("ignore", message="There is a performance drop")
+                        values = single(self._params, obs_s, acts_s)
+                else:
+                    values = torch.stack(
+                        [
+                            self._log_prob_single(self._params, take(obs_s, i), take(acts_s, i))
+                            for i in torch.arange(len(chunk))
+                        ]
+                    )
+            self._check_values(values, chunk)
+
     def _rows_loop_checked(self, obs_s: Tree, acts_s: Tree, index: Tensor) -> tuple[Tensor, Tensor]:
         """The per-sample loop; a failure on one sample alone is natgrad's error."""
         try:
@@ -206,10 +231,22 @@ class PolicyScores:
                 "within a batch (e.g. it normalizes observations with batch statistics such "
                 "as obs.std(0), which is NaN for one sample; BatchNorm in train mode); make "
                 "each sample's log-probability depend on that sample only (running "
-                "statistics held fixed, policy.eval())"
+                "statistics held fixed, policy.eval()); or it leaves torch on one sample "
+                "(.numpy(), .item(), .tolist()), which per-sample gradients cannot trace: "
+                "keep log_prob_fn in torch operations"
             ) from error
 
     def _check(self, rows: Tensor, values: Tensor, index: Tensor) -> None:
+        self._check_values(values, index)
+        if not bool(torch.isfinite(rows).all()):
+            bad = int(torch.nonzero(~torch.isfinite(rows).all(dim=1))[0, 0])
+            raise ArgumentError(
+                f"the score (gradient of log pi) of sample {int(index[bad])} is not finite; "
+                "check the policy for saturating outputs (e.g. a std that reaches 0, "
+                "actions on the boundary of a Beta or tanh-squashed distribution)"
+            )
+
+    def _check_values(self, values: Tensor, index: Tensor) -> None:
         expected = self.log_probs[index]
         gap = (values.detach() - expected).abs()
         allowed = self._consistency_tol * (1.0 + expected.abs())
@@ -222,13 +259,6 @@ class PolicyScores:
                 "within a batch (BatchNorm in train mode, normalization or attention across "
                 "the batch dimension, a recurrent state carried between samples); make each "
                 "sample's log-probability depend on that sample only, e.g. policy.eval()"
-            )
-        if not bool(torch.isfinite(rows).all()):
-            bad = int(torch.nonzero(~torch.isfinite(rows).all(dim=1))[0, 0])
-            raise ValueError(
-                f"the score (gradient of log pi) of sample {int(index[bad])} is not finite; "
-                "check the policy for saturating outputs (e.g. a std that reaches 0, "
-                "actions on the boundary of a Beta or tanh-squashed distribution)"
             )
 
     def vjp(self, index: Tensor, weights: Tensor) -> Tensor:

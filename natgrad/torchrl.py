@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from natgrad import distributions
+from natgrad.errors import ArgumentError, ArgumentTypeError
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.solvers import RL_AGENT, SolverOptions
@@ -115,18 +116,18 @@ class RATAdvantage(TensorDictModuleBase):
     ) -> None:
         super().__init__()
         if not callable(getattr(actor, "get_dist", None)):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "actor must be a probabilistic TensorDict module with get_dist(td) (e.g. "
                 f"torchrl.modules.ProbabilisticActor), got {type(actor).__name__}; wrap the "
                 "network in ProbabilisticActor(module, in_keys=[...], distribution_class=...)"
             )
         if not isinstance(options, SolverOptions):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "options must be a natgrad.solvers.SolverOptions (e.g. "
                 f"RL_AGENT.replace(damping=0.05)), got {type(options).__name__}"
             )
         if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < inf):
-            raise ValueError(
+            raise ArgumentError(
                 f"max_kl must be a finite float > 0 or None, got {max_kl!r}; typical values "
                 "are 0.005..0.05"
             )
@@ -161,7 +162,7 @@ class RATAdvantage(TensorDictModuleBase):
         flat = tensordict.reshape(-1)
         adv = flat.get(self.advantage_key)
         if adv.dim() > 1 and adv.shape[1:].numel() != 1:
-            raise ValueError(
+            raise ArgumentError(
                 f"advantage {self.advantage_key!r} must hold one value per sample (batch shape "
                 f"{tuple(tensordict.batch_size)}, optionally a trailing dimension of size 1), "
                 f"got shape {tuple(tensordict.get(self.advantage_key).shape)}; transform one "

@@ -10,7 +10,15 @@ import torch
 from cases import BatchNormMLP, CategoricalCNN, GaussianMLP
 from torch import nn
 
-from natgrad import NotConvergedError, NotConvergedWarning, RATNaturalGradient
+from natgrad import (
+    ArgumentError,
+    ArgumentTypeError,
+    NatgradError,
+    NotConvergedError,
+    NotConvergedWarning,
+    RATNaturalGradient,
+    SampleCouplingError,
+)
 
 
 def gaussian_batch(n=16, dtype=torch.float32):
@@ -66,8 +74,9 @@ def snapshot(policy):
     ],
 )
 def test_constructor_rejects_bad_settings(kwargs, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as refused:
         RATNaturalGradient(**kwargs)
+    assert isinstance(refused.value, NatgradError)  # one except NatgradError catches it
 
 
 def test_mismatched_sample_dimensions():
@@ -285,3 +294,132 @@ def test_step_size_rejects_bad_kl():
     result = RATNaturalGradient(damping=1e-2).natural_gradient(policy, obs, acts, adv)
     with pytest.raises(ValueError, match=r"max_kl must be a finite float > 0, got -1"):
         result.step_size(-1)
+
+
+def categorical_batch(n=24):
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    obs, adv = torch.randn(n, 4, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    return policy, obs, torch.randint(0, 3, (n,)), adv
+
+
+def categorical_log_prob(policy, obs, acts):
+    return torch.distributions.Categorical(logits=policy(obs)).log_prob(acts)
+
+
+@pytest.mark.parametrize(
+    "bad_input",
+    [
+        lambda p, o, a, adv: (p, o[:0], a[:0], adv[:0]),  # empty
+        lambda p, o, a, adv: (p, o[:5], a, adv),  # lengths differ
+        lambda p, o, a, adv: (p, o, a, adv[:, None]),  # 2-D adv
+        lambda p, o, a, adv: (p, o, a, adv.long()),  # integer adv
+        lambda p, o, a, adv: (p, o.float(), a, adv),  # obs dtype
+        lambda p, o, a, adv: (nn.Sequential(p, nn.BatchNorm1d(3)).double(), o, a, adv),
+        lambda p, o, a, adv: ("not a module", o, a, adv),
+    ],
+)
+def test_argument_refusals_are_natgrad_errors(bad_input):
+    with pytest.raises((ArgumentError, ArgumentTypeError)) as refused:
+        RATNaturalGradient(categorical_log_prob)(*bad_input(*categorical_batch()))
+    assert isinstance(refused.value, NatgradError)
+
+
+@pytest.mark.parametrize("backend", ["auto", "materialized", "streaming"])
+@pytest.mark.parametrize("detach", ["detach", "no_grad"])
+def test_a_detached_log_prob_fn_is_refused_not_answered_with_a_over_damping(backend, detach):
+    def detached(policy, obs, acts):
+        if detach == "no_grad":
+            with torch.no_grad():
+                return categorical_log_prob(policy, obs, acts)
+        return categorical_log_prob(policy, obs, acts).detach()
+
+    policy, obs, acts, adv = categorical_batch()
+    with pytest.raises(ArgumentError, match=r"log_prob_fn returned log-probabilities that do not"):
+        RATNaturalGradient(detached, backend=backend)(policy, obs, acts, adv)
+
+
+@pytest.mark.parametrize("coupled", [1, 6, 13, 20])
+def test_coupling_between_any_two_samples_is_caught_by_the_default_backend(coupled):
+    class OneCoupledPair(nn.Module):
+        """Sample ``coupled`` reads sample ``coupled + 1`` (before a Linear layer)."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, obs):
+            if obs.shape[0] > coupled + 1:
+                mixed = obs[coupled] + 3 * obs[coupled + 1]
+                obs = torch.cat([obs[:coupled], mixed[None], obs[coupled + 1 :]])
+            return torch.distributions.Categorical(logits=self.net(obs))
+
+    _, obs, acts, adv = categorical_batch()
+    policy = OneCoupledPair().double()
+    with pytest.raises(SampleCouplingError, match=rf"sample {coupled}: .* alone vs"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+
+
+def test_parameters_of_several_dtypes_are_refused():
+    class MixedPrecision(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean = nn.Linear(4, 2)  # float32
+            self.log_std = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+        def forward(self, obs):
+            loc = self.mean(obs.float()).double()
+            return torch.distributions.Normal(loc, self.log_std.exp())
+
+    obs, acts = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    with pytest.raises(
+        ArgumentTypeError, match=r"several dtypes .*policy.log_std is torch.float64"
+    ):
+        RATNaturalGradient().natural_gradient(MixedPrecision(), obs, acts, torch.randn(16))
+
+
+@pytest.mark.parametrize("kind", ["categorical", "normal"])
+def test_actions_with_a_trailing_singleton_dimension_are_refused_naming_squeeze(kind):
+    policy, obs, acts, adv = categorical_batch()
+    if kind == "normal":  # one action dimension: loc of shape (N,)
+        policy = nn.Linear(4, 1).double()
+
+        def log_prob_fn(pol, o, a):
+            return torch.distributions.Normal(pol(o).squeeze(-1), 1.0).log_prob(a)
+
+        acts = torch.randn(len(adv), dtype=torch.float64)
+    else:
+        log_prob_fn = None
+        policy = nn.Sequential(policy, _AsCategorical())
+    # natgrad's log_prob sees the distribution; a log_prob_fn of the user's, its output
+    message = r"acts of shape \(24, 1\) .*" if kind == "categorical" else r"got \(24, 24\).*"
+    with pytest.raises(ArgumentError, match=message + r"acts.squeeze\(-1\)"):
+        RATNaturalGradient(log_prob_fn)(policy, obs, acts[:, None], adv)
+
+
+class _AsCategorical(nn.Module):
+    def forward(self, logits):
+        return torch.distributions.Categorical(logits=logits)
+
+
+def test_discrete_actions_outside_the_support_are_natgrads_error():
+    policy, obs, acts, adv = categorical_batch()
+    policy = nn.Sequential(policy, _AsCategorical())
+    with pytest.raises(ArgumentError, match=r"acts holds actions outside the support"):
+        RATNaturalGradient()(policy, obs, acts + 5, adv)
+
+
+def test_a_policy_on_the_meta_device_is_refused():
+    policy = nn.Sequential(nn.Linear(4, 3), _AsCategorical()).to("meta")
+    obs, acts, adv = torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.randn(8)
+    with pytest.raises(ArgumentError, match=r"meta device"):
+        RATNaturalGradient()(policy, obs.to("meta"), acts.to("meta"), adv.to("meta"))
+
+
+def test_rrelu_in_train_mode_is_refused_as_random_not_as_coupling():
+    policy, obs, acts, adv = categorical_batch()
+    policy = nn.Sequential(nn.Linear(4, 8), nn.RReLU(), nn.Linear(8, 3), _AsCategorical())
+    with pytest.raises(ArgumentError, match=r"policy.1 is an RReLU in train mode"):
+        RATNaturalGradient()(policy.double(), obs, acts, adv)
+    policy.eval()  # a fixed slope: accepted
+    RATNaturalGradient()(policy.double(), obs, acts, adv)

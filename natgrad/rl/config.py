@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from natgrad.errors import ArgumentTypeError
 from natgrad.rl._errors import ConfigError
 from natgrad.rl.algorithms import ALGORITHMS
 from natgrad.rl.options import (
@@ -344,7 +345,7 @@ def _accept_flat_options(init: Any) -> Any:
         if flat:
             unknown = sorted(set(flat) - set(algorithm_option_fields()))
             if unknown:
-                raise TypeError(f"TrainConfig got unexpected keyword arguments {unknown}")
+                raise ArgumentTypeError(f"TrainConfig got unexpected keyword arguments {unknown}")
             names = ", ".join(sorted(flat))
             warnings.warn(
                 f"TrainConfig({names}=...) is deprecated: algorithm options live in "

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from natgrad.errors import MissingExtraError, NatgradError
+from natgrad.errors import ArgumentError, MissingExtraError, NatgradError
 from natgrad.sb3.rat_npg import RATNPG
 from natgrad.sb3.rat_trpo import RATTRPO
 
@@ -40,7 +40,7 @@ _USAGE = (
 def hyperparams_path(algo: str) -> Path:
     """The YAML file of tuned hyperparameters shipped for ``algo`` (``rat_trpo``, ...)."""
     if algo not in ALGORITHMS:
-        raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {algo!r}")
+        raise ArgumentError(f"algo must be one of {sorted(ALGORITHMS)}, got {algo!r}")
     return HYPERPARAMS / f"{algo}.yml"
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from natgrad._checks import is_integer
 from natgrad.errors import (
+    ArgumentTypeError,
     GramMemoryError,
     IllConditionedError,
     NotConvergedError,
@@ -63,7 +64,7 @@ def seeded_generator(seed: int | None) -> torch.Generator:
     """A CPU generator seeded with ``seed``, or from the operating system when ``None``."""
     if seed is not None:
         if not is_integer(seed):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
+            raise ArgumentTypeError(f"seed must be an int or None, got {seed!r}")
         seed = int(seed)
     generator = torch.Generator()
     generator.manual_seed(

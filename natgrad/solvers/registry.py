@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
+from natgrad.errors import ArgumentError
 from natgrad.operators import ScoreOperator
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ SOLVER_REGISTRY: dict[str, Solver] = {}
 def register_solver(solver: Solver) -> Solver:
     """Make ``solver`` selectable as ``solver=solver.name`` everywhere; returns it."""
     if solver.name == "auto" or not solver.name.isidentifier():
-        raise ValueError(
+        raise ArgumentError(
             f"solver name must be an identifier other than 'auto', got {solver.name!r}"
         )
     SOLVER_REGISTRY[solver.name] = solver

@@ -17,6 +17,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from natgrad._tree import Tree, take, tree_map, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
+from natgrad.errors import ArgumentError
 
 __all__ = ["ModelJacobians", "output_jacobians", "output_jvp"]
 
@@ -127,7 +128,7 @@ def _check_consistent(per_sample: Tensor, batched: Tensor) -> None:
     allowed = scale * (1.0 + batched.abs())
     if bool((gap > allowed).any()):
         worst = int(torch.nonzero(gap > allowed)[0, 0])
-        raise ValueError(
+        raise ArgumentError(
             f"the model's output for sample {worst} differs when computed alone and in the "
             "batch, so the model couples samples (BatchNorm in train mode, normalization "
             "across the batch dimension, state carried between calls); per-sample Jacobians "

@@ -15,13 +15,14 @@ from natgrad._checks import (
     check_finite_parameters,
     check_policy,
     check_positive_int,
+    parameter_device_dtype,
     representable,
     require_finite,
     select_parameters,
 )
 from natgrad._guard import unchanged_module
 from natgrad._tree import Tree, tree_leaves, unflatten
-from natgrad.errors import NonFiniteError
+from natgrad.errors import ArgumentError, ArgumentTypeError, NonFiniteError
 from natgrad.fisher.solve import Form, damped_direction
 from natgrad.results import Diagnostics
 from natgrad.solvers import (
@@ -226,13 +227,10 @@ class SupervisedNaturalGradient(OptionsView):
         """
         start = time.perf_counter()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_policy(model)
         names = select_parameters(model, params)
-        first = dict(model.named_parameters())[names[0]]
-        device, dtype = first.device, first.dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"model parameters must be floating point, got {dtype}")
+        device, dtype = parameter_device_dtype(model, names, "model")
         check_finite_parameters(model, "model")
         n = _check_inputs(inputs, device, dtype)
         with unchanged_module(model, "model"):
@@ -382,7 +380,7 @@ def _check_inputs(inputs: Tree, device: torch.device, dtype: torch.dtype) -> int
     """Every leaf is a tensor with the same number of rows ``N >= 1``; returns ``N``."""
     leaves = list(tree_leaves(inputs, "inputs"))
     if not leaves:
-        raise ValueError("inputs holds no tensors; pass a tensor of shape (N, ...)")
+        raise ArgumentError("inputs holds no tensors; pass a tensor of shape (N, ...)")
     first_path, first = leaves[0]
     num_samples = 1  # placeholder until a first tensor with a sample dimension is seen
     if isinstance(first, Tensor) and first.dim() > 0:
@@ -393,23 +391,23 @@ def _check_inputs(inputs: Tree, device: torch.device, dtype: torch.dtype) -> int
     else:  # let check_batch name the problem with the first leaf
         check_batch("inputs", inputs, 1, device, dtype, counted_by="inputs", owner="model")
     if num_samples == 0:
-        raise ValueError("inputs is empty (N = 0): the natural gradient needs samples")
+        raise ArgumentError("inputs is empty (N = 0): the natural gradient needs samples")
     return num_samples
 
 
 def _check_outputs(raw: object, n: int, loss: str) -> Tensor:
     if not isinstance(raw, Tensor):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"model(inputs) must return a tensor of shape (N, ...), got {type(raw).__name__}; "
             "wrap the model so forward returns the predictions (regression) or logits"
         )
     if raw.dim() == 0 or raw.shape[0] != n:
-        raise ValueError(
+        raise ArgumentError(
             f"model(inputs) has shape {tuple(raw.shape)} but inputs have N = {n} samples; "
             "the first output dimension must be the sample"
         )
     if loss == "cross_entropy" and (raw.dim() != 2 or raw.shape[1] < 2):
-        raise ValueError(
+        raise ArgumentError(
             f"loss='cross_entropy' needs logits of shape (N, C) with C >= 2 classes, got "
             f"model output shape {tuple(raw.shape)}; for a binary problem output 2 logits"
         )
@@ -424,9 +422,9 @@ def _check_outputs(raw: object, n: int, loss: str) -> Tensor:
 
 def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> None:
     if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        raise ArgumentTypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.device != outputs.device:
-        raise ValueError(
+        raise ArgumentError(
             f"targets is on {targets.device} but the model outputs are on {outputs.device}; "
             f"move it with targets.to({str(outputs.device)!r})"
         )
@@ -436,12 +434,12 @@ def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> 
             hint = ""
             if targets.numel() == raw.numel():
                 hint = f"; reshape it with targets.reshape({', '.join(map(str, raw.shape))})"
-            raise ValueError(
+            raise ArgumentError(
                 f"loss='mse' needs targets shaped like model(inputs) {tuple(raw.shape)}, got "
                 f"{tuple(targets.shape)}{hint}"
             )
         if not targets.is_floating_point():
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"loss='mse' needs floating-point targets, got {targets.dtype}; for class "
                 "labels use loss='cross_entropy'"
             )
@@ -452,16 +450,16 @@ def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> 
         return
     if targets.is_floating_point() or targets.dtype == torch.bool:
         hint = "; for one-hot targets pass targets.argmax(1)" if targets.dim() == 2 else ""
-        raise TypeError(
+        raise ArgumentTypeError(
             f"loss='cross_entropy' needs integer class indices, got dtype {targets.dtype}{hint}"
         )
     if tuple(targets.shape) != (n,):
-        raise ValueError(
+        raise ArgumentError(
             f"loss='cross_entropy' needs class indices of shape (N,) = ({n},), got "
             f"{tuple(targets.shape)}"
         )
     if bool(((targets < 0) | (targets >= k)).any()):
         bad = targets[(targets < 0) | (targets >= k)][0]
-        raise ValueError(
+        raise ArgumentError(
             f"targets contains class index {int(bad)} outside [0, {k}) for logits with {k} classes"
         )

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from natgrad._checks import check_choice, check_positive_float, select_parameters
 from natgrad._tree import Tree
+from natgrad.errors import ArgumentError, ArgumentTypeError
 from natgrad.results import Diagnostics
 from natgrad.solvers import SUPERVISED, OnNonConvergence, SolverName
 from natgrad.supervised.fisher import FisherName, LossName, exact_fisher_quadratic, mean_loss
@@ -160,7 +161,7 @@ class NaturalGradientOptimizer:
         compile: bool = SUPERVISED.compile,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         options = SUPERVISED.pick(locals())
         self.transform = SupervisedNaturalGradient.from_options(
@@ -176,11 +177,11 @@ class NaturalGradientOptimizer:
             )
         self.lm_factor = check_positive_float("lm_factor", lm_factor, "; e.g. 1.5")
         if self.lm_factor <= 1.0:
-            raise ValueError(f"lm_factor must be > 1, got {lm_factor!r}; e.g. 1.5")
+            raise ArgumentError(f"lm_factor must be > 1, got {lm_factor!r}; e.g. 1.5")
         self.min_damping = check_positive_float("min_damping", min_damping)
         self.max_damping = check_positive_float("max_damping", max_damping)
         if self.min_damping > self.max_damping:
-            raise ValueError(
+            raise ArgumentError(
                 f"min_damping={min_damping!r} exceeds max_damping={max_damping!r}; swap them"
             )
         self.param_names = select_parameters(model, params)
@@ -193,10 +194,10 @@ class NaturalGradientOptimizer:
                 or not isinstance(momentum, (int, float))
                 or not (0.0 <= momentum < 1.0)
             ):
-                raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}")
+                raise ArgumentError(f"momentum must be a float in [0, 1), got {momentum!r}")
             base_optimizer = torch.optim.SGD(self._params, lr=lr, momentum=float(momentum))
         elif not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "base_optimizer must be a torch.optim.Optimizer (e.g. "
                 f"torch.optim.SGD(model.parameters(), lr=1.0)), got {type(base_optimizer).__name__}"
             )
@@ -205,7 +206,7 @@ class NaturalGradientOptimizer:
             for group in base_optimizer.param_groups:
                 for p in group["params"]:
                     if id(p) not in trained:
-                        raise ValueError(
+                        raise ArgumentError(
                             f"base_optimizer holds a parameter (shape {tuple(p.shape)}) that "
                             "is not among the trained params; build it over the same "
                             "parameters as params (or model.parameters() when params=None)"

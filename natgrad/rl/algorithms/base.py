@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 
 from natgrad.distributions import kl, mean_kl
+from natgrad.errors import ArgumentTypeError
 from natgrad.rl.options import AlgorithmOptions, option, positive
 
 __all__ = [
@@ -93,7 +94,7 @@ class PolicyUpdate(ABC):
                 stacklevel=4,
             )
             return options.options_for(cls.Options)
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{cls.__name__} takes options of type {cls.Options.__name__} (or None for its "
             f"defaults), got {type(options).__name__}"
         )
