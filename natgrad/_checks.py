@@ -71,58 +71,61 @@ def check_positive_int(name: str, value: Any, hint: str = "") -> int:
     return int(value)
 
 
-def check_policy(policy: Any) -> nn.Module:
+def check_policy(policy: Any, owner: str = "policy") -> nn.Module:
     """Require an ``nn.Module`` whose per-sample gradients are well defined."""
     if not isinstance(policy, nn.Module):
-        raise ArgumentTypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
+        raise ArgumentTypeError(f"{owner} must be a torch.nn.Module, got {type(policy).__name__}")
     for name, module in policy.named_modules():
-        where = f"policy.{name}" if name else "policy"
+        where = f"{owner}.{name}" if name else owner
         if not module.training:
             continue
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ArgumentError(
                 f"{where} is a {type(module).__name__} in train mode: it normalizes with "
                 "batch statistics, which couples samples, so per-sample scores are "
-                "ill-defined; call policy.eval() (or that module's .eval()) before RAT and "
-                "switch back to .train() afterwards"
+                f"ill-defined; call {owner}.eval() (or that module's .eval()) before natgrad "
+                "and switch back to .train() afterwards"
             )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             raise ArgumentError(
                 f"{where} is an active {type(module).__name__}(p={module.p}): the "
-                "log-probabilities are random, so per-sample scores are ill-defined; call "
-                "policy.eval() before RAT (or use p=0)"
+                "outputs are random, so per-sample scores are ill-defined; call "
+                f"{owner}.eval() before natgrad (or use p=0)"
             )
         if isinstance(module, nn.RReLU):
             raise ArgumentError(
                 f"{where} is an RReLU in train mode: it draws a random slope for every "
-                "element, so the log-probabilities are random and per-sample scores are "
-                "ill-defined; call policy.eval() before RAT (RReLU then uses a fixed slope)"
+                "element, so the outputs are random and per-sample scores are ill-defined; "
+                f"call {owner}.eval() before natgrad (RReLU then uses a fixed slope)"
             )
         if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
             raise ArgumentError(
                 f"{where} is a MultiheadAttention with active dropout={module.dropout}; "
-                "call policy.eval() before RAT (or use dropout=0)"
+                f"call {owner}.eval() before natgrad (or use dropout=0)"
             )
         if isinstance(module, nn.RNNBase) and module.dropout > 0 and module.num_layers > 1:
             raise ArgumentError(
                 f"{where} is a {type(module).__name__} with active dropout={module.dropout}; "
-                "call policy.eval() before RAT (or use dropout=0)"
+                f"call {owner}.eval() before natgrad (or use dropout=0)"
             )
     return policy
 
 
-def select_parameters(policy: nn.Module, params: Iterable[Tensor] | None) -> list[str]:
+def select_parameters(
+    policy: nn.Module, params: Iterable[Tensor] | None, owner: str = "policy"
+) -> list[str]:
     """Names of the parameters that form ``theta``.
 
     ``None`` selects every parameter with ``requires_grad=True``; an iterable selects those
-    parameters of ``policy`` (by identity), in the policy's own order.
+    parameters of ``policy`` (by identity), each once and in the policy's own order (the
+    order the directions come back in).
     """
     named = list(policy.named_parameters())
     if params is None:
         names = [n for n, p in named if p.requires_grad]
         if not names:
             raise ArgumentError(
-                "policy has no parameters with requires_grad=True, so there is no natural "
+                f"{owner} has no parameters with requires_grad=True, so there is no natural "
                 "gradient to compute; unfreeze some parameters or pass params=[...]"
             )
         return names
@@ -132,7 +135,8 @@ def select_parameters(policy: nn.Module, params: Iterable[Tensor] | None) -> lis
             "got a single tensor; wrap it in a list"
         )
     by_id = {id(p): n for n, p in named}
-    chosen: set[str] = set()
+    position = {n: k for k, (n, _) in enumerate(named)}
+    chosen: dict[str, int] = {}  # name -> index in params
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
             raise ArgumentTypeError(
@@ -140,15 +144,29 @@ def select_parameters(policy: nn.Module, params: Iterable[Tensor] | None) -> lis
             )
         if id(p) not in by_id:
             raise ArgumentError(
-                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of policy; pass "
-                "parameters obtained from the policy itself, e.g. policy.actor.parameters()"
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of {owner}; pass "
+                f"parameters obtained from the {owner} itself, e.g. {owner}.parameters()"
             )
         if not p.requires_grad:
             raise ArgumentError(
                 f"params[{i}] ({by_id[id(p)]}) has requires_grad=False (frozen); drop it "
                 "from params or unfreeze it"
             )
-        chosen.add(by_id[id(p)])
+        name = by_id[id(p)]
+        if name in chosen:
+            raise ArgumentError(
+                f"params[{i}] ({name}) is params[{chosen[name]}] again; pass each parameter "
+                "once (a duplicate would get one direction, not two)"
+            )
+        last = max(chosen, key=position.__getitem__, default=None)
+        if last is not None and position[name] < position[last]:
+            raise ArgumentError(
+                f"params[{i}] ({name}) comes after params[{chosen[last]}] ({last}), but the "
+                f"{owner} registers it before; the directions are returned in the "
+                f"{owner}'s order, so zip(params, directions) would pair them wrongly; pass "
+                f"them in that order, e.g. [p for p in {owner}.parameters() if p in wanted]"
+            )
+        chosen[name] = i
     if not chosen:
         raise ArgumentError("params is empty; pass at least one trainable parameter or None")
     return [n for n, _ in named if n in chosen]

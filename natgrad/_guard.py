@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call as _functional_call
 
 from natgrad.errors import PolicyMutationError
 
@@ -54,3 +56,25 @@ def _restore_buffers(module: nn.Module, saved: dict[str, tuple[Tensor, int, Tens
             buffer.copy_(copy)
         owner._buffers[leaf] = buffer
     return changed
+
+
+def functional_call(module: nn.Module, tensors: Mapping[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``torch.func.functional_call`` that leaves every parameter object of ``module`` in place.
+
+    With a submodule reachable under several names (SB3's shared features extractor is
+    ``features_extractor``, ``pi_features_extractor`` and ``vf_features_extractor``),
+    ``torch.func.functional_call`` can leave a substituted tensor registered after the call,
+    silently detaching the module from the optimizer that holds the original parameter.
+    The originals are put back after every call.
+    """
+    saved = [
+        (owner, name, param)
+        for owner in module.modules()
+        for name, param in owner._parameters.items()
+    ]
+    try:
+        return _functional_call(module, dict(tensors), args)
+    finally:
+        for owner, name, param in saved:
+            if owner._parameters.get(name) is not param:
+                owner._parameters[name] = param

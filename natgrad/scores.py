@@ -18,9 +18,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vjp, vmap
+from torch.func import grad_and_value, vjp, vmap
 
 from natgrad import distributions
+from natgrad._guard import functional_call
 from natgrad._rnn import batched_recurrent
 from natgrad._tree import Tree, take, unflatten, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
@@ -202,23 +203,24 @@ class PolicyScores:
         interact anywhere in the batch is refused (:class:`SampleCouplingError`), not only
         at the samples whose scores were computed.
         """
+        # No torch.no_grad() here: the parameters are detached already (no graph is built),
+        # and functional_call under no_grad leaves tied modules' parameters frozen.
         single = vmap(self._log_prob_single, in_dims=(None, 0, 0))
         index = torch.arange(self.num_samples, device=self.device)
         for chunk in index.split(chunk_size):
             obs_s, acts_s = take(self._obs, chunk), take(self._acts, chunk)
-            with torch.no_grad():
-                if self.path == "vmap":
-                    with warnings.catch_warnings(), batched_recurrent(self._module):
-                        warnings.filterwarnings("ignore", message="There is a performance drop")
-                        values = single(self._params, obs_s, acts_s)
-                else:
-                    values = torch.stack(
-                        [
-                            self._log_prob_single(self._params, take(obs_s, i), take(acts_s, i))
-                            for i in torch.arange(len(chunk))
-                        ]
-                    )
-            self._check_values(values, chunk)
+            if self.path == "vmap":
+                with warnings.catch_warnings(), batched_recurrent(self._module):
+                    warnings.filterwarnings("ignore", message="There is a performance drop")
+                    values = single(self._params, obs_s, acts_s)
+            else:
+                values = torch.stack(
+                    [
+                        self._log_prob_single(self._params, take(obs_s, i), take(acts_s, i))
+                        for i in torch.arange(len(chunk))
+                    ]
+                )
+            self._check_values(values.detach(), chunk)
 
     def _rows_loop_checked(self, obs_s: Tree, acts_s: Tree, index: Tensor) -> tuple[Tensor, Tensor]:
         """The per-sample loop; a failure on one sample alone is natgrad's error."""

@@ -423,3 +423,29 @@ def test_rrelu_in_train_mode_is_refused_as_random_not_as_coupling():
         RATNaturalGradient()(policy.double(), obs, acts, adv)
     policy.eval()  # a fixed slope: accepted
     RATNaturalGradient()(policy.double(), obs, acts, adv)
+
+
+@pytest.mark.parametrize("backend", ["auto", "materialized", "streaming"])
+def test_a_module_reachable_under_two_names_keeps_its_parameter_objects(backend):
+    """SB3's shared features extractor: torch.func.functional_call used to leave substituted
+    tensors registered, detaching the policy from the optimizer holding the originals."""
+
+    class SharedTrunk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+            self.actor_trunk = self.trunk  # the same module under a second name
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, obs):
+            return torch.distributions.Categorical(logits=self.head(self.actor_trunk(obs)))
+
+    _, obs, acts, adv = categorical_batch()
+    policy = SharedTrunk().double()
+    before = [(name, p, p.requires_grad) for name, p in policy.named_parameters()]
+    rat = RATNaturalGradient(backend=backend)
+    rat(policy, obs, acts, adv)
+    rat.natural_gradient(policy, obs, acts, adv)
+    after = dict(policy.named_parameters())
+    for name, param, requires_grad in before:
+        assert after[name] is param and param.requires_grad == requires_grad, name

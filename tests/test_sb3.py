@@ -189,11 +189,35 @@ def test_trpo_only_keywords_are_refused_with_the_fix(keyword, value, fix):
         ({"damping": -1.0}, ValueError, "damping"),
         ({"solver": "lbfgs"}, ValueError, "solver"),
         ({"line_search_shrinking_factor": 1.5}, InvalidArgumentError, "(0, 1)"),
+        ({"line_search_shrinking_factor": "a"}, InvalidArgumentError, "(0, 1)"),
+        ({"target_kl": "0.01"}, InvalidArgumentError, "target_kl='0.01'"),
+        ({"target_kl": None}, InvalidArgumentError, "target_kl=None"),
+        ({"rat_kwargs": "x"}, InvalidArgumentError, "pass a dict"),
+        ({"learning_rate": -1}, InvalidArgumentError, "learning_rate=-1"),
+        ({"batch_size": True}, InvalidArgumentError, "batch_size=True"),
+        ({"sub_sampling_factor": 64, "n_steps": 64}, InvalidArgumentError, "sees 1 sample"),
     ],
 )
 def test_bad_values_raise_natgrad_errors(kwargs, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as refused:
         RATTRPO("MlpPolicy", "CartPole-v1", **kwargs)
+    assert isinstance(refused.value, NatgradError)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ({"batch_size": 0}, "batch_size=0"),  # hung the critic's minibatch loop
+        ({"sub_sampling_factor": 0}, "sub_sampling_factor=0"),
+        ({"n_critic_updates": -5}, "n_critic_updates=-5"),
+        ({"target_kl": -1}, "target_kl=-1"),
+        ({"line_search_max_iter": 0}, "line_search_max_iter=0"),
+    ],
+)
+def test_load_overrides_get_the_constructors_checks(tmp_path, override, match):
+    RATTRPO("MlpPolicy", "CartPole-v1", **SMALL).save(tmp_path / "m")
+    with pytest.raises(InvalidArgumentError, match=match):
+        RATTRPO.load(tmp_path / "m", env=gym.make("CartPole-v1"), **override)
 
 
 def test_logs_rat_diagnostics_to_csv_and_tensorboard(tmp_path):

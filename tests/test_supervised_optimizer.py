@@ -206,3 +206,43 @@ def test_scheduled_damping_is_the_damping_solved_with(solver):
     opt.step(x, y)
     for p, p0, d in zip(model.parameters(), before, expected, strict=True):
         torch.testing.assert_close(p.detach(), p0 - d, rtol=1e-9, atol=1e-12)
+
+
+def test_params_out_of_the_models_order_or_twice_are_refused():
+    from natgrad import ArgumentError
+    from natgrad.supervised import natural_gradient
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+    with pytest.raises(ArgumentError, match=r"params\[1\] \(0.weight\) comes after"):
+        natural_gradient(model, x, y, params=[model[2].weight, model[0].weight])
+    with pytest.raises(ArgumentError, match=r"params\[1\] \(0.weight\) is params\[0\] again"):
+        natural_gradient(model, x, y, params=[model[0].weight, model[0].weight])
+    d = natural_gradient(model, x, y, params=[model[0].weight, model[2].weight])
+    assert [t.shape for t in d] == [model[0].weight.shape, model[2].weight.shape]
+
+
+def test_a_step_that_raises_is_undone():
+    from natgrad import NatgradError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    opt = NaturalGradientOptimizer(
+        model, damping_schedule=lambda step: 1e-2 if step == 0 else 0.0, momentum=0.9
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NatgradError, match=r"damping_schedule\(step\).* at step 1"):
+        opt.step(x, y)
+    assert opt.steps == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(not s for s in opt.base_optimizer.state.values())  # no momentum left
+
+
+def test_levenberg_marquardt_refuses_a_start_outside_its_range():
+    from natgrad import ArgumentError
+
+    model = nn.Linear(3, 1)
+    with pytest.raises(ArgumentError, match=r"damping=1000000.0 lies outside"):
+        NaturalGradientOptimizer(model, damping=1e6, damping_schedule="levenberg_marquardt")

@@ -15,10 +15,11 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
 from natgrad import distributions
 from natgrad._checks import representable, require_finite
+from natgrad._guard import functional_call
 from natgrad._tree import Tree
 from natgrad.errors import FisherError
 from natgrad.fisher.families import FisherFamily, family_of

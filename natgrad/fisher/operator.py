@@ -19,8 +19,9 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
+from natgrad._guard import functional_call
 from natgrad._tree import Tree, take, tree_map, unflatten, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
 from natgrad.fisher.families import FisherFamily

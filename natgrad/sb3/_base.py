@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from natgrad import NaturalGradient, RATNaturalGradient
+from natgrad._checks import is_integer, is_real
 from natgrad._tree import Tree, tree_map
 from natgrad.sb3._errors import InvalidArgumentError, UnsupportedArgumentError, refuse_keywords
 from natgrad.solvers import RL_AGENT
@@ -165,6 +167,11 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
         self.max_epochs = max_epochs
         self.max_iters = max_iters
         self.preconditioner_rank = preconditioner_rank
+        if rat_kwargs is not None and not isinstance(rat_kwargs, dict):
+            raise InvalidArgumentError(
+                f"{type(self).__name__} got rat_kwargs={rat_kwargs!r}; pass a dict of "
+                "RATNaturalGradient keywords (e.g. {'backend': 'streaming'}) or None"
+            )
         self.rat_kwargs = dict(rat_kwargs or {})
         self._check_arguments()
         self.rat = self._build_rat()  # validates the solver keywords now
@@ -173,19 +180,27 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
             self._setup_model()
 
     # -- construction -------------------------------------------------------------------
-    def _check_arguments(self) -> None:
+    def _check_arguments(self, warn: bool = True) -> None:
+        """Refuse keywords the algorithm cannot train with (at construction and on ``load``)."""
         name = type(self).__name__
-        if not (np.isfinite(self.target_kl) and self.target_kl > 0):
+        target_kl = self.target_kl
+        if not (is_real(target_kl) and math.isfinite(target_kl) and target_kl > 0):
             raise InvalidArgumentError(
                 f"{name} got target_kl={self.target_kl!r}; the KL trust region needs a finite "
                 "target_kl > 0, e.g. 0.01"
             )
         for key, least in (("sub_sampling_factor", 1), ("n_critic_updates", 0), ("batch_size", 1)):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < least:
+            if not is_integer(value) or value < least:
                 raise InvalidArgumentError(
                     f"{name} got {key}={value!r}; pass an integer >= {least}"
                 )
+        rate = self.learning_rate
+        if not callable(rate) and not (is_real(rate) and math.isfinite(rate) and rate > 0):
+            raise InvalidArgumentError(
+                f"{name} got learning_rate={rate!r} (the critic's Adam step size); pass a "
+                "finite float > 0, e.g. 1e-3, or a schedule"
+            )
         unknown = sorted(set(self.rat_kwargs) - set(RAT_KWARGS))
         if unknown:
             raise UnsupportedArgumentError(
@@ -197,12 +212,15 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
         if self.env is None:
             return
         buffer_size = self.env.num_envs * self.n_steps
-        if self.normalize_advantage and buffer_size < 2:
+        policy_samples = -(-buffer_size // self.sub_sampling_factor)  # every k-th sample
+        if self.normalize_advantage and policy_samples < 2:
             raise InvalidArgumentError(
-                f"{name} got n_steps * n_envs = {buffer_size}; normalize_advantage=True "
-                "needs at least 2 samples per rollout: raise n_steps or the number of envs"
+                f"{name} got n_steps * n_envs = {buffer_size} and sub_sampling_factor="
+                f"{self.sub_sampling_factor}, so the policy step sees {policy_samples} "
+                "sample(s); normalize_advantage=True needs at least 2: raise n_steps or "
+                "the number of envs, or lower sub_sampling_factor"
             )
-        if buffer_size % self.batch_size:
+        if warn and buffer_size % self.batch_size:
             warnings.warn(
                 f"batch_size={self.batch_size} does not divide n_steps * n_envs = "
                 f"{buffer_size}: the critic's last minibatch of each epoch is smaller",
@@ -225,6 +243,9 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
         )
 
     def _setup_model(self) -> None:
+        # ``load`` sets the saved keywords and its overrides as attributes, then calls this:
+        # check them again, so an override cannot bypass the constructor's checks.
+        self._check_arguments(warn=False)
         super()._setup_model()
         # Rebuilt here, not unpickled: ``load`` restores the keywords, then calls this.
         self.rat = self._build_rat()

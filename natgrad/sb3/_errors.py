@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from natgrad.errors import NatgradError
+from natgrad.errors import ArgumentError, NatgradError
 
 __all__ = [
     "REFUSED_KEYWORDS",
@@ -52,5 +52,5 @@ def refuse_keywords(algorithm: str, kwargs: dict[str, Any]) -> None:
     )
 
 
-class InvalidArgumentError(NatgradError, ValueError):
+class InvalidArgumentError(ArgumentError):
     """A keyword of a RAT algorithm has a value it cannot train with; the message says why."""

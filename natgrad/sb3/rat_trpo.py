@@ -11,6 +11,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from natgrad import NaturalGradient
+from natgrad._checks import is_integer, is_real
 from natgrad.sb3._base import PolicyBatch, RATOnPolicyAlgorithm, joint_kl
 from natgrad.sb3._errors import InvalidArgumentError
 from natgrad.sb3._step import ParameterStep
@@ -125,15 +126,6 @@ tensorboard_log, policy_kwargs, verbose, seed, device
         _init_setup_model: bool = True,
         **kwargs: Any,
     ) -> None:
-        if not 0.0 < line_search_shrinking_factor < 1.0:
-            raise InvalidArgumentError(
-                f"RATTRPO got line_search_shrinking_factor={line_search_shrinking_factor!r}; "
-                "it must lie in (0, 1), e.g. 0.8"
-            )
-        if not isinstance(line_search_max_iter, int) or line_search_max_iter < 1:
-            raise InvalidArgumentError(
-                f"RATTRPO got line_search_max_iter={line_search_max_iter!r}; pass an integer >= 1"
-            )
         self.line_search_shrinking_factor = line_search_shrinking_factor
         self.line_search_max_iter = line_search_max_iter
         super().__init__(
@@ -169,6 +161,19 @@ tensorboard_log, policy_kwargs, verbose, seed, device
             _init_setup_model=_init_setup_model,
             **kwargs,
         )
+
+    def _check_arguments(self, warn: bool = True) -> None:
+        super()._check_arguments(warn)
+        factor, max_iter = self.line_search_shrinking_factor, self.line_search_max_iter
+        if not (is_real(factor) and 0.0 < factor < 1.0):
+            raise InvalidArgumentError(
+                f"RATTRPO got line_search_shrinking_factor={factor!r}; it must be a float "
+                "in (0, 1), e.g. 0.8"
+            )
+        if not is_integer(max_iter) or max_iter < 1:
+            raise InvalidArgumentError(
+                f"RATTRPO got line_search_max_iter={max_iter!r}; pass an integer >= 1"
+            )
 
     def _policy_step(
         self, batch: PolicyBatch, ng: NaturalGradient, old: Distribution, objective: float

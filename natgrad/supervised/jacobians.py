@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, jvp, vmap
+from torch.func import jacrev, jvp, vmap
 
+from natgrad._guard import functional_call
 from natgrad._tree import Tree, take, tree_map, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
 from natgrad.errors import ArgumentError

@@ -228,8 +228,8 @@ class SupervisedNaturalGradient(OptionsView):
         start = time.perf_counter()
         if not isinstance(model, nn.Module):
             raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_policy(model)
-        names = select_parameters(model, params)
+        check_policy(model, "model")
+        names = select_parameters(model, params, "model")
         device, dtype = parameter_device_dtype(model, names, "model")
         check_finite_parameters(model, "model")
         n = _check_inputs(inputs, device, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from natgrad.results import Diagnostics
 from natgrad.solvers import SUPERVISED, OnNonConvergence, SolverName
 from natgrad.supervised.fisher import FisherName, LossName, exact_fisher_quadratic, mean_loss
 from natgrad.supervised.jacobians import output_jvp
-from natgrad.supervised.natural_gradient import SupervisedNaturalGradient
+from natgrad.supervised.natural_gradient import SupervisedNaturalGradient, SupervisedResult
 
 DampingScheduleName = Literal["fixed", "levenberg_marquardt"]
 DAMPING_SCHEDULES: tuple[str, ...] = ("fixed", "levenberg_marquardt")
@@ -84,7 +85,11 @@ class NaturalGradientOptimizer:
         ``g^T delta + delta^T F delta / 2`` (exact Fisher, actual update ``delta``) and
         multiply ``lam`` by ``lm_factor`` when the ratio ``rho < 1/4``, divide when
         ``rho > 3/4`` (Martens 2010); or a callable ``step -> lam`` (``step`` from 0).
-        LM costs one extra forward and one Jacobian-vector product per step.
+        LM costs one extra forward and one Jacobian-vector product per step. It only
+        adapts ``lam``: a step whose loss rose is kept, not undone (the next one is more
+        damped); the initial ``damping`` must lie in ``[min_damping, max_damping]``. A
+        step that raises (a schedule's error, an operation without forward-mode autodiff
+        under LM) is undone: parameters and the base optimizer's state are restored.
     fisher
         ``"exact"`` or ``"sampled"``.
     solver
@@ -184,7 +189,7 @@ class NaturalGradientOptimizer:
             raise ArgumentError(
                 f"min_damping={min_damping!r} exceeds max_damping={max_damping!r}; swap them"
             )
-        self.param_names = select_parameters(model, params)
+        self.param_names = select_parameters(model, params, "model")
         named = dict(model.named_parameters())
         self._params = [named[n] for n in self.param_names]
         if base_optimizer is None:
@@ -214,6 +219,14 @@ class NaturalGradientOptimizer:
         self.base_optimizer = base_optimizer
         self.steps = 0
         self.damping = self.transform.damping
+        if self.damping_schedule == "levenberg_marquardt" and not (
+            self.min_damping <= self.damping <= self.max_damping
+        ):
+            raise ArgumentError(
+                f"damping={self.damping!r} lies outside [min_damping, max_damping] = "
+                f"[{self.min_damping!r}, {self.max_damping!r}], the range Levenberg-Marquardt "
+                "keeps it in; start inside it or widen the range"
+            )
 
     @property
     def loss(self) -> str:
@@ -241,6 +254,7 @@ class NaturalGradientOptimizer:
         self.transform.options = self.transform.options.replace(damping=damping)
         result = self.transform(self.model, inputs, targets, self._params)
         before = [p.detach().clone() for p in self._params]
+        optimizer_state = copy.deepcopy(self.base_optimizer.state_dict())
         saved = [p.grad for p in self._params]
         for p, d in zip(self._params, result.direction, strict=True):
             p.grad = d.clone()
@@ -249,12 +263,38 @@ class NaturalGradientOptimizer:
         finally:
             for p, g in zip(self._params, saved, strict=True):
                 p.grad = g
-        self.steps += 1
+        try:  # a step that cannot be completed is undone: parameters, optimizer, counters
+            return self._finish_step(inputs, targets, result, damping, before)
+        except BaseException:
+            with torch.no_grad():
+                for p, b in zip(self._params, before, strict=True):
+                    p.copy_(b)
+            self.base_optimizer.load_state_dict(optimizer_state)
+            raise
+
+    def _finish_step(
+        self,
+        inputs: Tree,
+        targets: Tensor,
+        result: SupervisedResult,
+        damping: float,
+        before: list[Tensor],
+    ) -> StepInfo:
+        """Levenberg-Marquardt's reading of the step taken and the next damping."""
+        steps = self.steps + 1
         loss_after = predicted = ratio = None
         next_damping = damping
         if self.damping_schedule == "levenberg_marquardt":
             delta = [p.detach() - b for p, b in zip(self._params, before, strict=True)]
-            outputs, jt = output_jvp(self.model, inputs, self.param_names, delta, before)
+            try:
+                outputs, jt = output_jvp(self.model, inputs, self.param_names, delta, before)
+            except NotImplementedError as error:
+                raise ArgumentError(
+                    "damping_schedule='levenberg_marquardt' predicts the loss change with "
+                    "forward-mode autodiff through the model, which one of its operations "
+                    f"does not support ({str(error).splitlines()[0][:160]}); the step was "
+                    "undone; use a fixed damping or a callable damping_schedule"
+                ) from error
             grad_dot = sum(
                 float((g.to(torch.float64) * t.to(torch.float64)).sum())
                 for g, t in zip(result.gradient, delta, strict=True)
@@ -277,9 +317,9 @@ class NaturalGradientOptimizer:
             elif not math.isfinite(loss_after):
                 next_damping = damping * self.lm_factor
             next_damping = min(max(next_damping, self.min_damping), self.max_damping)
-        self.damping = next_damping
         if self._schedule is not None:
-            self.damping = self._current_damping()
+            next_damping = self._scheduled_damping(steps)
+        self.steps, self.damping = steps, next_damping
         return StepInfo(
             result.loss, damping, self.damping, loss_after, predicted, ratio, result.diagnostics
         )
@@ -287,10 +327,13 @@ class NaturalGradientOptimizer:
     def _current_damping(self) -> float:
         if self._schedule is None:
             return self.damping
+        return self._scheduled_damping(self.steps)
+
+    def _scheduled_damping(self, step: int) -> float:
         return check_positive_float(
             "damping_schedule(step)",
-            self._schedule(self.steps),
-            f" at step {self.steps}; the schedule must return a finite float > 0",
+            self._schedule(step),
+            f" at step {step}; the schedule must return a finite float > 0",
         )
 
 

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
+from natgrad._guard import functional_call
 from natgrad.distributions import log_prob
 from natgrad.layers import capture_layer_calls, output_gradients
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
-from torch.func import functional_call
 
+from natgrad._guard import functional_call
 from natgrad.distributions import kl as kl_divergence
 from natgrad.distributions import log_prob, mean_kl
 from natgrad.rl.algorithms.base import surrogate

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from natgrad import NaturalGradient, RATNaturalGradient
+from natgrad._guard import functional_call
 from natgrad.distributions import log_prob
 from natgrad.fisher.expected import FISHERS
 from natgrad.rl._errors import ConfigError
