@@ -69,6 +69,9 @@ ASSETS = {
     "rl-1m-protocol-Walker2d.png": (
         "rl/results_protocol_1m/protocol-1000k-walker2d/curves-Walker2d-v5.png"
     ),
+    "rl-1m-protocol-HalfCheetah.png": (
+        "rl/results_protocol_1m/protocol-1000k-halfcheetah/curves-HalfCheetah-v5.png"
+    ),
 }
 
 SOLVER_CODE = ["natgrad/rat.py", "natgrad/scores.py", "natgrad/factored.py", "natgrad/solvers"]
@@ -146,6 +149,10 @@ RESULTS = {
     ),
     "rl/results_protocol_1m/protocol-1000k-hopper-rivals/protocol.json": (
         "MuJoCo 1M protocol, Hopper's cg-trpo and kfac rows",
+        ["natgrad/rl", *SOLVER_CODE],
+    ),
+    "rl/results_protocol_1m/protocol-1000k-halfcheetah/protocol.json": (
+        "MuJoCo 1M protocol, HalfCheetah",
         ["natgrad/rl", *SOLVER_CODE],
     ),
     "rl/results/peer_kl.json": ("the peer's KL constraint", ["benchmarks/rl/peer_kl.py"]),
@@ -1087,6 +1094,7 @@ WALKER_ENTRY_300K = "rl/results_protocol_300k_walker2d_entry/protocol-300k/proto
 PROTOCOL_1M = "rl/results_protocol_1m/protocol-1000k/protocol.json"
 PROTOCOL_1M_WALKER = "rl/results_protocol_1m/protocol-1000k-walker2d/protocol.json"
 PROTOCOL_1M_HOPPER_RIVALS = "rl/results_protocol_1m/protocol-1000k-hopper-rivals/protocol.json"
+PROTOCOL_1M_HALFCHEETAH = "rl/results_protocol_1m/protocol-1000k-halfcheetah/protocol.json"
 
 
 def protocol_row(name: str, env: str, algo: str) -> dict:
