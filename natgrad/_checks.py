@@ -117,8 +117,8 @@ def select_parameters(
     """Names of the parameters that form ``theta``.
 
     ``None`` selects every parameter with ``requires_grad=True``; an iterable selects those
-    parameters of ``policy`` (by identity), each once and in the policy's own order (the
-    order the directions come back in).
+    parameters of ``policy`` (by identity), each once; the names come in the policy's own
+    order, whatever the order given.
     """
     named = list(policy.named_parameters())
     if params is None:
@@ -135,7 +135,6 @@ def select_parameters(
             "got a single tensor; wrap it in a list"
         )
     by_id = {id(p): n for n, p in named}
-    position = {n: k for k, (n, _) in enumerate(named)}
     chosen: dict[str, int] = {}  # name -> index in params
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
@@ -157,14 +156,6 @@ def select_parameters(
             raise ArgumentError(
                 f"params[{i}] ({name}) is params[{chosen[name]}] again; pass each parameter "
                 "once (a duplicate would get one direction, not two)"
-            )
-        last = max(chosen, key=position.__getitem__, default=None)
-        if last is not None and position[name] < position[last]:
-            raise ArgumentError(
-                f"params[{i}] ({name}) comes after params[{chosen[last]}] ({last}), but the "
-                f"{owner} registers it before; the directions are returned in the "
-                f"{owner}'s order, so zip(params, directions) would pair them wrongly; pass "
-                f"them in that order, e.g. [p for p in {owner}.parameters() if p in wanted]"
             )
         chosen[name] = i
     if not chosen:

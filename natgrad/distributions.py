@@ -55,6 +55,17 @@ def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
         against a ``Categorical`` of batch shape ``(N,)`` give an ``(N, N)`` table of
         every action under every state).
     """
+    support = getattr(dist, "support", None)
+    if (
+        isinstance(acts, Tensor)
+        and not acts.is_floating_point()
+        and support is not None
+        and not bool(support.check(acts).all())
+    ):  # discrete actions: checked here, torch checks only while validation is on
+        raise ArgumentError(
+            f"acts holds actions outside the support of the policy's {type(dist).__name__} "
+            f"({support}), so they have no log-probability; pass the actions the policy took"
+        )
     try:
         values = dist.log_prob(acts)
     except ValueError as error:  # torch's argument validation: name the argument and fix

@@ -402,11 +402,18 @@ class _AsCategorical(nn.Module):
         return torch.distributions.Categorical(logits=logits)
 
 
-def test_discrete_actions_outside_the_support_are_natgrads_error():
+@pytest.mark.parametrize("validate", [True, False])
+def test_discrete_actions_outside_the_support_are_natgrads_error(validate):
     policy, obs, acts, adv = categorical_batch()
     policy = nn.Sequential(policy, _AsCategorical())
-    with pytest.raises(ArgumentError, match=r"acts holds actions outside the support"):
-        RATNaturalGradient()(policy, obs, acts + 5, adv)
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(validate)
+    try:
+        for bad in (acts + 5, acts - 5):
+            with pytest.raises(ArgumentError, match=r"acts holds actions outside the support"):
+                RATNaturalGradient()(policy, obs, bad, adv)
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)
 
 
 def test_a_policy_on_the_meta_device_is_refused():

@@ -208,19 +208,22 @@ def test_scheduled_damping_is_the_damping_solved_with(solver):
         torch.testing.assert_close(p.detach(), p0 - d, rtol=1e-9, atol=1e-12)
 
 
-def test_params_out_of_the_models_order_or_twice_are_refused():
+def test_directions_follow_the_order_of_params_and_duplicates_are_refused():
     from natgrad import ArgumentError
     from natgrad.supervised import natural_gradient
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
     x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
-    with pytest.raises(ArgumentError, match=r"params\[1\] \(0.weight\) comes after"):
-        natural_gradient(model, x, y, params=[model[2].weight, model[0].weight])
+    exact = {"solver": "cholesky"}
+    swapped = natural_gradient(model, x, y, params=[model[2].weight, model[0].weight], **exact)
+    in_order = natural_gradient(model, x, y, params=[model[0].weight, model[2].weight], **exact)
+    assert swapped[0].shape == model[2].weight.shape  # 4x4 both: shapes cannot tell them apart
+    assert torch.allclose(swapped[0], in_order[1], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(swapped[1], in_order[0], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(in_order[0], in_order[1])
     with pytest.raises(ArgumentError, match=r"params\[1\] \(0.weight\) is params\[0\] again"):
         natural_gradient(model, x, y, params=[model[0].weight, model[0].weight])
-    d = natural_gradient(model, x, y, params=[model[0].weight, model[2].weight])
-    assert [t.shape for t in d] == [model[0].weight.shape, model[2].weight.shape]
 
 
 def test_a_step_that_raises_is_undone():

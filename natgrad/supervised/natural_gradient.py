@@ -351,7 +351,8 @@ def natural_gradient(
     Returns
     -------
     tuple of Tensor
-        ``d``, one tensor per selected parameter, shaped like it. Descend with
+        ``d``, one tensor per selected parameter, shaped like it, in the order of
+        ``params`` (of ``model.parameters()`` when ``params`` is ``None``). Descend with
         ``p -= lr * d``.
 
     Examples
@@ -367,7 +368,14 @@ def natural_gradient(
     """
     options = SUPERVISED.pick(locals())
     transform = SupervisedNaturalGradient.from_options(options, loss, fisher, seed, chunk_size)
-    return transform(model, inputs, targets, params).direction
+    if params is None:
+        return transform(model, inputs, targets).direction
+    params = list(params)
+    result = transform(model, inputs, targets, params)
+    # A bare tuple: in the order given, so that zip(params, d) pairs each with its own.
+    by_name = dict(zip(result.param_names, result.direction, strict=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    return tuple(by_name[names[id(p)]] for p in params)
 
 
 # -- validation and small helpers --------------------------------------------------------
