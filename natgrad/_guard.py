@@ -58,14 +58,15 @@ def _restore_buffers(module: nn.Module, saved: dict[str, tuple[Tensor, int, Tens
     return changed
 
 
-def functional_call(module: nn.Module, tensors: Mapping[str, Tensor], args: tuple[Any, ...]) -> Any:
-    """``torch.func.functional_call`` that leaves every parameter object of ``module`` in place.
+@contextmanager
+def parameters_kept(module: nn.Module) -> Iterator[None]:
+    """Put back every parameter object of ``module`` that the block left replaced.
 
     With a submodule reachable under several names (SB3's shared features extractor is
     ``features_extractor``, ``pi_features_extractor`` and ``vf_features_extractor``),
     ``torch.func.functional_call`` can leave a substituted tensor registered after the call,
     silently detaching the module from the optimizer that holds the original parameter.
-    The originals are put back after every call.
+    Used around whole vectorized computations (not inside a traced function).
     """
     saved = [
         (owner, name, param)
@@ -73,8 +74,13 @@ def functional_call(module: nn.Module, tensors: Mapping[str, Tensor], args: tupl
         for name, param in owner._parameters.items()
     ]
     try:
-        return _functional_call(module, dict(tensors), args)
+        yield
     finally:
         for owner, name, param in saved:
             if owner._parameters.get(name) is not param:
                 owner._parameters[name] = param
+
+
+def functional_call(module: nn.Module, tensors: Mapping[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``torch.func.functional_call`` (one import for natgrad; see :func:`parameters_kept`)."""
+    return _functional_call(module, dict(tensors), args)

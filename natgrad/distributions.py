@@ -44,6 +44,21 @@ def sum_action_dims(values: Tensor) -> Tensor:
     return values.reshape(values.shape[0], -1).sum(-1) if values.dim() > 1 else values
 
 
+def _in_support(dist: Distribution, acts: Tensor) -> bool:
+    """Whether discrete ``acts`` lie in ``dist``'s support (``True`` if it cannot tell).
+
+    Under ``vmap`` (per-sample scores) the check is data-dependent and cannot run; the
+    batched call that comes first has checked the same actions.
+    """
+    support = getattr(dist, "support", None)
+    if not isinstance(acts, Tensor) or acts.is_floating_point() or support is None:
+        return True
+    try:
+        return bool(support.check(acts).all())
+    except (RuntimeError, NotImplementedError):
+        return True
+
+
 def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
     """Joint log-probability ``log pi(a_i | s_i)`` of each sample, shape ``(N,)``.
 
@@ -55,16 +70,10 @@ def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
         against a ``Categorical`` of batch shape ``(N,)`` give an ``(N, N)`` table of
         every action under every state).
     """
-    support = getattr(dist, "support", None)
-    if (
-        isinstance(acts, Tensor)
-        and not acts.is_floating_point()
-        and support is not None
-        and not bool(support.check(acts).all())
-    ):  # discrete actions: checked here, torch checks only while validation is on
+    if not _in_support(dist, acts):  # discrete actions; torch checks only with validation on
         raise ArgumentError(
             f"acts holds actions outside the support of the policy's {type(dist).__name__} "
-            f"({support}), so they have no log-probability; pass the actions the policy took"
+            f"({dist.support}), so they have no log-probability; pass the actions the policy took"
         )
     try:
         values = dist.log_prob(acts)
