@@ -220,6 +220,13 @@ def test_load_overrides_get_the_constructors_checks(tmp_path, override, match):
         RATTRPO.load(tmp_path / "m", env=gym.make("CartPole-v1"), **override)
 
 
+def test_load_for_evaluation_with_a_frozen_critic(tmp_path):
+    # rl-zoo's ``enjoy`` loads with custom_objects={"learning_rate": 0.0, ...}
+    RATTRPO("MlpPolicy", "CartPole-v1", **SMALL).save(tmp_path / "m")
+    loaded = RATTRPO.load(tmp_path / "m", custom_objects={"learning_rate": 0.0})
+    assert loaded.learning_rate == 0.0
+
+
 def test_logs_rat_diagnostics_to_csv_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     model = RATTRPO("MlpPolicy", "CartPole-v1", **SMALL)

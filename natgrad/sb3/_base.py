@@ -196,10 +196,11 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
                     f"{name} got {key}={value!r}; pass an integer >= {least}"
                 )
         rate = self.learning_rate
-        if not callable(rate) and not (is_real(rate) and math.isfinite(rate) and rate > 0):
+        if not callable(rate) and not (is_real(rate) and math.isfinite(rate) and rate >= 0):
+            # 0 is allowed: rl-zoo's ``enjoy`` loads with learning_rate=0.0 (a frozen critic)
             raise InvalidArgumentError(
                 f"{name} got learning_rate={rate!r} (the critic's Adam step size); pass a "
-                "finite float > 0, e.g. 1e-3, or a schedule"
+                "finite float >= 0, e.g. 1e-3, or a schedule"
             )
         unknown = sorted(set(self.rat_kwargs) - set(RAT_KWARGS))
         if unknown:
