@@ -66,7 +66,6 @@ def parameters_kept(module: nn.Module) -> Iterator[None]:
     ``features_extractor``, ``pi_features_extractor`` and ``vf_features_extractor``),
     ``torch.func.functional_call`` can leave a substituted tensor registered after the call,
     silently detaching the module from the optimizer that holds the original parameter.
-    Used around whole vectorized computations (not inside a traced function).
     """
     saved = [
         (owner, name, param)
@@ -82,5 +81,10 @@ def parameters_kept(module: nn.Module) -> Iterator[None]:
 
 
 def functional_call(module: nn.Module, tensors: Mapping[str, Tensor], args: tuple[Any, ...]) -> Any:
-    """``torch.func.functional_call`` (one import for natgrad; see :func:`parameters_kept`)."""
-    return _functional_call(module, dict(tensors), args)
+    """``torch.func.functional_call`` that leaves ``module`` holding its own parameters.
+
+    Every natgrad call site goes through here, so a module reachable under several names
+    keeps its parameter objects (see :func:`parameters_kept`).
+    """
+    with parameters_kept(module):
+        return _functional_call(module, dict(tensors), args)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vjp, vmap
 
 from natgrad import distributions
-from natgrad._guard import functional_call, parameters_kept
+from natgrad._guard import functional_call
 from natgrad._rnn import batched_recurrent
 from natgrad._tree import Tree, take, unflatten, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
@@ -176,10 +176,6 @@ class PolicyScores:
 
     def rows(self, index: Tensor) -> Tensor:
         """Per-sample scores ``J[index]`` of shape ``(len(index), P)``."""
-        with parameters_kept(self._module):
-            return self._rows(index)
-
-    def _rows(self, index: Tensor) -> Tensor:
         obs_s, acts_s = take(self._obs, index), take(self._acts, index)
         if self.path == "vmap":
             try:
@@ -207,12 +203,7 @@ class PolicyScores:
         interact anywhere in the batch is refused (:class:`SampleCouplingError`), not only
         at the samples whose scores were computed.
         """
-        # No torch.no_grad() here: the parameters are detached already (no graph is built),
-        # and functional_call under no_grad leaves tied modules' parameters frozen.
-        with parameters_kept(self._module):
-            self._check_all_values(chunk_size)
-
-    def _check_all_values(self, chunk_size: int) -> None:
+        # No torch.no_grad() here: the parameters are detached already (no graph is built).
         single = vmap(self._log_prob_single, in_dims=(None, 0, 0))
         index = torch.arange(self.num_samples, device=self.device)
         for chunk in index.split(chunk_size):
@@ -273,10 +264,6 @@ class PolicyScores:
 
     def vjp(self, index: Tensor, weights: Tensor) -> Tensor:
         """``J[index]^T weights`` with one batched backward pass (shape ``(P,)``)."""
-        with parameters_kept(self._module):
-            return self._vjp(index, weights)
-
-    def _vjp(self, index: Tensor, weights: Tensor) -> Tensor:
         obs_s, acts_s = take(self._obs, index), take(self._acts, index)
 
         def batched(params: dict[str, Tensor]) -> Tensor:

@@ -432,27 +432,63 @@ def test_rrelu_in_train_mode_is_refused_as_random_not_as_coupling():
     RATNaturalGradient()(policy.double(), obs, acts, adv)
 
 
-@pytest.mark.parametrize("backend", ["auto", "materialized", "streaming"])
-def test_a_module_reachable_under_two_names_keeps_its_parameter_objects(backend):
+class _SharedTrunk(nn.Module):
+    """A submodule reachable under two names, as SB3's shared features extractor."""
+
+    def __init__(self, outputs: int = 3, categorical: bool = True):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.actor_trunk = self.trunk  # the same module under a second name
+        self.head = nn.Linear(8, outputs)
+        self.categorical = categorical
+
+    def forward(self, obs):
+        out = self.head(self.actor_trunk(obs))
+        return torch.distributions.Categorical(logits=out) if self.categorical else out
+
+
+def _natural_gradient_of_every_kind(kind, model, obs, acts, adv):
+    from natgrad.rl.algorithms.linesearch import backtracking_line_search
+    from natgrad.supervised import natural_gradient
+
+    if kind in ("auto", "materialized", "streaming"):
+        RATNaturalGradient(backend=kind)(model, obs, acts, adv)
+        RATNaturalGradient(backend=kind).natural_gradient(model, obs, acts, adv)
+    elif kind == "expected-fisher":
+        RATNaturalGradient(fisher="expected").natural_gradient(model, obs, acts, adv)
+    elif kind.startswith("supervised"):
+        fisher = kind.split("-")[1]
+        natural_gradient(model, obs, torch.randn(len(obs), 2, dtype=obs.dtype), fisher=fisher)
+    else:  # the RL agents' line search
+        with torch.no_grad():
+            old = model(obs)
+            names = [n for n, _ in model.named_parameters()]
+            step = [torch.full_like(p, 1e-3) for p in model.parameters()]
+            backtracking_line_search(
+                model, names, step, obs, acts, old.log_prob(acts), adv, old, 0.01, 10, 0.5
+            )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "auto",
+        "materialized",
+        "streaming",
+        "expected-fisher",
+        "supervised-exact",
+        "supervised-sampled",
+        "line-search",
+    ],
+)
+def test_a_module_reachable_under_two_names_keeps_its_parameter_objects(kind):
     """SB3's shared features extractor: torch.func.functional_call used to leave substituted
-    tensors registered, detaching the policy from the optimizer holding the originals."""
-
-    class SharedTrunk(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
-            self.actor_trunk = self.trunk  # the same module under a second name
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, obs):
-            return torch.distributions.Categorical(logits=self.head(self.actor_trunk(obs)))
-
+    tensors registered, detaching the model from the optimizer holding the originals."""
     _, obs, acts, adv = categorical_batch()
-    policy = SharedTrunk().double()
-    before = [(name, p, p.requires_grad) for name, p in policy.named_parameters()]
-    rat = RATNaturalGradient(backend=backend)
-    rat(policy, obs, acts, adv)
-    rat.natural_gradient(policy, obs, acts, adv)
-    after = dict(policy.named_parameters())
+    model = _SharedTrunk(2, categorical=False) if kind.startswith("supervised") else _SharedTrunk()
+    model.double()
+    before = [(name, p, p.requires_grad) for name, p in model.named_parameters()]
+    _natural_gradient_of_every_kind(kind, model, obs, acts, adv)
+    after = dict(model.named_parameters())
     for name, param, requires_grad in before:
         assert after[name] is param and param.requires_grad == requires_grad, name
