@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C._functorch import get_unwrapped, is_batchedtensor, is_functorch_wrapped_tensor
 from torch.distributions import Categorical, Distribution, Independent, Normal, kl_divergence
 
 from natgrad.errors import ArgumentError, ArgumentTypeError
@@ -54,9 +55,22 @@ def _in_support(dist: Distribution, acts: Tensor) -> bool:
     if not isinstance(acts, Tensor) or acts.is_floating_point() or support is None:
         return True
     try:
-        return bool(support.check(acts).all())
-    except (RuntimeError, NotImplementedError):
+        inside = support.check(acts).all()
+    except NotImplementedError:  # a custom support without a check
         return True
+    return True if _under_vmap(inside) else bool(inside)
+
+
+def _under_vmap(value: Tensor) -> bool:
+    """Whether ``value`` is batched by ``vmap`` at any level of torch.func's wrappers.
+
+    torch has no public test for this; ``grad`` wrappers alone still allow ``bool()``.
+    """
+    while is_functorch_wrapped_tensor(value):
+        if is_batchedtensor(value):
+            return True
+        value = get_unwrapped(value)
+    return False
 
 
 def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
