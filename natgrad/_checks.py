@@ -62,6 +62,15 @@ def check_positive_float(name: str, value: Any, hint: str = "") -> float:
     return float(value)
 
 
+def check_fraction(name: str, value: Any, hint: str = "") -> float:
+    """Return ``value`` as a float if it is a real number (NumPy's too) with ``0 < value < 1``."""
+    if not is_real(value):
+        raise ArgumentTypeError(f"{name} must be a float in (0, 1), got {value!r}{hint}")
+    if not 0 < value < 1:  # NaN fails too
+        raise ArgumentError(f"{name} must be a float in (0, 1), got {value!r}{hint}")
+    return float(value)
+
+
 def check_positive_int(name: str, value: Any, hint: str = "") -> int:
     """Return ``value`` as an ``int`` if it is an integer (NumPy's too) >= 1."""
     if not is_integer(value):

@@ -105,8 +105,9 @@ class RATNaturalGradient(OptionsView):
         residual ``|A - (K/N + lam I) A~| / |A|`` and a guaranteed bound on the relative
         error of the direction (``diagnostics.direction_error``) are at most ``tol``, so
         ``diagnostics.converged`` means ``|d - d*| <= tol |d*|`` for the exact solution
-        ``d*`` of the damped system, rounding aside (``diagnostics.precision``). The
-        default ``5e-2`` is a cheap setting for RL updates; use ``1e-8`` for verification.
+        ``d*`` of the damped system, rounding aside (``diagnostics.precision``). In
+        ``(0, 1)``: the default ``5e-2`` is a cheap setting for RL updates; use ``1e-8`` for
+        verification.
     max_iters
         CG iteration cap.
     seed

@@ -57,7 +57,12 @@ def snapshot(policy):
         ({"block_size": 2.5}, TypeError, r"block_size must be an integer >= 1, got 2.5"),
         ({"max_epochs": 0}, ValueError, r"max_epochs must be an integer >= 1, got 0"),
         ({"max_iters": -3}, ValueError, r"max_iters must be an integer >= 1, got -3"),
-        ({"tol": 0}, ValueError, r"tol must be a finite float > 0, got 0"),
+        ({"tol": 0}, ValueError, r"tol must be a float in \(0, 1\), got 0"),
+        # a relative tolerance of 100% or more makes "converged" say nothing
+        ({"tol": 1.5}, ValueError, r"tol must be a float in \(0, 1\), got 1.5 \(it is relative"),
+        ({"tol": 1.0}, ValueError, r"tol must be a float in \(0, 1\), got 1.0"),
+        ({"tol": np.float64(2.0)}, ValueError, r"tol must be a float in \(0, 1\)"),
+        ({"tol": "1e-3"}, TypeError, r"tol must be a float in \(0, 1\), got '1e-3'"),
         (
             {"solver": "lbfgs"},
             ValueError,

@@ -320,6 +320,7 @@ def _call(**overrides):
         ({"damping": -0.1}, ValueError, "damping must be a finite float > 0, got -0.1"),
         ({"damping": 0}, ValueError, "damping must be"),
         ({"tol": float("nan")}, ValueError, "tol must be"),
+        ({"tol": 1.5}, ValueError, r"tol must be a float in \(0, 1\), got 1.5"),
         ({"block_size": 0}, ValueError, "block_size must be an integer >= 1"),
         ({"seed": 1.5}, TypeError, "seed must be an int or None"),
         ({"model": lambda x: x}, TypeError, "model must be a torch.nn.Module"),

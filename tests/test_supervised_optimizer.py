@@ -175,6 +175,7 @@ def test_custom_base_optimizer_and_parameter_subset():
             "not among the trained params",
         ),
         ({"loss": "hinge"}, ValueError, "loss must be one of"),
+        ({"tol": 1.0}, ValueError, r"tol must be a float in \(0, 1\), got 1.0"),
     ],
 )
 def test_misuse(kwargs, error, pattern):

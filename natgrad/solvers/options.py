@@ -14,6 +14,7 @@ from typing import Any, Literal
 from natgrad._checks import (
     check_bool,
     check_choice,
+    check_fraction,
     check_nonnegative_int,
     check_positive_float,
     check_positive_int,
@@ -55,7 +56,7 @@ class SolverOptions:
     max_epochs
         Kaczmarz sweeps before giving up.
     tol
-        Target relative residual and relative direction error.
+        Target relative residual and relative direction error, in ``(0, 1)``.
     max_iters
         CG iteration cap.
     on_nonconvergence
@@ -87,7 +88,12 @@ class SolverOptions:
             ),
             "block_size": check_positive_int("block_size", self.block_size, "; try 512"),
             "max_epochs": check_positive_int("max_epochs", self.max_epochs),
-            "tol": check_positive_float("tol", self.tol, "; e.g. 1e-2 (relative residual)"),
+            "tol": check_fraction(
+                "tol",
+                self.tol,
+                " (it is relative: at 1 or more, an error as large as the answer itself "
+                "would count as converged); e.g. 1e-2",
+            ),
             "max_iters": check_positive_int("max_iters", self.max_iters),
             "on_nonconvergence": check_choice(
                 "on_nonconvergence", self.on_nonconvergence, ON_NONCONVERGENCE

@@ -121,7 +121,7 @@ class SupervisedNaturalGradient(OptionsView):
     max_epochs
         Kaczmarz sweeps before giving up.
     tol
-        Relative residual at which iterative solvers stop.
+        Relative residual at which iterative solvers stop, in ``(0, 1)``.
     max_iters
         CG iteration cap.
     seed
