@@ -113,7 +113,8 @@ class RATNaturalGradient(OptionsView):
     seed
         Seed of the generator used for block sampling and the preconditioner's sample. A
         new object with the same seed gives the same result on the same inputs (the
-        generator advances from call to call). ``None`` seeds from the operating system.
+        generator advances from call to call). An integer in ``[0, 2**64 - 1]`` (torch's
+        seeds); ``None`` seeds from the operating system.
     backend
         ``"factored"`` keeps plain ``nn.Linear`` layers as (inputs, output-gradients) factors
         from one backward pass -- exact, and no per-sample gradients for those layers;

@@ -75,6 +75,14 @@ def snapshot(policy):
             r"backend must be one of 'auto', 'factored', 'materialized', 'streaming'",
         ),
         ({"seed": 1.5}, TypeError, r"seed must be an int or None, got 1.5"),
+        # torch.Generator.manual_seed overflows above 2**64 - 1 and wraps negatives around
+        (
+            {"seed": 2**70},
+            ValueError,
+            r"seed must be an integer in \[0, 2\*\*64 - 1\] or None, got 1180591620717411303424",
+        ),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
+        ({"seed": -1}, ValueError, r"got -1: torch's generators take unsigned 64-bit seeds"),
         ({"log_prob_fn": 3}, TypeError, r"log_prob_fn must be callable"),
     ],
 )
@@ -82,6 +90,12 @@ def test_constructor_rejects_bad_settings(kwargs, error, message):
     with pytest.raises(error, match=message) as refused:
         RATNaturalGradient(**kwargs)
     assert isinstance(refused.value, NatgradError)  # one except NatgradError catches it
+
+
+def test_every_seed_torch_takes_is_accepted():
+    assert RATNaturalGradient(seed=2**64 - 1).generator.initial_seed() == 2**64 - 1
+    assert RATNaturalGradient(seed=np.uint64(2**64 - 1)).generator.initial_seed() == 2**64 - 1
+    assert RATNaturalGradient(seed=0).generator.initial_seed() == 0
 
 
 def test_mismatched_sample_dimensions():

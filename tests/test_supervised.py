@@ -323,6 +323,7 @@ def _call(**overrides):
         ({"tol": 1.5}, ValueError, r"tol must be a float in \(0, 1\), got 1.5"),
         ({"block_size": 0}, ValueError, "block_size must be an integer >= 1"),
         ({"seed": 1.5}, TypeError, "seed must be an int or None"),
+        ({"seed": 2**70}, ValueError, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
         ({"model": lambda x: x}, TypeError, "model must be a torch.nn.Module"),
         (
             {"targets": torch.zeros(N * 3, dtype=torch.float64)},

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from natgrad._checks import is_integer
 from natgrad.errors import (
+    ArgumentError,
     ArgumentTypeError,
     GramMemoryError,
     IllConditionedError,
@@ -41,6 +42,9 @@ AUTO_CHOLESKY_CPU_RANKS = 2
 SOLVERS: tuple[str, ...] = solver_names()
 
 
+# The largest seed torch.Generator.manual_seed takes (an unsigned 64-bit integer).
+MAX_SEED = 2**64 - 1
+
 # natgrad's own source files: a warning points at the first frame outside them.
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
@@ -61,11 +65,22 @@ def _user_stacklevel() -> int:
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed``, or from the operating system when ``None``."""
+    """A CPU generator seeded with ``seed``, or from the operating system when ``None``.
+
+    ``seed`` must fit torch's unsigned 64-bit seeds: ``manual_seed`` overflows above
+    ``2**64 - 1`` and silently wraps a negative seed onto a large one (``-1`` is
+    ``2**64 - 1``), so both are refused.
+    """
     if seed is not None:
         if not is_integer(seed):
             raise ArgumentTypeError(f"seed must be an int or None, got {seed!r}")
         seed = int(seed)
+        if not 0 <= seed <= MAX_SEED:
+            raise ArgumentError(
+                f"seed must be an integer in [0, 2**64 - 1] or None, got {seed}: torch's "
+                "generators take unsigned 64-bit seeds; pass e.g. seed % 2**64, or None to "
+                "seed from the operating system"
+            )
     generator = torch.Generator()
     generator.manual_seed(
         seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1

@@ -125,8 +125,8 @@ class SupervisedNaturalGradient(OptionsView):
     max_iters
         CG iteration cap.
     seed
-        Seeds the generator that draws sampled targets (first) and Kaczmarz blocks (then).
-        ``None`` seeds from the operating system.
+        Seeds the generator that draws sampled targets (first) and Kaczmarz blocks (then):
+        an integer in ``[0, 2**64 - 1]``, or ``None`` to seed from the operating system.
     on_nonconvergence
         ``"fallback"`` (exact Cholesky solve, noted in the diagnostics), ``"warn"`` or
         ``"raise"`` when an iterative solver stops above ``tol``.
