@@ -10,6 +10,7 @@ damped natural gradient ``(F + lam I)^{-1} g`` for the actor's parameters. Requi
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from math import inf
 from typing import Any
@@ -21,6 +22,7 @@ from natgrad.errors import ArgumentError, ArgumentTypeError
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
 from natgrad.solvers import RL_AGENT, SolverOptions
+from natgrad.solvers.options import OPTION_NAMES
 
 try:
     from tensordict import TensorDict, TensorDictBase
@@ -33,6 +35,23 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 __all__ = ["RATAdvantage"]
 
 NestedKey = str | tuple[str, ...]
+
+# RATAdvantage's own keywords; every other keyword must be a solver option (OPTION_NAMES).
+_OWN_KEYWORDS = ("options", "seed", "advantage_key", "action_key", "out_key", "max_kl", "params")
+
+
+def _check_overrides(overrides: dict[str, Any]) -> None:
+    """Refuse a keyword that is neither RATAdvantage's own nor a solver option."""
+    for name in overrides:
+        if name in OPTION_NAMES:
+            continue
+        close = difflib.get_close_matches(name, (*OPTION_NAMES, *_OWN_KEYWORDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ArgumentTypeError(
+            f"RATAdvantage got an unexpected keyword argument {name!r}{hint}; besides its "
+            f"own keywords ({', '.join(_OWN_KEYWORDS)}) it takes the solver keywords "
+            f"({', '.join(OPTION_NAMES)})"
+        )
 
 
 class RATAdvantage(TensorDictModuleBase):
@@ -78,7 +97,8 @@ class RATAdvantage(TensorDictModuleBase):
         Parameters the Fisher is taken over; ``None`` means every trainable parameter of
         ``actor`` (pass a subset when the actor shares a trunk with the critic).
     **overrides
-        Solver keywords replacing those of ``options`` (e.g. ``damping=0.05``).
+        Solver keywords replacing those of ``options`` (e.g. ``damping=0.05``); any other
+        keyword raises :class:`~natgrad.errors.ArgumentTypeError` naming the closest valid one.
 
     Attributes
     ----------
@@ -138,6 +158,7 @@ class RATAdvantage(TensorDictModuleBase):
         self.action_key = action_key
         self.out_key = advantage_key if out_key is None else out_key
         self.params = None if params is None else list(params)
+        _check_overrides(overrides)
         self.rat = RATNaturalGradient.from_options(
             options.replace(**overrides), self._log_prob, seed=seed
         )
@@ -153,11 +174,26 @@ class RATAdvantage(TensorDictModuleBase):
         return distributions.log_prob(actor.get_dist(td), acts)
 
     def _batch(self, tensordict: TensorDictBase) -> tuple[dict, Tensor, Tensor]:
-        missing = [key for key in self.in_keys if key not in tensordict.keys(include_nested=True)]
+        if not isinstance(tensordict, TensorDictBase):
+            raise ArgumentTypeError(
+                "RATAdvantage must be called on a TensorDict (the batch of a collector), got "
+                f"{type(tensordict).__name__}; wrap it in TensorDict(..., batch_size=[N])"
+            )
+        present = tensordict.keys(include_nested=True)
+        roles = {key: "an actor input key" for key in self.actor.in_keys}
+        roles.update({self.action_key: "action_key", self.advantage_key: "advantage_key"})
+        missing = [f"{key!r} ({role})" for key, role in roles.items() if key not in present]
         if missing:
-            raise KeyError(
-                f"RATAdvantage needs the keys {missing} in the tensordict; run the advantage "
-                "module (e.g. GAE) first, or pass advantage_key=/action_key= naming yours"
+            raise ArgumentError(
+                f"RATAdvantage needs {', '.join(missing)} in the tensordict, which has the "
+                f"keys {sorted(map(str, tensordict.keys()))}; run the advantage module (e.g. "
+                "GAE) first, or pass advantage_key=/action_key= naming yours"
+            )
+        if tensordict.batch_size.numel() == 0:  # TensorDict.numel() says 1 here
+            raise ArgumentError(
+                f"the tensordict holds no samples (batch size {tuple(tensordict.batch_size)}): "
+                "RATAdvantage needs at least one; call it on a non-empty batch (e.g. skip "
+                "empty collector batches)"
             )
         flat = tensordict.reshape(-1)
         adv = flat.get(self.advantage_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import runpy
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator
 from torchrl.objectives import A2CLoss, ReinforceLoss  # noqa: E402
 from torchrl.objectives.value import GAE  # noqa: E402
 
+from natgrad.errors import ArgumentError, ArgumentTypeError, NatgradError  # noqa: E402
 from natgrad.torchrl import RATAdvantage  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torchrl" / "a2c_rat.py"
@@ -118,21 +120,50 @@ def test_max_kl_scales_advantages_to_the_trust_region_step(pipeline):
         (lambda actor: RATAdvantage(actor, damping=-1.0), ValueError, "damping"),
         (lambda actor: RATAdvantage(actor, max_kl=0.0), ValueError, "max_kl"),
         (lambda actor: RATAdvantage(actor, options={"damping": 0.1}), TypeError, "SolverOptions"),
+        # a misspelled keyword: named, with the closest valid one and the valid ones
+        (
+            lambda actor: RATAdvantage(actor, dampign=0.1),
+            TypeError,
+            r"unexpected keyword argument 'dampign' \(did you mean 'damping'\?\); besides its "
+            r"own keywords \(options, seed, .*\) it takes the solver keywords \(solver, damping",
+        ),
+        (lambda actor: RATAdvantage(actor, advantage="adv"), TypeError, "'advantage_key'"),
     ],
 )
 def test_construction_errors_name_the_argument(pipeline, make, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as refused:
         make(pipeline[0])
+    assert isinstance(refused.value, NatgradError)
 
 
 def test_missing_key_and_wide_advantage_are_refused(pipeline):
     actor, _, batch = pipeline
-    with pytest.raises(KeyError, match="run the advantage module"):
+    with pytest.raises(ArgumentError, match=r"needs 'adv' \(advantage_key\) in the tensordict, "):
         RATAdvantage(actor, advantage_key="adv")(batch.clone())
+    without_obs = batch.clone().exclude("observation")
+    with pytest.raises(ArgumentError, match=r"'observation' \(an actor input key\).*run the adv"):
+        RATAdvantage(actor).natural_gradient(without_obs)
     wide = batch.clone()
     wide["advantage"] = wide["advantage"].expand(128, 2).clone()
     with pytest.raises(ValueError, match="one value per sample"):
         RATAdvantage(actor)(wide)
+
+
+@pytest.mark.parametrize("shape", [(0,), (4, 0)])
+def test_an_empty_batch_is_refused(pipeline, shape):
+    actor, _, batch = pipeline
+    empty = batch[:0] if shape == (0,) else batch.reshape(4, 32)[:, :0]
+    assert tuple(empty.batch_size) == shape
+    with pytest.raises(ArgumentError, match=re.escape(f"holds no samples (batch size {shape})")):
+        RATAdvantage(actor)(empty)
+    with pytest.raises(ArgumentError, match="holds no samples"):
+        RATAdvantage(actor).natural_gradient(empty)
+
+
+def test_a_plain_dict_is_refused(pipeline):
+    actor, _, batch = pipeline
+    with pytest.raises(ArgumentTypeError, match=r"must be called on a TensorDict \(.*\), got dict"):
+        RATAdvantage(actor)(batch.to_dict())
 
 
 def test_missing_extra_names_the_install_command(monkeypatch):
