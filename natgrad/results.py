@@ -35,7 +35,8 @@ class Diagnostics:
         Relative residual ``|A - (K/N + lam I) A~| / |A|`` of the returned ``A~``.
     iterations
         Kaczmarz epochs, CG iterations, or 1 for Cholesky (of the requested solver; a
-        fallback adds nothing here).
+        fallback adds nothing here); 0 when no solve was needed (``A = 0``, or every score
+        zero for an iterative solver: ``A~ = A / lam``, noted in ``fallbacks``).
     converged
         Whether the returned answer meets ``tol``: ``residual <= tol`` and, for the
         iterative solvers, ``direction_error <= tol``. Cholesky is exact up to rounding

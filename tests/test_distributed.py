@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from natgrad import RATNaturalGradient
+from natgrad.distributed.dispatch import DISTRIBUTED_SOLVERS
 from natgrad.errors import (
     GramMemoryError,
     NonFiniteError,
@@ -333,6 +334,27 @@ def check_not_converged_warning_points_at_the_caller(rank: int, world: int) -> N
 
 def test_not_converged_warning_points_at_the_callers_line() -> None:
     spawn(2, check_not_converged_warning_points_at_the_caller)
+
+
+def check_zero_scores(rank: int, world: int) -> None:
+    """J = 0 on every rank: A~ = A / lam and d = 0, converged, without the iterative solve
+    (whose relative bound on the error of d = 0 was infinite: NotConvergedError here)."""
+    policy, obs, acts, adv = make_problem(16)
+    policy.unused = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    mine = local_slice([7, 9], rank)
+    for solver in DISTRIBUTED_SOLVERS:
+        rat = RATNaturalGradient(damping=0.1, solver=solver, tol=1e-10, on_nonconvergence="raise",
+                                 process_group=dist.group.WORLD)  # fmt: skip
+        result = rat.natural_gradient(policy, obs[mine], acts[mine], adv[mine], [policy.unused])
+        close(result.advantages, adv[mine] / 0.1, adv[mine] / 0.1, f"{solver}: A~")
+        assert torch.count_nonzero(result.direction[0]) == 0, solver
+        diag = rat.diagnostics
+        assert diag.converged and diag.solver == solver and diag.residual <= 1e-15, diag
+        assert diag.direction_error == (None if solver == "cholesky" else 0.0), diag
+
+
+def test_all_zero_scores_are_solved_exactly_on_every_rank() -> None:
+    spawn(2, check_zero_scores)
 
 
 def test_errors_are_raised_on_every_rank_alike() -> None:

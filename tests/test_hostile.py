@@ -170,6 +170,42 @@ def test_hostile_architectures(dtype, solver):
     check_property(rat(), cnn, images, torch.randint(0, 4, (24,)), torch.randn(24, dtype=D))
 
 
+class WithUnusedParameter(Gaussian):
+    """A parameter the log-probabilities do not depend on: its scores are all zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["materialized", "streaming"])
+@pytest.mark.parametrize("solver", ["kaczmarz", "accelerated_kaczmarz", "cg", "cholesky"])
+def test_all_zero_scores_give_a_over_damping_converged(solver, backend, dtype):
+    """J = 0: (lam I) A~ = A, so A~ = A / lam and d = 0 exactly. The iterative solvers used
+    to run to max_epochs/max_iters and report an infinite direction-error bound (relative
+    to |d| = 0), i.e. not converged (raised here with on_nonconvergence="raise")."""
+    torch.manual_seed(0)
+    policy = WithUnusedParameter().to(dtype)
+    obs, acts = torch.randn(24, 3, dtype=dtype), torch.randn(24, 2, dtype=dtype)
+    adv = 3 * torch.randn(24, dtype=dtype)
+    rat = RATNaturalGradient(
+        damping=0.1, solver=solver, backend=backend, seed=0, tol=1e-6, on_nonconvergence="raise"
+    )
+    result = rat.natural_gradient(policy, obs, acts, adv, [policy.unused])
+    expected = (adv.to(D) / 0.1).to(dtype)
+    torch.testing.assert_close(result.advantages, expected, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    assert torch.count_nonzero(result.direction[0]) == 0
+    assert result.g_dot_d == 0.0 and result.d_fisher_d == 0.0
+    diag = rat.diagnostics
+    assert diag.converged and diag.solver == solver and not diag.fallbacks[1:]
+    assert diag.residual <= 4 * torch.finfo(D).eps
+    assert diag.direction_error == (None if solver == "cholesky" else 0.0)
+    assert diag.condition == 1.0 and diag.precision < 1e-6
+    if solver != "cholesky":
+        assert diag.iterations == 0 and "every score (row of J) is zero" in diag.fallbacks[0]
+
+
 @pytest.mark.parametrize("where", ["obs", "acts", "adv", "parameter", "buffer"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_anywhere_is_natgrads_error(where, value):

@@ -18,6 +18,7 @@ from natgrad.solvers import (
     kaczmarz_solve,
     kaczmarz_step,
 )
+from natgrad.solvers.dispatch import resolve_solver, solve
 from natgrad.solvers.nystrom import nystrom_preconditioner
 
 
@@ -184,9 +185,25 @@ def test_solver_contract(name, problem):
 def test_zero_rhs_gives_zero_solution():
     op = MaterializedScores(torch.randn(6, 4, dtype=torch.float64))
     rhs = torch.zeros(6, dtype=torch.float64)
-    for solve in SOLVERS.values():
-        result = solve(op, rhs, 0.1, 1e-8)
+    for run in SOLVERS.values():
+        result = run(op, rhs, 0.1, 1e-8)
         assert torch.count_nonzero(result.x) == 0 and result.converged
+
+
+@pytest.mark.parametrize("name", ["auto", *SOLVERS])
+def test_zero_scores_give_rhs_over_damping_with_finite_diagnostics(name):
+    """J = 0: M = lam I, x = rhs / lam, v = 0. The iterative solvers' bound on the relative
+    error of v = 0 was infinite, so solve() raised NotConvergedError (on_nonconvergence)."""
+    op = MaterializedScores(torch.zeros(12, 5, dtype=torch.float64))
+    rhs = 1e3 * torch.randn(12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    options = SolverOptions(solver=name, damping=0.1, tol=1e-10, on_nonconvergence="raise")
+    result, used, notes = solve(op, rhs, options, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(result.x, rhs / 0.1, rtol=4e-16, atol=0)
+    assert torch.count_nonzero(result.v) == 0 and torch.count_nonzero(result.jv) == 0
+    assert result.converged and used == resolve_solver(name, op, options.preconditioner_rank)
+    assert result.residual <= 1e-15 and result.condition == 1.0
+    assert result.direction_error == (None if used == "cholesky" else 0.0)
+    assert len(notes) == (used != "cholesky")
 
 
 def test_block_larger_than_batch_is_one_exact_step():

@@ -27,7 +27,12 @@ from natgrad.solvers.conditioning import (
     Conditioning,
     _conditioning,
 )
-from natgrad.solvers.dispatch import _precision_notes, _user_stacklevel, auto_solver
+from natgrad.solvers.dispatch import (
+    _precision_notes,
+    _user_stacklevel,
+    auto_solver,
+    vanishing_kernel_note,
+)
 from natgrad.solvers.options import SolverOptions
 
 __all__ = ["DISTRIBUTED_SOLVERS", "distributed_conditioning", "solve_distributed"]
@@ -84,6 +89,8 @@ def distributed_conditioning(operator: ShardedOperator, damping: float, tol: flo
     trace = operator.comm.sum(squares)[0] / total
     if not math.isfinite(trace):
         return Conditioning(math.inf, math.inf, math.inf, math.inf)
+    if trace == 0.0:  # every rank's scores are zero: M = lam I exactly
+        return replace(_conditioning(0.0, damping, eps_work, eps_score), kernel_vanishes=True)
     largest = trace
     if _conditioning(trace, damping, eps_work, eps_score).precision > tol and total > 1:
         generator = torch.Generator().manual_seed(_POWER_SEED)
@@ -103,6 +110,14 @@ def distributed_conditioning(operator: ShardedOperator, damping: float, tol: flo
         if math.isfinite(estimate):
             largest = min(max(estimate, 0.0), trace)
     return _conditioning(largest, damping, eps_work, eps_score)
+
+
+def _solve_vanishing_kernel(operator: ShardedOperator, rhs: Tensor, damping: float) -> SolveResult:
+    """``x = rhs / lam``, exact when every score is zero (see the single-process dispatch)."""
+    x = rhs / damping
+    v, jv, _ = operator.kernel(x)
+    residual = operator.norm(rhs - jv - damping * x) / operator.norm(rhs)
+    return SolveResult(x, v, jv, residual, 0, True, 0.0)
 
 
 def _run_solver(
@@ -172,7 +187,11 @@ def solve_distributed(
     notes = _precision_notes(operator, conditioning, options)  # type: ignore[arg-type]
     comm.phase = "solve"
     unit_rhs = rhs / scale
-    result = _run_solver(name, operator, unit_rhs, options, local_generator)
+    if conditioning.kernel_vanishes and name != "cholesky":  # the same branch on every rank
+        result = _solve_vanishing_kernel(operator, unit_rhs, options.damping)
+        notes.append(vanishing_kernel_note(name))
+    else:
+        result = _run_solver(name, operator, unit_rhs, options, local_generator)
     if not result.converged and name != "cholesky":
         what = (
             f"relative residual {result.residual:.3g}"

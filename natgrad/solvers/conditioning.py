@@ -21,7 +21,7 @@ more than its products (:meth:`~natgrad.operators.ScoreOperator.kernel_trace` is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -50,12 +50,16 @@ class Conditioning:
         The estimate of ``lambda_max(K / N)`` used.
     product_error
         ``condition * eps_w``, the part due to rounded products; ``>= 1`` is refused.
+    kernel_vanishes
+        ``trace(K)`` is exactly 0: every score is zero, so ``M = lam I`` and the solution is
+        ``rhs / lam`` (:func:`~natgrad.solvers.solve` then runs no iterative solver).
     """
 
     condition: float
     precision: float
     largest_eigenvalue: float
     product_error: float
+    kernel_vanishes: bool = False
 
     def minimum_damping(self, eps_work: float, eps_score: float, target: float) -> float:
         """About the smallest damping for which ``precision <= target``.
@@ -98,6 +102,8 @@ def estimate_conditioning(
     trace = math.inf if total is None else total / n  # unknown: power iterations only
     if total is not None and not math.isfinite(trace):
         return Conditioning(math.inf, math.inf, math.inf, math.inf)
+    if total == 0.0:  # every score is zero: M = lam I exactly, no power iteration needed
+        return replace(_conditioning(0.0, damping, eps_work, eps_score), kernel_vanishes=True)
     largest = trace
     refine = _conditioning(trace, damping, eps_work, eps_score).precision > tol and n > 1
     if refine or total is None:

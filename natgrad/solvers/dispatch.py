@@ -26,7 +26,8 @@ from natgrad.errors import (
     PrecisionWarning,
 )
 from natgrad.operators import ScoreOperator
-from natgrad.solvers._base import SolveResult
+from natgrad.solvers._base import SolveResult, relative_residual
+from natgrad.solvers._products import direction_of, operator_matvec
 from natgrad.solvers.conditioning import Conditioning, estimate_conditioning
 from natgrad.solvers.options import SolverOptions
 from natgrad.solvers.registry import SOLVER_REGISTRY, solver_names
@@ -162,8 +163,12 @@ def solve(
     notes = _precision_notes(operator, conditioning, options)
     unit_rhs = rhs / scale
     offset = None if direction_offset is None else direction_offset / scale
-    result, name, more = _solve_unit(operator, unit_rhs, options, generator, name, offset)
-    compiled, compile_note = _compiled(operator, options, name)
+    if conditioning.kernel_vanishes and SOLVER_REGISTRY[name].iterative:
+        result, more = _solve_vanishing_kernel(operator, unit_rhs, options, name)
+        compiled, compile_note = False, []
+    else:
+        result, name, more = _solve_unit(operator, unit_rhs, options, generator, name, offset)
+        compiled, compile_note = _compiled(operator, options, name)
     result = replace(
         result.scaled(scale),
         condition=conditioning.condition,
@@ -171,6 +176,32 @@ def solve(
         compiled=compiled,
     )
     return result, name, notes + more + compile_note
+
+
+def vanishing_kernel_note(name: str) -> str:
+    """The note of a solve skipped because every score is zero (``trace(K) = 0``)."""
+    return (
+        "every score (row of J) is zero, trace(K) = 0: K/N + damping I is damping I, "
+        f"solved exactly by a division (A~ = A / damping, the direction is 0) without running "
+        f"solver={name!r}; if that is unexpected, check that the selected parameters affect "
+        "the output"
+    )
+
+
+def _solve_vanishing_kernel(
+    operator: ScoreOperator, rhs: Tensor, options: SolverOptions, name: str
+) -> tuple[SolveResult, list[str]]:
+    """The solve of ``lam x = rhs`` (``K = 0``): ``x = rhs / lam``, exactly.
+
+    The iterative solvers cannot certify it: their bound on the direction's relative error
+    is infinite when the direction is 0. Exact like Cholesky (converged, rounding aside);
+    ``v`` and ``J v`` are still formed, so the residual reported is measured.
+    """
+    x = rhs / options.damping
+    v = direction_of(operator, x)
+    jv = operator_matvec(operator, v)
+    residual = relative_residual(rhs, jv, x, options.damping)
+    return SolveResult(x, v, jv, residual, 0, True, 0.0), [vanishing_kernel_note(name)]
 
 
 def _compiled(operator: ScoreOperator, options: SolverOptions, name: str) -> tuple[bool, list[str]]:
