@@ -29,6 +29,19 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np_bool))
 
 
+def consistency_tolerance(dtype: torch.dtype) -> float:
+    """Relative gap allowed between per-sample and batched evaluations of one function.
+
+    They round differently (other kernels, other summation orders), by about the dtype's
+    machine epsilon; used as ``tol * (1 + |value|)``. ``1e-7`` for float64, else
+    ``max(2e-3, 32 eps)``: 2e-3 for float32, 0.03 for float16 and 0.25 for bfloat16 (8-bit
+    mantissa, ``eps = 2**-7``), whose rounding alone exceeds a fixed 2e-3.
+    """
+    if dtype == torch.float64:
+        return 1e-7
+    return max(2e-3, 32 * torch.finfo(dtype).eps)
+
+
 def check_nonnegative_int(name: str, value: Any, hint: str = "") -> int:
     """Return ``value`` as an ``int`` if it is an integer >= 0."""
     if not is_integer(value):

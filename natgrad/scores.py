@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vjp, vmap
 
 from natgrad import distributions
+from natgrad._checks import consistency_tolerance
 from natgrad._guard import functional_call
 from natgrad._rnn import batched_recurrent
 from natgrad._tree import Tree, take, unflatten, unsqueeze
@@ -139,9 +140,7 @@ class PolicyScores:
         self.path = "vmap"
         self.fallback_reason: str | None = None
         # Batched and per-sample evaluation round differently: allow that, and no more.
-        self._consistency_tol = (
-            1e-7 if self.dtype == torch.float64 else max(2e-3, 32 * torch.finfo(self.dtype).eps)
-        )
+        self._consistency_tol = consistency_tolerance(self.dtype)
 
     # -- single-sample log-probability -------------------------------------------------
     def _log_prob_single(self, params: dict[str, Tensor], obs_i: Tree, acts_i: Tree) -> Tensor:

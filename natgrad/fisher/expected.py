@@ -18,7 +18,7 @@ from torch.distributions import Distribution
 from torch.func import jvp
 
 from natgrad import distributions
-from natgrad._checks import representable, require_finite
+from natgrad._checks import consistency_tolerance, representable, require_finite
 from natgrad._guard import functional_call
 from natgrad._tree import Tree
 from natgrad.errors import FisherError
@@ -69,7 +69,7 @@ def _check_same_distribution(
             f"fails ({type(error).__name__}: {str(error)[:200]}); return the action "
             "distribution from forward, or use fisher='sampled'"
         ) from error
-    tol = 1e-7 if log_probs.dtype == torch.float64 else 2e-3
+    tol = consistency_tolerance(log_probs.dtype)
     if own.shape != log_probs.shape or not bool(
         ((own - log_probs).abs() <= tol * (1.0 + log_probs.abs())).all()
     ):

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, jvp, vmap
 
+from natgrad._checks import consistency_tolerance
 from natgrad._guard import functional_call
 from natgrad._tree import Tree, take, tree_map, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
@@ -124,7 +125,7 @@ def output_jacobians(
 
 
 def _check_consistent(per_sample: Tensor, batched: Tensor) -> None:
-    scale = 1e-7 if batched.dtype == torch.float64 else 2e-3
+    scale = consistency_tolerance(batched.dtype)
     gap = (per_sample - batched).abs()
     allowed = scale * (1.0 + batched.abs())
     if bool((gap > allowed).any()):
