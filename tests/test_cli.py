@@ -51,6 +51,7 @@ MISUSES = [
     (["train", "--kl-reject", "0.5", "--out", "OUT"], "--kl-reject must be 0 (off) or >= 1"),
     (["train", "--cg-damping", "-1", "--out", "OUT"], "--cg-damping must be >= 0"),
     (["train", "--gamma", "nan", "--out", "OUT"], "--gamma must be in [0, 1]"),
+    (["train", "--rat-tol", "1.5", "--out", "OUT"], "--rat-tol must be in (0, 1)"),
     (["train", "--trust-env-state", "--out", "OUT"], "--trust-env-state applies to --resume"),
     (["train", "--resume", "--out", "OUT"], "no checkpoint.pt in"),
     (["train", "--resume"], "--resume needs --out DIR"),

@@ -83,6 +83,12 @@ def unit_interval(flag: str, value: Any) -> None:
         raise ConfigError(f"{flag} must be in [0, 1], got {value!r}")
 
 
+def open_unit_interval(flag: str, value: Any) -> None:
+    """In ``(0, 1)`` (a relative tolerance)."""
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise ConfigError(f"{flag} must be in (0, 1), got {value!r}")
+
+
 def at_least_one_or_off(flag: str, value: Any) -> None:
     """0 (off) or a factor >= 1 of ``--max-kl``."""
     if not (math.isfinite(value) and (value == 0 or value >= 1)):

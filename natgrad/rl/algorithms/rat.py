@@ -17,7 +17,13 @@ from natgrad.fisher.expected import FISHERS
 from natgrad.rl._errors import ConfigError
 from natgrad.rl.algorithms.base import PolicyUpdate, TrustRegionOptions
 from natgrad.rl.algorithms.linesearch import LineSearchOptions, backtracking_line_search
-from natgrad.rl.options import at_least_one_or_off, nonnegative_int, option, positive
+from natgrad.rl.options import (
+    at_least_one_or_off,
+    nonnegative_int,
+    open_unit_interval,
+    option,
+    positive,
+)
 from natgrad.solvers import RL_AGENT, solver_names
 from natgrad.solvers.options import ON_NONCONVERGENCE
 
@@ -55,7 +61,9 @@ class RatOptions(TrustRegionOptions):
         "iterations).",
         positive,
     )
-    rat_tol: float = option(RL_AGENT.tol, "RAT relative residual tolerance.", positive)
+    rat_tol: float = option(
+        RL_AGENT.tol, "RAT relative residual tolerance, in (0, 1).", open_unit_interval
+    )
     rat_preconditioner_rank: int = option(
         RL_AGENT.preconditioner_rank,
         "Rank of the Nystrom preconditioner of RAT's CG (0 turns it off).",
