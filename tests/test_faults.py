@@ -18,7 +18,7 @@ pytest.importorskip("gymnasium")
 
 from natgrad import IllConditionedError  # noqa: E402
 from natgrad.cli import main  # noqa: E402
-from natgrad.rl import TrainConfig, Trainer, TrainingError  # noqa: E402
+from natgrad.rl import EnvOutputError, TrainConfig, Trainer, TrainingError  # noqa: E402
 from natgrad.rl.checkpoint import load_checkpoint  # noqa: E402
 from natgrad.rl.logger import read_progress  # noqa: E402
 
@@ -110,6 +110,37 @@ def test_repeated_rejections_stop_the_run(tmp_path, capsys, monkeypatch):
     assert err[-1].startswith("natgrad train: error: training stopped at step 384: 3 consecutive")
     assert "IllConditionedError: damping 1e-12" in err[-1] and "--damping" in err[-1]
     assert sum("rejected and rolled back" in line for line in err) == 3
+
+
+def _poisoned(step, what):
+    def poisoned(acts):
+        obs, reward, terminated, truncated, info = step(acts)
+        if what == "reward":
+            reward = reward.copy()
+            reward[1] = math.nan
+        else:
+            obs = obs.copy()
+            obs[0, 2] = math.inf
+        return obs, reward, terminated, truncated, info
+
+    return poisoned
+
+
+@pytest.mark.parametrize("what", ["reward", "observation"])
+def test_a_non_finite_env_output_stops_the_run_before_anything_learns_from_it(tmp_path, what):
+    """One NaN reward used to poison the reward scaler for good (every later update was
+    rejected, and the checkpoints kept the NaN statistics)."""
+    trainer = Trainer(TrainConfig(**SMALL), tmp_path, tensorboard=False)
+    trainer.step()
+    state = copy.deepcopy(trainer.collector.state_dict())
+    trainer.collector.env.step = _poisoned(trainer.collector.env.step, what)
+    with pytest.raises(EnvOutputError, match=f"step returned a {what} with 1 NaN or infinite"):
+        trainer.step()
+    after = trainer.collector.state_dict()
+    for key in ("obs_norm", "reward_scaler"):
+        assert str(after[key]) == str(state[key]), key  # nothing learned from the value
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.policy.parameters())
+    trainer.close()
 
 
 def test_tiny_damping_on_pendulum_never_dies_with_a_traceback(tmp_path, capsys):

@@ -6,7 +6,13 @@ policy update (see :data:`ALGORITHMS`). Requires the ``rl`` extra
 (``pip install "natgrad[rl]"``).
 """
 
-from natgrad.rl._errors import CheckpointError, ConfigError, MissingExtraError, TrainingError
+from natgrad.rl._errors import (
+    CheckpointError,
+    ConfigError,
+    EnvOutputError,
+    MissingExtraError,
+    TrainingError,
+)
 from natgrad.rl.algorithms import ALGORITHMS, PolicyUpdate
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.evaluate import EvalResult, evaluate
@@ -27,6 +33,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainingError",
+    "EnvOutputError",
     "default_out_dir",
     "evaluate",
     "plot_runs",

@@ -9,6 +9,7 @@ from natgrad.errors import MissingExtraError, NatgradError
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "EnvOutputError",
     "MissingExtraError",
     "TrainingError",
     "first_line",
@@ -30,6 +31,14 @@ class CheckpointError(ConfigError):
 
 class TrainingError(NatgradError, RuntimeError):
     """Training stopped: too many consecutive policy updates were rejected as faulty."""
+
+
+class EnvOutputError(NatgradError, ValueError):
+    """The environment returned a NaN or infinite observation or reward.
+
+    Raised before the value reaches the normalizers, the buffer or the policy, so the run's
+    state (and its last checkpoint) stays usable.
+    """
 
 
 def import_gymnasium() -> ModuleType:

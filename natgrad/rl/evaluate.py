@@ -25,6 +25,7 @@ from natgrad.rl.config import TrainConfig
 from natgrad.rl.envs import is_discrete, make_env
 from natgrad.rl.normalize import ObsNormalizer
 from natgrad.rl.policies import build_actor_critic
+from natgrad.rl.rollout import check_env_output
 
 __all__ = ["EvalResult", "evaluate"]
 
@@ -147,6 +148,7 @@ def evaluate(
     returns, lengths, frames = [], [], []
     for k in range(episodes):
         raw, _ = env.reset(seed=seed + k)
+        check_env_output(raw, None, "reset")
         total, length, done = 0.0, 0, False
         while not done:
             if gif and k == 0:
@@ -156,6 +158,7 @@ def evaluate(
             if box:
                 act = np.clip(act, env.action_space.low, env.action_space.high)
             raw, reward, terminated, truncated, _ = env.step(act)
+            check_env_output(raw, reward, "step")
             total += float(reward)
             length += 1
             done = terminated or truncated

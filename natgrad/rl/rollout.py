@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from natgrad.distributions import log_prob, sample
+from natgrad.rl._errors import EnvOutputError
 from natgrad.rl.envs import is_discrete
 from natgrad.rl.gae import compute_gae
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_array, as_tensor
@@ -78,6 +79,28 @@ class RolloutBuffer:
         )
 
 
+def check_env_output(obs: Any, reward: Any, call: str) -> None:
+    """Refuse a NaN or infinite observation or reward, before anything learns from it.
+
+    Raises
+    ------
+    EnvOutputError
+        Naming the call (``reset`` or ``step``), which output and how many values.
+    """
+    for what, value in (("observation", obs), ("reward", reward)):
+        if value is None:
+            continue
+        array = np.asarray(value)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise EnvOutputError(
+                f"the environment's {call} returned a {what} with {bad} NaN or infinite "
+                f"value(s); natgrad learns only from finite {what}s: fix the environment, or "
+                f"wrap it (gymnasium.wrappers.Transform{what.capitalize()}) to replace or "
+                "end the episode on such values"
+            )
+
+
 class Collector:
     """Steps a vector environment with a policy, tracking episodes and normalization.
 
@@ -119,6 +142,7 @@ class Collector:
     def reset(self, seed: int) -> None:
         """Reset every environment; env ``i`` is seeded with ``seed + i``."""
         raw, _ = self.env.reset(seed=seed)
+        check_env_output(raw, None, "reset")
         self.obs = self.obs_norm(raw, update=True)
         self.episode_return[:] = 0.0
         self.episode_length[:] = 0
@@ -147,6 +171,7 @@ class Collector:
             if not self.discrete:
                 env_acts = np.clip(env_acts, self.low, self.high)
             raw, reward, terminated, truncated, info = self.env.step(env_acts)
+            check_env_output(raw, reward, "step")
             done = np.logical_or(terminated, truncated)
             self.episode_return += reward
             self.episode_length += 1
@@ -154,6 +179,7 @@ class Collector:
             if np.any(truncated & ~terminated):
                 # A time limit is not a terminal state: bootstrap with V(final observation).
                 for i in np.flatnonzero(truncated & ~terminated):
+                    check_env_output(info["final_obs"][i], None, "step (final observation)")
                     final = self.obs_norm(info["final_obs"][i][None], update=False)
                     scaled[i] += self.gamma * critic(torch.as_tensor(final))[0]
             buffer.rewards[t] = scaled

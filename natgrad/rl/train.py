@@ -19,7 +19,7 @@ import torch
 from natgrad.distributions import entropy
 from natgrad.distributions import kl as kl_divergence
 from natgrad.errors import NatgradError
-from natgrad.rl._errors import ConfigError, MissingExtraError, first_line
+from natgrad.rl._errors import ConfigError, EnvOutputError, MissingExtraError, first_line
 from natgrad.rl.algorithms import make_algorithm
 from natgrad.rl.callbacks import (
     CURVE_NAME,
@@ -395,9 +395,12 @@ class Trainer:
         """Collect one rollout and update policy and critic; return the logged row."""
         cfg, parallel = self.config, self.parallel
         start = time.perf_counter()
-        finished = self.collector.collect(
-            self.policy, self.critic, self.buffer, self.action_generator
-        )
+        try:
+            finished = self.collector.collect(
+                self.policy, self.critic, self.buffer, self.action_generator
+            )
+        except EnvOutputError as error:
+            raise EnvOutputError(f"{error}; {self.checkpoint_note()}") from None
         parallel.sync_statistics(self.collector)
         steps = cfg.batch_size * parallel.world_size  # every rank's environment steps
         self.global_step += steps
