@@ -180,10 +180,9 @@ def _is_rank_zero() -> bool:
 def _launch(args: argparse.Namespace, given: dict[str, Any]) -> int:
     """``--nproc K`` outside a launcher: check what can be checked, then start the ranks."""
     from natgrad.rl._errors import ConfigError
-    from natgrad.rl.checkpoint import CHECKPOINT_NAME
     from natgrad.rl.config import TrainConfig
     from natgrad.rl.launch import check_data_parallel, launch
-    from natgrad.rl.train import default_out_dir
+    from natgrad.rl.train import default_out_dir, refuse_existing_run
 
     argv = list(args.argv)
     if args.resume:
@@ -193,11 +192,7 @@ def _launch(args: argparse.Namespace, given: dict[str, Any]) -> int:
         config = TrainConfig.from_dict(given)
         check_data_parallel(config.algo, config.options, args.nproc)
         out = args.out if args.out is not None else default_out_dir(config)
-        if (out / CHECKPOINT_NAME).exists():
-            raise ConfigError(
-                f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
-                "choose another directory"
-            )
+        refuse_existing_run(out)
         argv += ["--out", str(out)]  # one timestamped directory for every rank
     return launch(argv, args.nproc)
 
@@ -243,7 +238,6 @@ def _train(args: argparse.Namespace) -> int:
 def _train_rank(args: argparse.Namespace, given: dict[str, Any], parallel: Any) -> int:
     """Train as one process, or as one rank of a data-parallel run (``parallel``)."""
     from natgrad.rl._errors import ConfigError
-    from natgrad.rl.checkpoint import CHECKPOINT_NAME
     from natgrad.rl.config import TrainConfig
     from natgrad.rl.envs import make_env
     from natgrad.rl.train import Trainer, default_out_dir, summary_json
@@ -274,11 +268,6 @@ def _train_rank(args: argparse.Namespace, given: dict[str, Any], parallel: Any) 
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         config = TrainConfig.from_dict(given)
         out = args.out if args.out is not None else default_out_dir(config)
-        if writer and (out / CHECKPOINT_NAME).exists():
-            raise ConfigError(
-                f"--out {str(out)!r} already holds a run; pass --resume to continue it or "
-                "choose another directory"
-            )
         trainer = Trainer(config, out, tensorboard=args.tensorboard, parallel=parallel)
     config = trainer.config
     threshold = args.solved_threshold

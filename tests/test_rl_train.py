@@ -107,6 +107,17 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         Trainer(None, tmp_path, resume=True)
 
 
+def test_the_python_api_does_not_overwrite_an_existing_run(tmp_path):
+    """The CLI refused it, but train()/Trainer replaced a finished run's files silently."""
+    from natgrad.rl import ConfigError
+
+    train(TrainConfig(env="CartPole-v1", steps=256, **SMALL), tmp_path, tensorboard=False)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        train(TrainConfig(env="Pendulum-v1", steps=256, **SMALL), tmp_path, tensorboard=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
+
+
 @pytest.mark.slow
 def test_rat_npg_learns_cartpole(tmp_path):
     # Default hyperparameters (those of `natgrad train`), small budget.

@@ -79,6 +79,15 @@ def _check_writable(out_dir: Path) -> None:
         )
 
 
+def refuse_existing_run(out_dir: Path) -> None:
+    """Refuse to start a new run in a directory that holds one (it would be overwritten)."""
+    if (out_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(
+            f"--out {str(out_dir)!r} already holds a run; pass --resume (resume=True) to "
+            "continue it or choose another directory"
+        )
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Summary of a finished :meth:`Trainer.run`.
@@ -186,6 +195,8 @@ class Trainer:
         self.env = make_vec_env(config.env, config.num_envs)
         try:  # after the env: a typo in --env must not leave an empty run directory behind
             if parallel.is_writer:
+                if not resume:
+                    refuse_existing_run(self.out_dir)
                 _check_writable(self.out_dir)
         except ConfigError:
             self.env.close()
