@@ -220,6 +220,21 @@ def test_values_passed_explicitly_win_over_the_preset(tuned_classic):
     assert run.options.max_kl == 0.02 and run.gamma == 0.97
 
 
+def test_dataclasses_replace_never_applies_half_a_preset(tuned_classic):
+    """replace() passes every field: the preset used to reach the algorithm's options
+    (max_kl, damping) but not the shared fields (gamma, the batch layout)."""
+    base = TrainConfig(env="Pendulum-v1", preset="none")
+    with pytest.warns(UserWarning, match="given every field .* preset sets none of them"):
+        run = dataclasses.replace(base, preset="auto").resolved()
+    assert run.gamma == 0.99 and run.options.max_kl == 0.02 and run.preset_values == {}
+    # a resolved config replaced again keeps its values and warns about nothing
+    resolved = TrainConfig(env="Pendulum-v1").resolved()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = dataclasses.replace(resolved, seed=1).resolved()
+    assert (again.gamma, again.options.max_kl) == (resolved.gamma, resolved.options.max_kl)
+
+
 def test_preset_none_forcing_a_family_and_unknown_envs(tuned_classic, monkeypatch):
     run = TrainConfig(preset="none").resolved()
     assert run.gamma == 0.99 and run.preset == "none" and run.preset_values == {}

@@ -184,6 +184,11 @@ class TrainConfig(RecordsGivenFields):
             values = PRESETS[name].values_for(self.env)
         assert self.options is not None  # set by validate()
         mine, theirs = explicit_fields(self), explicit_fields(self.options)
+        if mine >= {f.name for f in dataclasses.fields(self) if f.init}:
+            # dataclasses.replace passes every field: all are the user's, the options too
+            # (else the preset would reach the options but not the batch layout: half of it)
+            theirs = frozenset(self.options.names())
+            _warn_preset_unused(name, values, self)
         shared = {k: v for k, v in values.items() if k in _shared_names() and k not in mine}
         options = {k: v for k, v in values.items() if k in self.options.names() and k not in theirs}
         return _copy(self, {**shared, "preset": name}, options, {**shared, **options})
@@ -280,6 +285,22 @@ class TrainConfig(RecordsGivenFields):
         if options is not None and name in options.names():
             return getattr(options, name)
         return algorithm_option_fields()[name].default
+
+
+def _warn_preset_unused(name: str, values: dict[str, Any], config: TrainConfig) -> None:
+    """Warn when a config given every field (``dataclasses.replace``) skips its preset."""
+    assert config.options is not None
+    current = {**config.options.to_dict(), **{k: getattr(config, k) for k in _shared_names()}}
+    differ = sorted(k for k, v in values.items() if k in current and current[k] != v)
+    if differ:
+        warnings.warn(
+            f"this TrainConfig was given every field (as dataclasses.replace does), so the "
+            f"{name!r} preset sets none of them ({', '.join(differ)} keep their values); "
+            f"build TrainConfig(env={config.env!r}, ...) with only the fields you set to get "
+            "the preset, or pass preset='none' to say you do not want it",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _copy(
