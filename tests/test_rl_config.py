@@ -8,6 +8,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,75 @@ def test_algorithms_do_not_import_the_config_module():
 
 
 FORBIDDEN = {"natgrad.rl.config", "natgrad.rl.train", "natgrad.cli", "natgrad.rl.policies"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": "100"}, r"--steps \(TrainConfig.steps\) must be an integer, got '100'"),
+        ({"steps": True}, "--steps .* must be an integer, got True of type bool"),
+        ({"steps": 700.5}, "--steps .* must be an integer, got 700.5"),
+        ({"num_envs": 2.0}, "--num-envs .* must be an integer, got 2.0"),
+        ({"num_steps": 64.7}, "--num-steps .* must be an integer"),
+        ({"seed": 1.5}, "--seed .* must be an integer"),
+        ({"seed": "0"}, "--seed .* must be an integer"),
+        ({"threads": 2.5}, "--threads .* must be an integer"),
+        ({"checkpoint_every": 1.5}, "--checkpoint-every .* must be an integer"),
+        ({"critic_epochs": 2.5}, "--critic-epochs .* must be an integer"),
+        ({"critic_minibatch": 100.5}, "--critic-minibatch .* must be an integer"),
+        ({"gamma": "0.9"}, r"--gamma \(TrainConfig.gamma\) must be a real number, got '0.9'"),
+        ({"gamma": None}, "--gamma .* must be a real number, got None"),
+        ({"critic_lr": False}, "--critic-lr .* must be a real number, got False"),
+        ({"norm_obs": "no"}, r"--norm-obs .* must be True or False, got 'no' of type str"),
+        ({"norm_reward": 0}, "--norm-reward .* must be True or False, got 0"),
+        ({"env": 123}, r"--env \(TrainConfig.env\) must be a string, got 123"),
+        ({"env": None}, "--env .* must be a string, got None"),
+        ({"hidden": "64"}, r"--hidden .* must be a tuple of integers, got '64'"),
+        ({"hidden": 64}, "--hidden .* must be a tuple of integers, got 64"),
+        ({"hidden": (64.9,)}, "--hidden .* must be a tuple of integers, got \\(64.9,\\)"),
+        ({"hidden": (True,)}, "--hidden .* must be a tuple of integers"),
+    ],
+)
+def test_a_wrongly_typed_option_is_refused_naming_the_field(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kwargs)
+    with pytest.raises(ConfigError, match=message):  # config.json / the CLI's path
+        TrainConfig.from_dict(kwargs)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: RatNPGOptions(max_kl="0.1"), r"--max-kl \(RatNPGOptions.max_kl\) must be a real"),
+        (lambda: RatNPGOptions(block_size=2.5), "--block-size .* must be an integer"),
+        (lambda: PPOOptions(ppo_epochs=1.5), r"--ppo-epochs \(PPOOptions.ppo_epochs\) must be an"),
+        (lambda: PPOOptions(ppo_minibatch=50.5), "--ppo-minibatch .* must be an integer"),
+        (lambda: RatNPGOptions(solver=1), "--solver .* must be a string"),
+        # an option of another algorithm, checked and dropped by from_dict
+        (lambda: TrainConfig.from_dict({"algo": "ppo", "max_kl": "0.1"}), "--max-kl must be a"),
+    ],
+)
+def test_a_wrongly_typed_algorithm_option_is_refused_naming_it(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_numpy_scalars_and_json_lists_are_stored_as_plain_python():
+    config = TrainConfig(
+        steps=np.int64(512), gamma=np.float32(0.5), norm_obs=np.bool_(False),
+        hidden=[np.int64(8), 4], critic_lr=1, options=RatNPGOptions(block_size=np.int32(64)),
+    )  # fmt: skip
+    assert config.hidden == (8, 4) and type(config.steps) is int and config.norm_obs is False
+    assert type(config.gamma) is float and config.gamma == 0.5 and type(config.critic_lr) is float
+    assert type(config.options.block_size) is int
+    assert TrainConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_every_option_annotation_has_a_type_check():
+    from natgrad.rl.options import _TYPES
+
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "options"]
+    for field in [*fields, *algorithm_option_fields().values()]:
+        assert field.type in _TYPES, field.name
+        what, accepts, _ = _TYPES[field.type]
+        assert accepts(field.default), (field.name, what)  # the defaults pass their own check

@@ -115,7 +115,7 @@ def test_the_docs_table_states_what_each_preset_sets():
         ({"gama": 0.9}, "sets unknown option 'gama'; known: .*gamma"),
         ({"env": "Hopper-v5"}, "sets 'env', which chooses the run"),
         ({"gamma": 1.5}, r"gamma must be in \[0, 1\], got 1.5"),
-        ({"max_kl": "big"}, "max_kl has a value of the wrong type"),
+        ({"max_kl": "big"}, "max_kl must be a real number, got 'big' of type str"),
     ],
 )
 def test_a_bad_preset_value_is_a_clear_error(monkeypatch, values, message):

@@ -159,3 +159,35 @@ def test_progress_columns_first_seen_after_the_first_row_are_kept(tmp_path):
     rows = read_progress(tmp_path / "progress.csv")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["solver_residual"] == 3e-4 and rows[2]["g_dot_d"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("CartPole-v1", r"got str; for an environment id write TrainConfig\(env='CartPole-v1'\)"),
+        ({"env": "CartPole-v1"}, r"got dict; build one with TrainConfig.from_dict"),
+        (3, "config must be a natgrad.rl.TrainConfig, got int"),
+    ],
+)
+def test_a_config_that_is_no_train_config_is_refused(tmp_path, config, message):
+    from natgrad.rl import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Trainer(config, tmp_path / "run", tensorboard=False)
+    with pytest.raises(ConfigError, match=message):
+        train(config, tmp_path / "run", tensorboard=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_steps_without_resume_is_refused_and_a_bad_resume_budget_is_named(tmp_path):
+    from natgrad.rl import ConfigError
+
+    with pytest.raises(ConfigError, match=r"applies to resume=True only.*TrainConfig\(steps="):
+        Trainer(TrainConfig.from_dict(SMALL), tmp_path / "new", steps=5, tensorboard=False)
+    assert not (tmp_path / "new").exists()
+    _run(tmp_path / "a", steps=256)
+    for steps in ("512", 600.5):
+        with pytest.raises(ConfigError, match=r"--steps \(TrainConfig.steps\) must be an integer"):
+            Trainer(None, tmp_path / "a", resume=True, steps=steps, tensorboard=False)
+    with pytest.raises(ConfigError, match="--steps 128 is below the 256 steps"):
+        Trainer(None, tmp_path / "a", resume=True, steps=128, tensorboard=False)

@@ -24,6 +24,7 @@ from natgrad.rl.options import (
     RecordsGivenFields,
     at_least_one_or_off,
     check_fields,
+    check_value,
     explicit_fields,
     flag,
     option,
@@ -140,7 +141,6 @@ class TrainConfig(RecordsGivenFields):
     """The chosen algorithm's options (``ALGORITHMS[algo].Options``); ``None``: its defaults."""
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)
         self._preset_values: dict[str, Any] | None = None
         self.validate()
 
@@ -350,10 +350,7 @@ def _algorithm_options(algo: str, values: dict[str, Any]) -> AlgorithmOptions:
     own = {k: v for k, v in values.items() if k in target.names()}
     for name, value in values.items():
         if name not in own:
-            field = algorithm_option_fields()[name]
-            check = field.metadata.get("check")
-            if check is not None:
-                check(flag(name), value)
+            check_value(algorithm_option_fields()[name], value, flag(name))
     return target(**own)
 
 

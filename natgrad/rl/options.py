@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from natgrad._checks import check_nonnegative_int
+from natgrad._checks import check_nonnegative_int, is_integer, is_real, np_bool
 from natgrad.rl._errors import ConfigError
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "RecordsGivenFields",
     "at_least_one_or_off",
     "check_fields",
+    "check_value",
     "explicit_fields",
     "flag",
     "help_of",
@@ -118,12 +119,59 @@ def one_of(choices: Choices) -> Check:
     return check
 
 
+def _is_widths(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(is_integer(v) for v in value)
+
+
+_TYPES: dict[str, tuple[str, Callable[[Any], bool], Callable[[Any], Any]]] = {
+    "int": ("an integer", is_integer, int),
+    "float": ("a real number", is_real, float),
+    "bool": ("True or False", lambda v: isinstance(v, (bool, np_bool)), bool),
+    "str": ("a string", lambda v: isinstance(v, str), str),
+    "tuple[int, ...]": ("a tuple of integers", _is_widths, lambda v: tuple(int(w) for w in v)),
+}
+"""Option annotation -> (what it means, does a value have that type, its plain Python form).
+
+NumPy scalars pass as their Python type (``np.int64`` as ``int``), ints as floats, a list
+of ints (a JSON array) as a tuple; a bool is not a number here. An annotation that is not
+a key (``options``) is checked by its owner.
+"""
+
+
+def check_value(field: dataclasses.Field, value: Any, label: str, owner: str = "") -> Any:
+    """``value`` of ``field`` checked against the field's annotation, then its own check.
+
+    ``label`` names it in the error (``--max-kl``), ``owner`` adds the Python spelling
+    (``RatNPGOptions`` gives ``RatNPGOptions.max_kl``). Returns the value in its plain
+    Python form (see :data:`_TYPES`); raises :class:`ConfigError`.
+    """
+    kind = _TYPES.get(field.type) if isinstance(field.type, str) else None
+    if kind is not None:
+        what, accepts, plain = kind
+        if not accepts(value):
+            where = f" ({owner}.{field.name})" if owner else ""
+            raise ConfigError(
+                f"{label}{where} must be {what}, got {value!r} of type "
+                f"{type(value).__name__}; pass e.g. {field.default!r} (the default)"
+            )
+        value = plain(value)
+    check = field.metadata.get("check")
+    if check is not None:
+        check(label, value)
+    return value
+
+
 def check_fields(options: Any) -> None:
-    """Run the check of every field of the dataclass instance ``options``, in field order."""
+    """Check every field of the dataclass instance ``options``, in field order.
+
+    Each field's type (from its annotation), then its value; stores its plain Python form.
+    """
+    owner = type(options).__name__
     for field in dataclasses.fields(options):
-        check = field.metadata.get("check")
-        if check is not None:
-            check(flag(field.name), getattr(options, field.name))
+        value = getattr(options, field.name)
+        plain = check_value(field, value, flag(field.name), owner)
+        if plain is not value:
+            setattr(options, field.name, plain)
 
 
 class RecordsGivenFields:

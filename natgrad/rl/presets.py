@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from natgrad.rl._errors import ConfigError
+from natgrad.rl.options import check_value
 
 __all__ = [
     "PRESETS",
@@ -220,11 +221,4 @@ def _check_values(where: str, values: Mapping[str, Any]) -> None:
         if name not in fields:
             known = ", ".join(sorted(set(fields) - _NOT_PRESETTABLE))
             raise ConfigError(f"{where} sets unknown option {name!r}; known: {known}")
-        check = fields[name].metadata.get("check")
-        if check is not None:
-            try:
-                check(f"{where}: {name}", value)
-            except TypeError as error:
-                raise ConfigError(
-                    f"{where}: {name} has a value of the wrong type: {error}"
-                ) from None
+        check_value(fields[name], value, f"{where}: {name}")

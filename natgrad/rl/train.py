@@ -65,6 +65,24 @@ def _seeds(seed: int) -> dict[str, int]:
     return {n: int(c.generate_state(1)[0]) for n, c in zip(names, children, strict=True)}
 
 
+def _require_config(config: Any) -> TrainConfig:
+    """``config`` if it is a :class:`TrainConfig`, else :class:`ConfigError` saying so."""
+    if config is None:
+        raise ConfigError("a TrainConfig is required unless resuming")
+    if not isinstance(config, TrainConfig):
+        hint = (
+            "; build one with TrainConfig.from_dict(...)"
+            if isinstance(config, dict)
+            else f"; for an environment id write TrainConfig(env={config!r})"
+            if isinstance(config, str)
+            else ""
+        )
+        raise ConfigError(
+            f"config must be a natgrad.rl.TrainConfig, got {type(config).__name__}{hint}"
+        )
+    return config
+
+
 def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,21 +191,26 @@ class Trainer:
         checkpoint = None
         if trust_env_state and not resume:
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
+        if steps is not None and not resume:
+            raise ConfigError(
+                "steps= (--steps with --resume) sets a resumed run's new budget and applies "
+                "to resume=True only; for a new run set TrainConfig(steps=...)"
+            )
         if resume:
             checkpoint = parallel.load_checkpoint(self.out_dir)
             with checkpoint_content(self.out_dir / CHECKPOINT_NAME):
                 config = TrainConfig.from_dict(checkpoint["config"])
                 done = int(checkpoint["global_step"])
-            if steps is not None and steps < done:
-                raise ConfigError(
-                    f"--steps {steps} is below the {done} steps this run has already taken; "
-                    f"pass --steps {done} or more (or evaluate it: natgrad eval {self.out_dir})"
-                )
             if steps is not None:
                 config.steps = steps
-                config.validate()
-        if config is None:
-            raise ConfigError("a TrainConfig is required unless resuming")
+                config.validate()  # its type and range, named --steps
+                if config.steps < done:
+                    raise ConfigError(
+                        f"--steps {steps} is below the {done} steps this run has already "
+                        f"taken; pass --steps {done} or more (or evaluate it: natgrad eval "
+                        f"{self.out_dir})"
+                    )
+        config = _require_config(config)
         if checkpoint is None:  # a resumed run keeps the preset values it recorded
             config = config.resolved()
         self.config = config
@@ -567,7 +590,7 @@ def train(
     tensorboard
         Write TensorBoard events if tensorboard is installed.
     """
-    config = config or TrainConfig()
+    config = _require_config(TrainConfig() if config is None else config)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(config)
     trainer = Trainer(config, out_dir, tensorboard=tensorboard)
     try:
