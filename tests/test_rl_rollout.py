@@ -8,8 +8,11 @@ import torch
 
 pytest.importorskip("gymnasium")
 
+import gymnasium  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from natgrad.rl import TrainConfig, Trainer, evaluate  # noqa: E402
+from natgrad.rl.envs import env_actions  # noqa: E402
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler  # noqa: E402
 from natgrad.rl.rollout import Collector, RolloutBuffer  # noqa: E402
 
@@ -75,3 +78,42 @@ def test_truncated_episodes_bootstrap_with_the_value_of_the_final_observation():
     torch.testing.assert_close(buffer.rewards, expected)
     assert buffer.dones.tolist() == [[True, False], [False, True], [False, False]]
     torch.testing.assert_close(buffer.values[:, 0], torch.tensor([0.0, 3.0, 6.0]))
+
+
+class ShiftedActions(gymnasium.Env):
+    """Actions {-1, 0, 1} (``Discrete(3, start=-1)``); the reward is the action taken."""
+
+    observation_space = spaces.Box(-1, 1, (2,), np.float32)
+    action_space = spaces.Discrete(3, start=-1)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(2, np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), f"{action!r} is not in {self.action_space}"
+        return np.zeros(2, np.float32), float(action), False, False, {}
+
+
+SHIFTED = "natgrad-test/ShiftedActions-v0"
+
+
+def test_env_actions_shift_discrete_indices_by_start_and_clip_boxes():
+    indices = np.array([0, 1, 2])
+    assert env_actions(spaces.Discrete(3, start=-1), indices).tolist() == [-1, 0, 1]
+    assert env_actions(spaces.Discrete(3), indices) is indices
+    box = spaces.Box(-1, 1, (2,), np.float32)
+    assert env_actions(box, np.array([[-3.0, 0.5]])).tolist() == [[-1.0, 0.5]]
+
+
+def test_a_discrete_space_with_a_start_gets_its_own_actions(tmp_path):
+    if SHIFTED not in gymnasium.registry:
+        gymnasium.register(SHIFTED, entry_point=ShiftedActions, max_episode_steps=8)
+    config = TrainConfig(env=SHIFTED, steps=128, num_envs=2, num_steps=32, hidden=(8,))
+    trainer = Trainer(config, tmp_path, tensorboard=False)
+    trainer.run(progress=False)
+    trainer.close()
+    assert set(trainer.buffer.acts.unique().tolist()) <= {0, 1, 2}  # the policy's indices
+    for deterministic in (True, False):
+        result = evaluate(tmp_path, episodes=2, deterministic=deterministic)
+        assert all(-8 <= r <= 8 for r in result.returns) and result.lengths == (8, 8)

@@ -10,7 +10,14 @@ import numpy as np
 
 from natgrad.rl._errors import ConfigError, MissingExtraError, import_gymnasium
 
-__all__ = ["env_state", "is_discrete", "make_env", "make_vec_env", "restore_env_state"]
+__all__ = [
+    "env_actions",
+    "env_state",
+    "is_discrete",
+    "make_env",
+    "make_vec_env",
+    "restore_env_state",
+]
 
 # Entry-point prefixes of environments that live behind an optional extra.
 _MUJOCO_ENTRY = "gymnasium.envs.mujoco"
@@ -21,6 +28,18 @@ def is_discrete(action_space: Any) -> bool:
     from gymnasium import spaces
 
     return isinstance(action_space, spaces.Discrete)
+
+
+def env_actions(action_space: Any, acts: np.ndarray) -> np.ndarray:
+    """The policy's actions ``acts`` as the environment takes them.
+
+    A categorical policy samples indices ``0..n-1``; ``Discrete(n, start=s)`` takes
+    ``s + index``. Gaussian samples are clipped to the ``Box`` bounds. Rollouts store (and
+    score) the policy's own actions, not these.
+    """
+    if is_discrete(action_space):
+        return acts + action_space.start if action_space.start != 0 else acts
+    return np.clip(acts, action_space.low, action_space.high)
 
 
 def _ensure_registered(env_id: str) -> None:

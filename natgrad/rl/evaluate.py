@@ -22,7 +22,7 @@ from natgrad.rl.checkpoint import (
     write_output,
 )
 from natgrad.rl.config import TrainConfig
-from natgrad.rl.envs import is_discrete, make_env
+from natgrad.rl.envs import env_actions, make_env
 from natgrad.rl.normalize import ObsNormalizer
 from natgrad.rl.policies import build_actor_critic
 from natgrad.rl.rollout import check_env_output
@@ -144,7 +144,6 @@ def evaluate(
             "written by this run"
         ) from None
     generator = torch.Generator().manual_seed(seed)
-    box = not is_discrete(env.action_space)
     returns, lengths, frames = [], [], []
     for k in range(episodes):
         raw, _ = env.reset(seed=seed + k)
@@ -155,8 +154,7 @@ def evaluate(
                 frames.append(_render(env, config.env))
             dist = policy(torch.as_tensor(norm(raw[None], update=False)))
             act = (mode(dist) if deterministic else sample(dist, generator))[0].numpy()
-            if box:
-                act = np.clip(act, env.action_space.low, env.action_space.high)
+            act = env_actions(env.action_space, act)
             raw, reward, terminated, truncated, _ = env.step(act)
             check_env_output(raw, reward, "step")
             total += float(reward)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from natgrad.distributions import log_prob, sample
 from natgrad.rl._errors import EnvOutputError
-from natgrad.rl.envs import is_discrete
+from natgrad.rl.envs import env_actions
 from natgrad.rl.gae import compute_gae
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_array, as_tensor
 
@@ -128,10 +128,7 @@ class Collector:
         self.obs_norm = obs_norm
         self.reward_scaler = reward_scaler
         self.gamma = gamma
-        space = vec_env.single_action_space
-        self.discrete = is_discrete(space)
-        self.low = None if self.discrete else space.low
-        self.high = None if self.discrete else space.high
+        self.action_space = vec_env.single_action_space
         num_envs = vec_env.num_envs
         self.obs: np.ndarray | None = None
         self.episode_return = np.zeros(num_envs)
@@ -167,9 +164,7 @@ class Collector:
             buffer.acts[t] = acts
             buffer.log_probs[t] = log_prob(dist, acts)
             buffer.values[t] = critic(obs)
-            env_acts = acts.numpy()
-            if not self.discrete:
-                env_acts = np.clip(env_acts, self.low, self.high)
+            env_acts = env_actions(self.action_space, acts.numpy())
             raw, reward, terminated, truncated, info = self.env.step(env_acts)
             check_env_output(raw, reward, "step")
             done = np.logical_or(terminated, truncated)
