@@ -168,3 +168,31 @@ def test_import_natgrad_does_not_need_gymnasium():
         "assert 'gymnasium' not in sys.modules, 'gymnasium imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("source", "poison", "name"),
+    [
+        ("policy.safetensors", "policy", "policy.head.bias"),
+        ("policy.safetensors", "obs_norm", "obs_norm.var"),
+        ("checkpoint.pt", "policy", "policy.head.bias"),
+        ("checkpoint.pt", "obs_norm", "collector.obs_norm.rms.var"),
+    ],
+)
+def test_eval_refuses_a_saved_policy_with_nan_or_inf(
+    capsys, tmp_path, finished_run, source, poison, name
+):
+    from natgrad.rl import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with pytest.warns(RuntimeWarning, match="re-seeded"):
+        trainer = Trainer(None, run, resume=True, tensorboard=False)
+    if poison == "policy":
+        trainer.policy.head.bias.data[0] = float("nan")
+    else:
+        trainer.collector.obs_norm.rms.var[1] = float("inf")
+    trainer.save()  # with its digests: the file is intact, its values are not
+    trainer.close()
+    err = _error(capsys, ["eval", str(run / source)])
+    assert f"{run / source}: the saved tensor {name!r} holds 1 NaN or inf value(s)" in err

@@ -57,10 +57,25 @@ class EvalResult:
         return float(np.std(self.returns))
 
 
+def _require_finite(path: Path, tensors: dict[str, Any]) -> None:
+    """Refuse ``path`` if a saved tensor (by its name in the file) holds NaN or inf."""
+    for name, value in tensors.items():
+        value = torch.as_tensor(value)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(
+                f"{path}: the saved tensor {name!r} holds {bad} NaN or inf value(s) of "
+                f"{value.numel()}, so the policy's actions and returns would be meaningless; "
+                "the file is damaged or was saved from a diverged policy: evaluate another "
+                "checkpoint or run"
+            )
+
+
 def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], int]:
     """``(config, policy state, obs-normalizer state, step)`` of a run, loaded safely.
 
     ``policy.safetensors`` is preferred; ``checkpoint.pt`` (``weights_only``) otherwise.
+    Every policy tensor and the observation statistics must be finite.
     """
     policy_file = run if run.suffix == ".safetensors" else run / POLICY_NAME
     if not policy_file.exists():
@@ -69,7 +84,11 @@ def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], i
         with checkpoint_content(path):
             config = TrainConfig.from_dict(state["config"])
             step = int(state["global_step"])
-            return config, state["policy"], state["collector"]["obs_norm"], step
+            policy, obs_norm = state["policy"], state["collector"]["obs_norm"]
+            rms = obs_norm["rms"]
+            _require_finite(path, {f"policy.{k}": v for k, v in policy.items()})
+            _require_finite(path, {f"collector.obs_norm.rms.{k}": rms[k] for k in ("mean", "var")})
+            return config, policy, obs_norm, step
     tensors, meta = load_policy(policy_file)
     try:
         config = TrainConfig.from_dict(json.loads(meta["config"]))
@@ -89,6 +108,8 @@ def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], i
             f"{policy_file} lacks natgrad's metadata ({type(error).__name__}: {error}); "
             "evaluate a policy.safetensors written by `natgrad train`"
         ) from None
+    _require_finite(policy_file, tensors)
+    _require_finite(policy_file, {f"obs_norm.{k}": obs_norm["rms"][k] for k in ("mean", "var")})
     policy = {k.removeprefix("policy."): v for k, v in tensors.items()}
     return config, policy, obs_norm, step
 
