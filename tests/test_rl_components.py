@@ -122,6 +122,15 @@ def test_unsupported_space_error():
         build_actor_critic(spaces.Box(-1, 1, (4,)), spaces.MultiBinary(3), (8,), torch.Generator())
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
+def test_an_integer_box_action_space_is_refused(dtype):
+    from natgrad.rl import ConfigError
+
+    space = spaces.Box(0, 1, (2,), dtype)
+    with pytest.raises(ConfigError, match=f"has dtype {np.dtype(dtype)}.*float Box action space"):
+        build_actor_critic(spaces.Box(-1, 1, (4,)), space, (8,), torch.Generator())
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"value": 1})

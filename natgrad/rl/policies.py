@@ -12,6 +12,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Normal
@@ -180,7 +181,8 @@ def build_actor_critic(
     observation_space
         ``Box`` with shape ``(d,)`` (MLP) or ``(H, W, C)`` (MinAtar CNN).
     action_space
-        ``Discrete`` (categorical policy) or ``Box`` of shape ``(k,)`` (diagonal Gaussian).
+        ``Discrete`` (categorical policy) or float ``Box`` of shape ``(k,)`` (diagonal
+        Gaussian).
     hidden
         Hidden layer widths (the CNN uses the last one for its dense layer).
     generator
@@ -205,6 +207,14 @@ def build_actor_critic(
         if is_discrete(action_space):
             policy: nn.Module = CategoricalPolicy(obs_shape, int(action_space.n), hidden)
         elif isinstance(action_space, spaces.Box) and len(action_space.shape) == 1:
+            if not np.issubdtype(action_space.dtype, np.floating):
+                raise ConfigError(
+                    f"action space {action_space} has dtype {action_space.dtype}, but the "
+                    "diagonal Gaussian policy samples real-valued actions, which the env "
+                    "would truncate or reject; give the env a float Box action space (e.g. "
+                    "gymnasium.wrappers.TransformAction rounding to integers inside it) or a "
+                    "Discrete one"
+                )
             policy = GaussianPolicy(obs_shape, int(action_space.shape[0]), hidden)
         else:
             raise ConfigError(
