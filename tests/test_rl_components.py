@@ -122,6 +122,25 @@ def test_unsupported_space_error():
         build_actor_critic(spaces.Box(-1, 1, (4,)), spaces.MultiBinary(3), (8,), torch.Generator())
 
 
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((3, 16, 16), r"H=3, W=16, C=16; C is larger than H or W, so it looks channel-first"),
+        ((4, 84, 84), "looks channel-first .*transpose\\(1, 2, 0\\)"),
+        ((1, 1, 3), "looks channel-first"),
+        ((2, 8, 1), r"3x3 convolution needs H and W >= 3"),
+    ],
+)
+def test_an_image_the_channels_last_cnn_would_misread_is_refused(shape, message):
+    from natgrad.rl import ConfigError
+
+    space = spaces.Box(0, 255, shape, np.uint8)
+    with pytest.raises(ConfigError, match=message):
+        build_actor_critic(space, spaces.Discrete(2), (8,), torch.Generator())
+    for fine in [(16, 16, 3), (10, 10, 10), (3, 3, 1)]:  # channels last, as MinAtar
+        build_actor_critic(spaces.Box(0, 1, fine), spaces.Discrete(2), (8,), torch.Generator())
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8, np.bool_])
 def test_an_integer_box_action_space_is_refused(dtype):
     from natgrad.rl import ConfigError

@@ -168,6 +168,31 @@ def _init(module: nn.Module, generator: torch.Generator, head_gain: float) -> No
         nn.init.zeros_(layer.bias)
 
 
+def _check_image(space: Any) -> None:
+    """Refuse a 3-D observation space the ``(H, W, C)`` CNN would misread or cannot convolve.
+
+    The last axis is read as channels: a last axis larger than ``H`` or ``W`` almost surely
+    means a channel-first ``(C, H, W)`` image (read as ``H = C``), and the 3x3 kernel needs
+    ``H, W >= 3``.
+    """
+    height, width, channels = space.shape
+    read_as = f"read as an (H, W, C) image, channels last as MinAtar returns them: H={height}, "
+    read_as += f"W={width}, C={channels}"
+    if channels > min(height, width):
+        raise ConfigError(
+            f"observation space {space} is {read_as}; C is larger than H or W, so it looks "
+            "channel-first (C, H, W). Wrap the env so it returns channels last, e.g. "
+            "gymnasium.wrappers.TransformObservation(env, lambda o: o.transpose(1, 2, 0), "
+            "<the transposed Box>), and register the wrapped env; if it really is channels "
+            "last, flatten it for the MLP with gymnasium.wrappers.FlattenObservation"
+        )
+    if min(height, width) < 3:
+        raise ConfigError(
+            f"observation space {space} is {read_as}; the CNN's 3x3 convolution needs H and "
+            "W >= 3; flatten it for the MLP with gymnasium.wrappers.FlattenObservation"
+        )
+
+
 def build_actor_critic(
     observation_space: Any,
     action_space: Any,
@@ -179,7 +204,8 @@ def build_actor_critic(
     Parameters
     ----------
     observation_space
-        ``Box`` with shape ``(d,)`` (MLP) or ``(H, W, C)`` (MinAtar CNN).
+        ``Box`` with shape ``(d,)`` (MLP) or ``(H, W, C)`` (MinAtar CNN; channels last,
+        ``C <= min(H, W)`` and ``H, W >= 3``).
     action_space
         ``Discrete`` (categorical policy) or float ``Box`` of shape ``(k,)`` (diagonal
         Gaussian).
@@ -201,6 +227,8 @@ def build_actor_critic(
             "observations of shape (d,) (MLP) or (H, W, C) images (CNN)"
         )
     obs_shape = tuple(observation_space.shape)
+    if len(obs_shape) == 3:
+        _check_image(observation_space)
     # Module constructors draw default inits from the global RNG; fork it so building a
     # policy leaves no trace there. The weights themselves come from ``generator`` below.
     with torch.random.fork_rng(devices=[]):
