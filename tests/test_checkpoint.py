@@ -164,3 +164,46 @@ def test_eval_a_shared_policy_file(capsys, run):
     for target in (run, run / "checkpoint.pt"):
         assert main(["eval", str(target), "--episodes", "2"]) == 0
         assert json.loads(capsys.readouterr().out)["returns"] == from_run["returns"]
+
+
+SAVED = ("checkpoint.json", "checkpoint.env.pkl", "policy.safetensors", "checkpoint.pt")
+
+
+def _failing_saves(monkeypatch, name):
+    """Make every write of ``name`` stop halfway, alternately out of space and Ctrl-C."""
+    import natgrad.rl.checkpoint as ck
+
+    original, failures = ck.atomic_write, []
+
+    def write(path, content):
+        if Path(path).name != name:
+            return original(path, content)
+        failures.append(path)
+        error = OSError(28, "No space left on device") if len(failures) % 2 else KeyboardInterrupt()
+
+        def half(handle):
+            handle.write(b"partial")
+            raise error
+
+        return original(path, half)
+
+    monkeypatch.setattr(ck, "atomic_write", write)
+    return failures
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_repeated_failed_saves_never_lose_the_last_checkpoint(capsys, run, monkeypatch, name):
+    failures = _failing_saves(monkeypatch, name)
+    for _ in range(4):  # more failed saves than records kept per file before the fix
+        try:
+            main(["train", "--resume", "--out", str(run), "--steps", "256", *RESUME])
+        except (OSError, SystemExit):
+            pass
+    assert len(failures) == 4
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert load_checkpoint(run / "checkpoint.pt")["global_step"] == 128
+    previous = 128 if name == "checkpoint.pt" else 64  # kept before checkpoint.pt's write
+    assert load_checkpoint(run / "checkpoint.prev.pt")["global_step"] == previous
+    assert main(["train", "--resume", "--out", str(run), "--steps", "192", *RESUME]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 192

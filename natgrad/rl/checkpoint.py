@@ -8,7 +8,8 @@ Files in a run directory (``DIR/checkpoint.pt`` is the checkpoint path):
 ``checkpoint.prev.pt``
     The checkpoint before it, kept intact while the next one is written.
 ``checkpoint.json``
-    The SHA-256 of every file written here (with its step); loading checks it, so a
+    The SHA-256 of every file here (with its step), recorded before the file is written
+    and kept while the file or its previous version is on disk; loading checks it, so a
     truncated, corrupted or replaced file is refused before it is parsed.
 ``checkpoint.env.pkl`` (and ``checkpoint.prev.env.pkl``)
     The pickled environments, for exact resume. Unpickling runs code from the file, so it
@@ -54,7 +55,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 DIGESTS_NAME = "checkpoint.json"
 POLICY_NAME = "policy.safetensors"
 CHECKPOINT_FORMAT = 2  # 1: natgrad 0.1, pickled environments and NumPy arrays inside
-_KEEP_PER_FILE = 3  # digests kept per file name: current, previous, and one being written
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
@@ -143,16 +143,37 @@ def _read_digests(directory: Path) -> list[dict[str, Any]] | None:
         ) from None
 
 
+def _disk_digests(directory: Path, name: str) -> set[str]:
+    """SHA-256 of ``directory/name`` and of its previous version, those that can be read."""
+    if Path(name).name != name:  # a forged record naming a file elsewhere
+        return set()
+    digests = set()
+    for path in (directory / name, _previous(directory / name)):
+        try:
+            digests.add(_sha256(path.read_bytes()))
+        except OSError:
+            continue
+    return digests
+
+
 def _record_digests(directory: Path, files: dict[str, str], info: dict[str, Any]) -> None:
-    """Add ``{file name: digest}`` to ``checkpoint.json``, before the files are replaced."""
+    """Add ``{file name: digest}`` to ``checkpoint.json``, before the files are replaced.
+
+    Earlier records are kept exactly while they match a file on disk (``name`` or its
+    ``*.prev.*``): a save that failed after recording its files leaves records that the
+    next save drops, and no number of failed saves can push out the record of an intact file.
+    """
     try:
         records = _read_digests(directory) or []
     except CheckpointError:  # a damaged record must not stop training: start it afresh
         records = []
+    names = {r.get("file") for r in records if isinstance(r.get("file"), str)}
+    on_disk = {name: _disk_digests(directory, name) for name in names}
+    records = [r for r in records if r["sha256"] in on_disk.get(r.get("file"), ())]
     records += [{"file": name, "sha256": digest, **info} for name, digest in files.items()]
     kept: list[dict[str, Any]] = []
-    for record in reversed(records):
-        if sum(r.get("file") == record.get("file") for r in kept) < _KEEP_PER_FILE:
+    for record in reversed(records):  # one record per file and digest: the newest
+        if not any((r["file"], r["sha256"]) == (record["file"], record["sha256"]) for r in kept):
             kept.append(record)
     text = json.dumps({"format": CHECKPOINT_FORMAT, "files": kept[::-1]}, indent=1)
     atomic_write_text(directory / DIGESTS_NAME, text + "\n")
