@@ -316,8 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Usage errors (bad options, unknown env or algo, missing optional extras, unwritable
     output paths, damaged checkpoints) exit with status 2 and one line on stderr, having
-    written nothing; a run stopped by natgrad's own error (e.g. repeated rejected updates)
-    exits with status 1 and one line.
+    written nothing; so does a run whose files cannot be written (disk full, read-only),
+    naming the file and the intact checkpoint. A run stopped by natgrad's own error (e.g.
+    repeated rejected updates) exits with status 1 and one line.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -169,25 +171,41 @@ def test_eval_a_shared_policy_file(capsys, run):
 SAVED = ("checkpoint.json", "checkpoint.env.pkl", "policy.safetensors", "checkpoint.pt")
 
 
-def _failing_saves(monkeypatch, name):
-    """Make every write of ``name`` stop halfway, alternately out of space and Ctrl-C."""
+def _failing_saves(monkeypatch, name, after=0, error=None):
+    """Make the writes of ``name`` after the first ``after`` stop halfway, raising ``error``.
+
+    By default alternately out of space and Ctrl-C. ``progress.csv`` fails in its logger.
+    Returns the list of failed writes.
+    """
     import natgrad.rl.checkpoint as ck
+    from natgrad.rl.logger import RunLogger
 
-    original, failures = ck.atomic_write, []
+    calls, failures = [], []
 
-    def write(path, content):
-        if Path(path).name != name:
-            return original(path, content)
-        failures.append(path)
-        error = OSError(28, "No space left on device") if len(failures) % 2 else KeyboardInterrupt()
+    def fail():
+        failures.append(name)
+        if error is not None:
+            return error
+        return OSError(28, "No space left on device") if len(failures) % 2 else KeyboardInterrupt()
 
-        def half(handle):
-            handle.write(b"partial")
-            raise error
+    def half(handle):
+        handle.write(b"partial")
+        raise fail()
 
-        return original(path, half)
+    def write(path, content, original=ck.atomic_write):
+        calls.append(Path(path).name)
+        if Path(path).name == name and calls.count(name) > after:
+            content = half
+        return original(path, content)
+
+    def log(logger, row, original=RunLogger.write):
+        calls.append("progress.csv")
+        if name == "progress.csv" and calls.count(name) > after:
+            raise fail()
+        return original(logger, row)
 
     monkeypatch.setattr(ck, "atomic_write", write)
+    monkeypatch.setattr(RunLogger, "write", log)
     return failures
 
 
@@ -207,3 +225,41 @@ def test_repeated_failed_saves_never_lose_the_last_checkpoint(capsys, run, monke
     assert load_checkpoint(run / "checkpoint.prev.pt")["global_step"] == previous
     assert main(["train", "--resume", "--out", str(run), "--steps", "192", *RESUME]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 192
+
+
+@pytest.mark.parametrize(
+    ("name", "after", "code", "intact"),
+    [
+        ("checkpoint.pt", 1, errno.ENOSPC, 64),
+        ("policy.safetensors", 0, errno.EROFS, None),
+        ("progress.csv", 2, errno.ENOSPC, 128),
+        ("checkpoint.json", 0, errno.EACCES, None),
+    ],
+)
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file_and_the_intact_checkpoint(
+    capsys, tmp_path, monkeypatch, name, after, code, intact
+):
+    out = tmp_path / "run"
+    _failing_saves(monkeypatch, name, after, OSError(code, os.strerror(code)))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--steps", "256", "--out", str(out), *TINY])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = err.strip().splitlines()[-1]
+    assert f"natgrad train: error: cannot write {out / name}: {os.strerror(code)}; " in err
+    assert f"free space or make '{out}' writable" in err
+    if intact is None:
+        assert err.endswith(
+            "no checkpoint was written yet, so nothing is saved: start the run again"
+        )
+        assert not (out / "checkpoint.pt").exists()
+        again = ["train", "--steps", "256", "--out", str(out), *TINY]
+    else:
+        assert err.endswith(
+            f"the last checkpoint (step {intact}) is intact: continue with --resume --out {out}"
+        )
+        again = ["train", "--resume", "--out", str(out), *RESUME]
+    monkeypatch.undo()  # space freed: the advice works
+    assert main(again) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 256

@@ -18,7 +18,10 @@ __all__ = [
 
 
 class ConfigError(NatgradError, ValueError):
-    """A training option, environment id or output directory is unusable."""
+    """A training option, environment id or output directory is unusable.
+
+    Also raised when a file of a run cannot be written mid-run (disk full, read-only).
+    """
 
 
 class CheckpointError(ConfigError):

@@ -61,20 +61,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
 
     Readers see the old or the new file, never a partial one; on any error the
-    temporary file is removed and ``path`` is left as it was.
+    temporary file is removed and ``path`` is left as it was. An ``OSError`` (disk full,
+    read-only file system) is raised with ``path`` as its file name.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as error:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from error
         raise
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` raised for ``path``, the file meant, rather than its temporary copy."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
 
 
 def writable_file(path: str | os.PathLike, flag: str) -> Path:
@@ -187,10 +196,13 @@ def _keep_previous(path: Path) -> None:
     tmp = previous.with_name(f".{previous.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(path, tmp)  # no copy: the old inode lives on as the previous version
-    except OSError:  # file systems without hard links
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, previous)
+        try:
+            os.link(path, tmp)  # no copy: the old inode lives on as the previous version
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, previous)
+    except OSError as error:
+        raise _naming(error, previous) from error
 
 
 def _encode_policy(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -8,7 +8,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from natgrad.rl.checkpoint import (
 from natgrad.rl.config import TrainConfig
 from natgrad.rl.critic import CriticTrainer
 from natgrad.rl.envs import env_state, is_discrete, make_vec_env, restore_env_state
-from natgrad.rl.logger import RunLogger
+from natgrad.rl.logger import PROGRESS_NAME, RunLogger
 from natgrad.rl.normalize import ObsNormalizer, RewardScaler, as_tensor
 from natgrad.rl.parallel import LocalRun, NullLogger
 from natgrad.rl.policies import build_actor_critic
@@ -273,12 +274,18 @@ class Trainer:
                 self._load(parallel.rank_state(checkpoint), seeds["envs"], trust_env_state)
         self.logger: RunLogger | NullLogger = NullLogger()
         if parallel.is_writer:
-            atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
-            self.logger = RunLogger(
-                self.out_dir,
-                resume_step=self.global_step if checkpoint is not None else None,
-                tensorboard=tensorboard,
-            )
+            try:
+                with self._writing(self.out_dir / "config.json"):
+                    atomic_write_text(self.out_dir / "config.json", config.to_json() + "\n")
+                with self._writing(self.out_dir / PROGRESS_NAME):
+                    self.logger = RunLogger(
+                        self.out_dir,
+                        resume_step=self.global_step if checkpoint is not None else None,
+                        tensorboard=tensorboard,
+                    )
+            except ConfigError:
+                self.env.close()
+                raise
 
     # -- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -341,12 +348,15 @@ class Trainer:
         if not self.parallel.is_writer:
             self.saved_step = self.global_step
             return
-        try:
-            save_checkpoint(path, state, env_state=envs, policy=self._policy_file())
-        except MissingExtraError as error:  # safetensors missing: the checkpoint still counts
-            self._policy_export = False
-            warnings.warn(f"{error}; {POLICY_NAME} is not written", RuntimeWarning, stacklevel=2)
-            save_checkpoint(path, state, env_state=envs)
+        with self._writing(path):
+            try:
+                save_checkpoint(path, state, env_state=envs, policy=self._policy_file())
+            except MissingExtraError as error:  # safetensors missing: the checkpoint counts
+                self._policy_export = False
+                warnings.warn(
+                    f"{error}; {POLICY_NAME} is not written", RuntimeWarning, stacklevel=2
+                )
+                save_checkpoint(path, state, env_state=envs)
         self.saved_step = self.global_step
 
     def _policy_file(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
@@ -372,6 +382,23 @@ class Trainer:
         if self.saved_step is None:
             return "no checkpoint was written"
         return f"the last checkpoint (step {self.saved_step}) is intact"
+
+    def continue_note(self) -> str:
+        """Where the last checkpoint stands and how to go on from it, for error messages."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet, so nothing is saved: start the run again"
+        return f"{self.checkpoint_note()}: continue with --resume --out {self.out_dir}"
+
+    @contextmanager
+    def _writing(self, path: Path) -> Iterator[None]:
+        """Report a failure to write ``path`` (disk full, read-only) as a ``ConfigError``."""
+        try:
+            yield
+        except OSError as error:
+            raise ConfigError(
+                f"cannot write {error.filename or path}: {error.strerror or error}; free "
+                f"space or make {str(self.out_dir)!r} writable; {self.continue_note()}"
+            ) from None
 
     # -- fault handling -----------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, Any], ...]:
@@ -527,6 +554,14 @@ class Trainer:
             More :class:`~natgrad.rl.callbacks.Callback` objects, called after the built-in
             ones (threads, solved threshold, rejection limit, checkpoints, progress bar,
             learning curve).
+
+        Raises
+        ------
+        ConfigError
+            A file of the run cannot be written (disk full, read-only file system); the
+            message names it and the last checkpoint, which is intact.
+        TrainingError
+            ``config.max_rejections`` consecutive updates were rejected.
         """
         cfg = self.config
         callbacks = self.parallel.callbacks(
@@ -545,7 +580,8 @@ class Trainer:
                 callback.on_start(self)
             while self.global_step < cfg.steps:
                 row = self.step()
-                self.logger.write(row)
+                with self._writing(self.out_dir / PROGRESS_NAME):
+                    self.logger.write(row)
                 for callback in callbacks:
                     callback.on_update(self, row)
             for callback in callbacks:
