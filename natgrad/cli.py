@@ -164,6 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; the message says where the run's checkpoint stands."""
+
+
+def _interrupted_note(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
+    """The one line printed when Ctrl-C stops ``args.command``: what is saved, what next."""
+    if isinstance(error, _Interrupted):
+        return f"interrupted; {error}"
+    if args.command != "train":
+        return "interrupted"
+    if args.resume:  # stopped before training: the checkpoint it resumes is untouched
+        return f"interrupted; the checkpoint is intact: continue with --resume --out {args.out}"
+    from natgrad.rl.train import NOTHING_SAVED  # already imported by `train`
+
+    return f"interrupted; {NOTHING_SAVED}"
+
+
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
     print(f"natgrad: warning: {message}", file=sys.stderr)
 
@@ -281,6 +298,8 @@ def _train_rank(args: argparse.Namespace, given: dict[str, Any], parallel: Any) 
         result = trainer.run(
             progress=args.progress and writer, solved_threshold=threshold, callbacks=callbacks
         )
+    except KeyboardInterrupt:
+        raise _Interrupted(trainer.continue_note()) from None
     finally:
         trainer.close()
     if writer:
@@ -343,10 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NatgradError as error:  # e.g. training stopped by repeated faulty updates
         message = " ".join(str(error).split())  # one line
         sub.exit(1, f"{sub.prog}: error: {message}\n")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         if _is_rank_zero():  # Ctrl-C reaches every rank: one note, not one per rank
-            print("interrupted; the last checkpoint is intact, continue with --resume",
-                  file=sys.stderr)  # fmt: skip
+            print(_interrupted_note(args, error), file=sys.stderr)
         return 130
     return 0
 

@@ -196,3 +196,44 @@ def test_eval_refuses_a_saved_policy_with_nan_or_inf(
     trainer.close()
     err = _error(capsys, ["eval", str(run / source)])
     assert f"{run / source}: the saved tensor {name!r} holds 1 NaN or inf value(s)" in err
+    ("stop_at", "note"),
+    [
+        (1, "no checkpoint was written yet, so nothing is saved: start the run again"),
+        (3, "the last checkpoint (step 256) is intact: continue with --resume --out {out}"),
+    ],
+    ids=["before-the-first-checkpoint", "after-a-checkpoint"],
+)
+def test_ctrl_c_says_what_is_saved_and_the_advice_works(
+    capsys, monkeypatch, tmp_path, stop_at, note
+):
+    from natgrad.rl.train import Trainer
+
+    out, step, calls = tmp_path / "run", Trainer.step, []
+
+    def interrupted(self):
+        calls.append(self.global_step)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    argv = ["train", "--steps", "384", "--checkpoint-every", "1", "--out", str(out), *TINY]
+    assert main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "interrupted; " + note.format(out=out)
+    monkeypatch.undo()
+    again = argv if stop_at == 1 else ["train", "--resume", "--out", str(out), *TINY[-2:]]
+    assert main(again) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 384
+
+
+def test_ctrl_c_in_eval_claims_no_checkpoint(capsys, monkeypatch, finished_run):
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module = importlib.import_module("natgrad.rl.evaluate")  # the module, not the function
+    monkeypatch.setattr(module, "evaluate", interrupted)
+    assert main(["eval", str(finished_run)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

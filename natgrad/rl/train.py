@@ -50,6 +50,8 @@ from natgrad.rl.rollout import Collector, RolloutBuffer
 
 __all__ = ["CURVE_NAME", "Trainer", "TrainResult", "default_out_dir", "train"]
 
+NOTHING_SAVED = "no checkpoint was written yet, so nothing is saved: start the run again"
+
 
 def default_out_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
     """``runs/<env>-<algo>-s<seed>-<YYYYmmdd-HHMMSS>`` (``/`` in env ids becomes ``_``)."""
@@ -386,7 +388,7 @@ class Trainer:
     def continue_note(self) -> str:
         """Where the last checkpoint stands and how to go on from it, for error messages."""
         if self.saved_step is None:
-            return "no checkpoint was written yet, so nothing is saved: start the run again"
+            return NOTHING_SAVED
         return f"{self.checkpoint_note()}: continue with --resume --out {self.out_dir}"
 
     @contextmanager
