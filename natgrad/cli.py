@@ -12,9 +12,12 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,20 +168,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training; the message says where the run's checkpoint stands."""
+    """Ctrl-C or SIGTERM (``signum``) stopped training; the message says what is saved."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    """Stop training on SIGTERM (e.g. a cluster's preemption) as on Ctrl-C."""
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Interrupted(signum=signum)
+
+
+@contextmanager
+def _sigterm_as_ctrl_c(enabled: bool) -> Iterator[None]:
+    """While training one process, SIGTERM stops it as Ctrl-C does.
+
+    The save in progress is abandoned (its temporary file removed), the note printed, and
+    the exit status is 143. Data-parallel ranks keep the default: their launcher ends them
+    with SIGTERM, and a rank waiting in a collective would not run a Python handler.
+    """
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _interrupted_note(args: argparse.Namespace, error: KeyboardInterrupt) -> str:
     """The one line printed when Ctrl-C stops ``args.command``: what is saved, what next."""
-    if isinstance(error, _Interrupted):
-        return f"interrupted; {error}"
+    signum = getattr(error, "signum", signal.SIGINT)
+    stopped = (
+        "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    )
+    if str(error):
+        return f"{stopped}; {error}"
     if args.command != "train":
-        return "interrupted"
+        return stopped
     if args.resume:  # stopped before training: the checkpoint it resumes is untouched
-        return f"interrupted; the checkpoint is intact: continue with --resume --out {args.out}"
+        return f"{stopped}; the checkpoint is intact: continue with --resume --out {args.out}"
     from natgrad.rl.train import NOTHING_SAVED  # already imported by `train`
 
-    return f"interrupted; {NOTHING_SAVED}"
+    return f"{stopped}; {NOTHING_SAVED}"
 
 
 def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
@@ -240,7 +275,8 @@ def _train(args: argparse.Namespace) -> int:
     parallel = join_from_env()
     finished = False
     try:
-        code = _train_rank(args, given, parallel)
+        with _sigterm_as_ctrl_c(enabled=parallel.world_size == 1):
+            code = _train_rank(args, given, parallel)
         finished = True
         return code
     finally:
@@ -298,8 +334,9 @@ def _train_rank(args: argparse.Namespace, given: dict[str, Any], parallel: Any) 
         result = trainer.run(
             progress=args.progress and writer, solved_threshold=threshold, callbacks=callbacks
         )
-    except KeyboardInterrupt:
-        raise _Interrupted(trainer.continue_note()) from None
+    except KeyboardInterrupt as error:
+        signum = getattr(error, "signum", signal.SIGINT)
+        raise _Interrupted(trainer.continue_note(), signum) from None
     finally:
         trainer.close()
     if writer:
@@ -365,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         if _is_rank_zero():  # Ctrl-C reaches every rank: one note, not one per rank
             print(_interrupted_note(args, error), file=sys.stderr)
-        return 130
+        return 128 + getattr(error, "signum", signal.SIGINT)  # 130, or 143 for SIGTERM
     return 0
 
 

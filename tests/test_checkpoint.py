@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,7 @@ def test_repeated_failed_saves_never_lose_the_last_checkpoint(capsys, run, monke
     assert load_checkpoint(run / "checkpoint.pt")["global_step"] == 128
     previous = 128 if name == "checkpoint.pt" else 64  # kept before checkpoint.pt's write
     assert load_checkpoint(run / "checkpoint.prev.pt")["global_step"] == previous
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
     assert main(["train", "--resume", "--out", str(run), "--steps", "192", *RESUME]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 192
 
@@ -263,3 +265,54 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_file_and_the_intact_che
     monkeypatch.undo()  # space freed: the advice works
     assert main(again) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 256
+
+
+def test_sigterm_mid_save_stops_like_ctrl_c(capsys, tmp_path, monkeypatch):
+    import natgrad.rl.checkpoint as ck
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the test: natgrad did not handle it")
+
+    def terminated_halfway(handle):
+        handle.write(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)  # a cluster's preemption, mid-write
+        raise AssertionError("SIGTERM did not stop the write")
+
+    original, writes = ck.atomic_write, []
+
+    def write(path, content):
+        writes.append(Path(path).name)
+        if writes.count("checkpoint.pt") == 2:
+            content = terminated_halfway
+        return original(path, content)
+
+    monkeypatch.setattr(ck, "atomic_write", write)
+    out = tmp_path / "run"
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert main(["train", "--steps", "256", "--out", str(out), *TINY]) == 143
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # restored after training
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"stopped by SIGTERM; the last checkpoint (step 64) is intact: continue with --resume "
+        f"--out {out}"
+    )
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--out", str(out), *RESUME]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 256
+
+
+def test_the_next_save_removes_temporary_files_a_kill_left(capsys, run):
+    left = [".checkpoint.pt.k1ll3d.tmp", ".checkpoint.prev.pt.tmp", ".checkpoint.json.x.tmp",
+            ".checkpoint.env.pkl.y.tmp", ".checkpoint.prev.env.pkl.tmp",
+            ".policy.safetensors.z.tmp"]  # fmt: skip
+    for name in [*left, ".notes.tmp", "checkpoint.pt.tmp"]:
+        (run / name).write_bytes(b"partial")
+    assert main(["train", "--resume", "--out", str(run), "--steps", "192", *RESUME]) == 0
+    assert sorted(p.name for p in run.iterdir() if "tmp" in p.name) == [
+        ".notes.tmp",  # not natgrad's: kept
+        "checkpoint.pt.tmp",
+    ]

@@ -195,3 +195,36 @@ def test_kill_9_then_resume_continues_bit_for_bit(tmp_path):
         for name, value in whole[part].items():
             assert torch.equal(resumed[part][name], value), name
     assert json.loads((killed / "config.json").read_text())["steps"] == 3072
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_resume_continues(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--steps", "100000", "--num-envs", "2", "--num-steps", "64", "--hidden",
+            "8", "--critic-epochs", "1", "--checkpoint-every", "1", "--no-progress",
+            "--no-tensorboard", "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "natgrad.cli", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoint.prev.pt").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # a cluster's preemption
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM; the last checkpoint (step "), err
+    assert last.endswith(f") is intact: continue with --resume --out {run}")
+    step = int(last.split("(step ")[1].split(")")[0])
+    # (+ one update if the signal came between the file's rename and the trainer's record)
+    assert load_checkpoint(run / "checkpoint.pt")["global_step"] in (step, step + 128)
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    argv = ["train", "--resume", "--out", str(run), "--steps", str(step + 128), "--no-progress"]
+    assert main([*argv, "--no-tensorboard"]) == 0

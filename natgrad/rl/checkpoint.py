@@ -18,18 +18,20 @@ Files in a run directory (``DIR/checkpoint.pt`` is the checkpoint path):
     The policy weights and observation statistics, for sharing and ``natgrad eval``.
 
 Every file is written to a temporary file and moved into place with ``os.replace``, so a
-crash (even ``kill -9``) leaves the old or the new file, never a partial one.
+crash (even ``kill -9``) leaves the old or the new file, never a partial one; the next save
+removes the temporary files such a crash left.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -201,8 +203,17 @@ def _keep_previous(path: Path) -> None:
         except OSError:  # file systems without hard links
             shutil.copyfile(path, tmp)
         os.replace(tmp, previous)
+        tmp.unlink(missing_ok=True)  # left if previous was this file already (no-op rename)
     except OSError as error:
         raise _naming(error, previous) from error
+
+
+def _remove_temporaries(paths: Iterable[Path]) -> None:
+    """Remove the temporary files of ``paths`` (and their ``*.prev.*``) that a killed save left."""
+    for path in paths:
+        for name in (path.name, _previous(path).name):
+            for stale in path.parent.glob(f".{glob.escape(name)}.*tmp"):
+                stale.unlink(missing_ok=True)
 
 
 def _encode_policy(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -249,6 +260,7 @@ def save_checkpoint(
     buffer = io.BytesIO()
     torch.save({**state, "format": CHECKPOINT_FORMAT, "env_state_sha256": env_digest}, buffer)
     files[path] = buffer.getvalue()
+    _remove_temporaries([*files, path.parent / DIGESTS_NAME])
     _record_digests(path.parent, {p.name: _sha256(d) for p, d in files.items()}, info)
     for target, data in files.items():  # the environments before the checkpoint naming them
         if target.name != POLICY_NAME:
