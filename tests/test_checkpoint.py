@@ -316,3 +316,16 @@ def test_the_next_save_removes_temporary_files_a_kill_left(capsys, run):
         ".notes.tmp",  # not natgrad's: kept
         "checkpoint.pt.tmp",
     ]
+
+
+def test_a_missing_checkpoint_offers_the_intact_previous_one(capsys, run):
+    path = run / "checkpoint.pt"
+    path.unlink()
+    (run / "policy.safetensors").unlink()  # eval falls back to checkpoint.pt
+    for argv in (["train", "--resume", "--out", str(run), *RESUME], ["eval", str(run)]):
+        err = _error(capsys, argv)
+        assert f"no checkpoint.pt in '{run}'" in err
+        assert f"the previous checkpoint (step 64) is intact: cp {run}/checkpoint.prev.pt" in err
+    shutil.copy(run / "checkpoint.prev.pt", path)  # the advice works
+    assert main(["train", "--resume", "--out", str(run), "--steps", "128", *RESUME]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 128

@@ -295,6 +295,8 @@ def _read_verified(path: Path, hint: Callable[[Path], str], required: bool) -> b
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if _previous(path).exists():  # the checkpoint was removed, its previous one was not
+            raise CheckpointError(f"no {path.name} in {str(path.parent)!r}; {hint(path)}") from None
         raise CheckpointError(
             f"no {path.name} in {str(path.parent)!r}; pass the --out directory of a "
             "`natgrad train` run"
