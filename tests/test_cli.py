@@ -196,6 +196,9 @@ def test_eval_refuses_a_saved_policy_with_nan_or_inf(
     trainer.close()
     err = _error(capsys, ["eval", str(run / source)])
     assert f"{run / source}: the saved tensor {name!r} holds 1 NaN or inf value(s)" in err
+
+
+@pytest.mark.parametrize(
     ("stop_at", "note"),
     [
         (1, "no checkpoint was written yet, so nothing is saved: start the run again"),
