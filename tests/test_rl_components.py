@@ -163,3 +163,43 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert load_checkpoint(path)["value"] == 1
     # no temporary file left behind
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.json", "checkpoint.pt"]
+
+
+def test_a_module_qualified_env_id_imports_its_module(tmp_path, monkeypatch, capsys):
+    """gymnasium's ``"module:Env-v0"`` form (how a custom env is reached from the command
+    line) was refused as an unknown environment."""
+    from natgrad.cli import main
+    from natgrad.rl import ConfigError
+    from natgrad.rl.envs import make_env
+
+    (tmp_path / "natgrad_tmp_envs.py").write_text(
+        "import gymnasium\n"
+        "gymnasium.register('NatgradTmpCartPole-v0', "
+        "entry_point='gymnasium.envs.classic_control:CartPoleEnv', max_episode_steps=50)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env_id = "natgrad_tmp_envs:NatgradTmpCartPole-v0"
+    make_env(env_id).close()
+    argv = ["train", "--env", env_id, "--steps", "128", "--num-envs", "2", "--num-steps", "64"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress", "--no-tensorboard"]) == 0
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="names the module 'natgrad_no_such_module'"):
+        make_env("natgrad_no_such_module:Foo-v0")
+
+
+def test_an_env_needing_a_package_natgrad_does_not_ship_keeps_gymnasiums_hint(monkeypatch):
+    import gymnasium as gym
+
+    from natgrad.rl import ConfigError
+    from natgrad.rl.envs import make_env
+
+    def missing(*args, **kwargs):
+        raise gym.error.DependencyNotInstalled(
+            'Box2D is not installed, run `pip install "gymnasium[box2d]"`'
+        )
+
+    monkeypatch.setattr(gym, "make", missing)
+    with pytest.raises(
+        ConfigError, match=r"needs a package that is not installed .*gymnasium\[box2d\]"
+    ):
+        make_env("CartPole-v1")

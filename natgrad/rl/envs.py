@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import pickle
 from typing import Any
 
 import numpy as np
 
-from natgrad.rl._errors import ConfigError, MissingExtraError, import_gymnasium
+from natgrad.rl._errors import ConfigError, MissingExtraError, first_line, import_gymnasium
 
 __all__ = [
     "env_actions",
@@ -84,17 +85,42 @@ def make_env(env_id: str, **kwargs: Any) -> Any:
     """
     gym = import_gymnasium()
     _ensure_registered(env_id)
-    if env_id not in gym.registry:
+    registered = _import_registering_module(env_id)
+    if registered not in gym.registry:
         raise _unknown_env(env_id)
-    entry = str(gym.registry[env_id].entry_point)
+    entry = str(gym.registry[registered].entry_point)
     try:
         return gym.make(env_id, **kwargs)
-    except gym.error.DependencyNotInstalled as error:
-        extra = "mujoco" if entry.startswith(_MUJOCO_ENTRY) else "rl"
-        raise MissingExtraError(f"environment {env_id!r}", extra) from error
+    except (gym.error.DependencyNotInstalled, ImportError) as error:
+        if entry.startswith(_MUJOCO_ENTRY):
+            raise MissingExtraError(f"environment {env_id!r}", "mujoco") from error
+        # not one of natgrad's extras (Box2D, ...): gymnasium's message says what to install
+        raise ConfigError(
+            f"environment --env {env_id!r} needs a package that is not installed "
+            f"({first_line(error)}); install it, or pick another --env"
+        ) from error
+
+
+def _import_registering_module(env_id: str) -> str:
+    """For ``"module:Env-v0"`` (gymnasium's form), import ``module``; return the id itself.
+
+    Raises
+    ------
+    ConfigError
+        The module cannot be imported.
+    """
+    module, sep, registered = env_id.partition(":")
+    if not sep:
+        return env_id
+    try:
+        importlib.import_module(module)
     except ImportError as error:
-        extra = "mujoco" if entry.startswith(_MUJOCO_ENTRY) else "rl"
-        raise MissingExtraError(f"environment {env_id!r}", extra) from error
+        raise ConfigError(
+            f"--env {env_id!r} names the module {module!r} to import before making "
+            f"{registered!r}, but importing it failed ({first_line(error)}); check the "
+            "module path (it must be importable from this Python)"
+        ) from error
+    return registered
 
 
 def make_vec_env(env_id: str, num_envs: int) -> Any:
