@@ -52,6 +52,8 @@ MISUSES = [
     (["train", "--cg-damping", "-1", "--out", "OUT"], "--cg-damping must be >= 0"),
     (["train", "--gamma", "nan", "--out", "OUT"], "--gamma must be in [0, 1]"),
     (["train", "--rat-tol", "1.5", "--out", "OUT"], "--rat-tol must be in (0, 1)"),
+    (["train", "--algo", "rat-trpo", "--backtrack-coeff", "0", "--out", "OUT"],
+     "--backtrack-coeff must be in (0, 1)"),
     (["train", "--trust-env-state", "--out", "OUT"], "--trust-env-state applies to --resume"),
     (["train", "--resume", "--out", "OUT"], "no checkpoint.pt in"),
     (["train", "--resume"], "--resume needs --out DIR"),

@@ -14,7 +14,7 @@ from natgrad._guard import functional_call
 from natgrad.distributions import kl as kl_divergence
 from natgrad.distributions import log_prob, mean_kl
 from natgrad.rl.algorithms.base import surrogate
-from natgrad.rl.options import AlgorithmOptions, option, positive, unit_interval
+from natgrad.rl.options import AlgorithmOptions, open_unit_interval, option, positive
 
 __all__ = ["LineSearchOptions", "LineSearchResult", "backtracking_line_search"]
 
@@ -24,8 +24,8 @@ class LineSearchOptions(AlgorithmOptions):
     """Options of the backtracking line search (``rat-trpo``, ``cg-trpo``)."""
 
     backtrack_iters: int = option(10, "Candidates tried by the line search.", positive)
-    backtrack_coeff: float = option(0.5, "Shrink factor between line-search candidates.",
-                                    unit_interval)  # fmt: skip
+    backtrack_coeff: float = option(0.5, "Shrink factor between line-search candidates, in (0, 1).",
+                                    open_unit_interval)  # fmt: skip
 
 
 @dataclass(frozen=True)
