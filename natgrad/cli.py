@@ -249,6 +249,27 @@ def _launch(args: argparse.Namespace, given: dict[str, Any]) -> int:
     return launch(argv, args.nproc)
 
 
+def _warn_unused_flags(given: dict[str, Any]) -> None:
+    """Warn about flags of algorithms other than ``--algo`` (they have no effect)."""
+    from natgrad.rl.algorithms import ALGORITHMS
+    from natgrad.rl.config import TrainConfig, algorithm_option_fields
+
+    algo = given.get("algo", TrainConfig.algo)
+    if algo not in ALGORITHMS:
+        return  # refused with the list of algorithms when the config is built
+    unused = sorted(
+        set(given) & set(algorithm_option_fields()) - set(ALGORITHMS[algo].Options.names())
+    )
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        warnings.warn(
+            f"{flags} {'does' if len(unused) == 1 else 'do'} not apply to --algo {algo} "
+            "and will be ignored; `natgrad train --help` marks each flag's algorithms",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from natgrad.rl._errors import ConfigError
     from natgrad.rl.launch import join_from_env, launched_world_size
@@ -260,6 +281,8 @@ def _train(args: argparse.Namespace) -> int:
     }
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
+    if not args.resume:  # a resumed run refuses changed flags anyway
+        _warn_unused_flags(given)
     world = launched_world_size()
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")

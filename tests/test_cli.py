@@ -102,6 +102,14 @@ def test_bad_value(capsys, tmp_path):
     assert "--rat-preconditioner-rank must be an integer >= 0" in err
 
 
+def test_a_flag_of_another_algorithm_is_warned_about(capsys, tmp_path):
+    argv = ["train", "--algo", "ppo", "--damping", "0.5", "--cg-iters", "3", "--steps", "128",
+            "--out", str(tmp_path / "run"), *TINY]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "--cg-iters, --damping do not apply to --algo ppo and will be ignored" in err
+
+
 @pytest.mark.parametrize(
     ("env", "extra", "module"),
     [("Hopper-v5", "mujoco", "mujoco"), ("MinAtar/Breakout-v1", "minatar", "minatar")],
