@@ -281,8 +281,6 @@ def _train(args: argparse.Namespace) -> int:
     }
     if "hidden" in given:
         given["hidden"] = tuple(given["hidden"])
-    if not args.resume:  # a resumed run refuses changed flags anyway
-        _warn_unused_flags(given)
     world = launched_world_size()
     if args.nproc is not None and args.nproc < 1:
         raise ConfigError(f"--nproc must be at least 1, got {args.nproc}")
@@ -343,6 +341,7 @@ def _train_rank(args: argparse.Namespace, given: dict[str, Any], parallel: Any) 
         if args.trust_env_state:
             raise ConfigError("--trust-env-state applies to --resume only; add --resume")
         config = TrainConfig.from_dict(given)
+        _warn_unused_flags(given)  # once the flags are known to be valid
         out = args.out if args.out is not None else default_out_dir(config)
         trainer = Trainer(config, out, tensorboard=args.tensorboard, parallel=parallel)
     config = trainer.config

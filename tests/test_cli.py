@@ -68,6 +68,7 @@ MISUSES = [
     (["eval", "RUN", "--seed", "-1"], "--seed must be >= 0"),
     (["eval", "RUN", "--gif", "OUT/x.gif"], "--gif"),
     (["eval", "OUT"], "no checkpoint.pt in"),
+    (["eval", "RUN/config.json"], "is a file, not a run: pass the run's directory"),
 ]  # fmt: skip
 
 

@@ -77,6 +77,11 @@ def _load_run(run: Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any], i
     ``policy.safetensors`` is preferred; ``checkpoint.pt`` (``weights_only``) otherwise.
     Every policy tensor and the observation statistics must be finite.
     """
+    if run.is_file() and run.suffix not in (".safetensors", ".pt"):
+        raise ConfigError(
+            f"{str(run)!r} is a file, not a run: pass the run's directory "
+            f"({str(run.parent)!r}), its {POLICY_NAME} or its {CHECKPOINT_NAME}"
+        )
     policy_file = run if run.suffix == ".safetensors" else run / POLICY_NAME
     if not policy_file.exists():
         path = run if run.suffix == ".pt" else run / CHECKPOINT_NAME
