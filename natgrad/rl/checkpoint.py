@@ -363,8 +363,15 @@ def checkpoint_content(path: str | os.PathLike) -> Iterator[None]:
     """
     try:
         yield
-    except NatgradError:
+    except CheckpointError:
         raise
+    except NatgradError as error:
+        if not isinstance(error, ConfigError):  # a saved config's bad field is the file's
+            raise
+        path = Path(path)
+        raise CheckpointError(
+            f"{path} does not fit this run: {first_line(error)}; {_previous_hint(path)}"
+        ) from None
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
         path = Path(path)
         raise CheckpointError(
