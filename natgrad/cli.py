@@ -411,6 +411,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one line each, no source excerpt
+            # torch's own forward-mode decompositions (first jvp, K-FAC and the expected
+            # Fisher) call its deprecated torch.jit.script: nothing a user can act on
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+            )
             if args.command == "train":
                 return _train(args)
             if args.command == "plot":

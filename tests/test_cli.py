@@ -103,6 +103,15 @@ def test_bad_value(capsys, tmp_path):
     assert "--rat-preconditioner-rank must be an integer >= 0" in err
 
 
+def test_torchs_internal_deprecation_is_not_shown_as_natgrads_warning(tmp_path):
+    # K-FAC's first jvp imports torch's decompositions, which call torch.jit.script; a
+    # fresh process, so that the import happens in this run
+    argv = ["train", "--algo", "kfac", "--steps", "128", "--out", str(tmp_path / "run"), *TINY]
+    done = subprocess.run([sys.executable, "-m", "natgrad", *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "jit.script" not in done.stderr
+
+
 def test_a_flag_of_another_algorithm_is_warned_about(capsys, tmp_path):
     argv = ["train", "--algo", "ppo", "--damping", "0.5", "--cg-iters", "3", "--steps", "128",
             "--out", str(tmp_path / "run"), *TINY]  # fmt: skip
