@@ -203,3 +203,11 @@ def test_an_env_needing_a_package_natgrad_does_not_ship_keeps_gymnasiums_hint(mo
         ConfigError, match=r"needs a package that is not installed .*gymnasium\[box2d\]"
     ):
         make_env("CartPole-v1")
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    """mkstemp's 0600 made every checkpoint, policy and config unreadable to the group."""
+    atomic_write(tmp_path / "a.bin", lambda handle: handle.write(b"x"))
+    with open(tmp_path / "b.bin", "wb") as handle:
+        handle.write(b"x")
+    assert (tmp_path / "a.bin").stat().st_mode == (tmp_path / "b.bin").stat().st_mode

@@ -59,17 +59,29 @@ POLICY_NAME = "policy.safetensors"
 CHECKPOINT_FORMAT = 2  # 1: natgrad 0.1, pickled environments and NumPy arrays inside
 
 
+def _umask_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_DEFAULT_MODE = _umask_mode()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place.
 
-    Readers see the old or the new file, never a partial one; on any error the
-    temporary file is removed and ``path`` is left as it was. An ``OSError`` (disk full,
-    read-only file system) is raised with ``path`` as its file name.
+    The file gets the mode a plain ``open()`` would give (0o666 less the umask natgrad
+    found on import). Readers see the old or the new file, never a partial one; on any
+    error the temporary file is removed and ``path`` is left as it was. An ``OSError``
+    (disk full, read-only file system) is raised with ``path`` as its file name.
     """
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, _DEFAULT_MODE)  # mkstemp's 0600 would hide the run from the group
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
