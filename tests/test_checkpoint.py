@@ -329,3 +329,28 @@ def test_a_missing_checkpoint_offers_the_intact_previous_one(capsys, run):
     shutil.copy(run / "checkpoint.prev.pt", path)  # the advice works
     assert main(["train", "--resume", "--out", str(run), "--steps", "128", *RESUME]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 128
+
+
+@pytest.mark.parametrize("rewrite", ["resume", "new-column"])
+def test_an_interrupted_rewrite_of_progress_csv_keeps_every_row(tmp_path, monkeypatch, rewrite):
+    """Resuming (rows after the checkpoint dropped) and a new column rewrite the CSV; it
+    was truncated in place first, so a Ctrl-C mid-rewrite lost the rows."""
+    import csv
+
+    from natgrad.rl.logger import RunLogger
+
+    logger = RunLogger(tmp_path, tensorboard=False)
+    for step in (64, 128, 192):
+        logger.write({"step": step, "kl": 0.01})
+    before = (tmp_path / "progress.csv").read_bytes()
+
+    def interrupted(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        if rewrite == "resume":
+            RunLogger(tmp_path, resume_step=128, tensorboard=False)
+        else:
+            logger.write({"step": 256, "kl": 0.01, "new_metric": 1.0})
+    assert (tmp_path / "progress.csv").read_bytes() == before

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 from typing import Any
+
+from natgrad.rl.checkpoint import atomic_write_text
 
 __all__ = ["RunLogger", "read_progress"]
 
@@ -60,10 +63,7 @@ class RunLogger:
                 reader = csv.DictReader(handle)
                 self.fields = list(reader.fieldnames or [])
                 rows = [r for r in reader if float(r["step"]) <= resume_step]
-            with open(self.path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            self._rewrite(rows)
         elif self.path.exists():
             self.path.unlink()
         self.writer = None
@@ -105,10 +105,19 @@ class RunLogger:
         with open(self.path, newline="") as handle:
             rows = list(csv.DictReader(handle))
         self.fields = [*self.fields, *new]
-        with open(self.path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        self._rewrite(rows)
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the CSV by ``rows`` under the current header, atomically.
+
+        An interruption leaves the old file whole (rows are never lost mid-rewrite).
+        """
+        assert self.fields is not None
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self.fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path, text.getvalue())
 
     def close(self) -> None:
         """Flush and close TensorBoard."""
