@@ -34,9 +34,6 @@ Resumable: finished rows are kept in ``results/call_profile.json`` and skipped.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -50,8 +47,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import resumable  # noqa: E402
 from problems import log_prob_fn, make_problem  # noqa: E402
-from run import cosine, exact_direction, flat, provenance, trpo_cg, vanilla_backward  # noqa: E402
+from run import cosine, exact_direction, flat, trpo_cg, vanilla_backward  # noqa: E402
 
 RESULTS = HERE / "results" / "call_profile.json"
 ROWS = (("mlp", 256), ("mlp", 2048), ("cnn", 1024), ("transformer", 512))
@@ -215,45 +213,19 @@ def crossover_row(name: str, num_samples: int, repeats: int) -> dict:
     return row
 
 
+def report(row: dict) -> str:
+    phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["natgrad"]["phases"].items())
+    return (
+        f"{row['problem']} N={row['N']}: natgrad {row['natgrad']['seconds'] * 1e3:.1f} ms "
+        f"({phases}); {row['natgrad_over_backward']:.1f}x backward; "
+        f"{row['natgrad_over_trpo']:.2f}x TRPO-CG ({row['trpo']['iterations']} it, "
+        f"cos {row['trpo']['cosine']:.4f})"
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", default=None)
-    parser.add_argument("--sizes", nargs="+", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--machine", default=f"{platform.machine()} CPU")
-    parser.add_argument("--fresh", action="store_true", help="discard finished rows")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    run_provenance = provenance(args.machine)  # before this run writes its results file
-    rows = [
-        (p, n)
-        for p, n in ROWS
-        if (args.problems is None or p in args.problems) and (args.sizes is None or n in args.sizes)
-    ]
-    data = {"rows": []}
-    if args.out.exists() and not args.fresh:
-        data = json.loads(args.out.read_text())
-    done = {(r["problem"], r["N"]) for r in data["rows"]}
-    for name, n in rows:
-        if (name, n) in done:
-            print(f"{name} N={n}: done (kept)")
-            continue
-        row = measure(name, n, args.repeats)
-        data["rows"].append(row)
-        data["threads"] = args.threads
-        data["repeats"] = args.repeats
-        data["provenance"] = run_provenance
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
-        phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["natgrad"]["phases"].items())
-        print(
-            f"{name} N={n}: natgrad {row['natgrad']['seconds'] * 1e3:.1f} ms ({phases}); "
-            f"{row['natgrad_over_backward']:.1f}x backward; "
-            f"{row['natgrad_over_trpo']:.2f}x TRPO-CG ({row['trpo']['iterations']} it, "
-            f"cos {row['trpo']['cosine']:.4f})"
-        )
+    args = resumable.parse_args(__doc__.splitlines()[0], RESULTS, repeats=5)
+    data = resumable.measure_rows(args, ROWS, measure, report)
     crossover = data.setdefault("crossover", [])
     finished = {(r["problem"], r["N"]) for r in crossover}
     for name, sizes in CROSSOVER.items():
@@ -264,8 +236,7 @@ def main() -> None:
                 continue
             row = crossover_row(name, n, args.repeats)
             crossover.append(row)
-            data["provenance"] = run_provenance
-            args.out.write_text(json.dumps(data, indent=1) + "\n")
+            resumable.save(args, data)
             print(
                 f"crossover {name} N={n}: cg {row['cg']['seconds'] * 1e3:.1f} ms "
                 f"({row['cg']['iterations']} it), cholesky {row['cholesky']['seconds'] * 1e3:.1f}"
