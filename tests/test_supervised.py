@@ -313,6 +313,18 @@ def _call(**overrides):
     return natural_gradient(**kwargs)
 
 
+class BatchMean(nn.Module):
+    """Couples samples without a BatchNorm module (subtracts the batch mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(dim=0, keepdim=True)
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "pattern"),
     [
@@ -377,15 +389,6 @@ def test_cross_entropy_needs_2d_logits_and_models_must_not_couple_samples():
     with pytest.raises(ValueError, match=r"eval\(\)"):
         natural_gradient(dropout, x, torch.zeros(N, 3, dtype=torch.float64))
 
-    class BatchMean(nn.Module):  # couples samples without a BatchNorm module
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = self.lin(x)
-            return h - h.mean(dim=0, keepdim=True)
-
     with pytest.raises(ValueError, match="couples samples"):
         natural_gradient(BatchMean().double(), x, torch.zeros(N, 3, dtype=torch.float64))
 
@@ -410,15 +413,6 @@ def test_bfloat16_model_is_answered_within_its_precision_not_blamed_on_coupling(
 
 
 def test_bfloat16_coupling_is_still_refused():
-    class BatchMean(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = self.lin(x)
-            return h - h.mean(dim=0, keepdim=True)
-
     torch.manual_seed(0)
     x = torch.randn(N, 4).to(torch.bfloat16)
     with pytest.raises(ArgumentError, match="couples samples"):
