@@ -211,3 +211,24 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
     with open(tmp_path / "b.bin", "wb") as handle:
         handle.write(b"x")
     assert (tmp_path / "a.bin").stat().st_mode == (tmp_path / "b.bin").stat().st_mode
+
+
+def test_an_unsupported_space_leaves_no_run_directory(tmp_path, monkeypatch):
+    from natgrad.rl import ConfigError, TrainConfig, Trainer
+
+    (tmp_path / "natgrad_tmp_int_box.py").write_text(
+        "import gymnasium, numpy as np\n"
+        "class IntBox(gymnasium.Env):\n"
+        "    observation_space = gymnasium.spaces.Box(-1.0, 1.0, (3,), np.float32)\n"
+        "    action_space = gymnasium.spaces.Box(0, 3, (2,), np.int64)\n"
+        "    def reset(self, *, seed=None, options=None):\n"
+        "        super().reset(seed=seed)\n"
+        "        return self.observation_space.sample(), {}\n"
+        "    def step(self, action):\n"
+        "        return self.observation_space.sample(), 0.0, False, False, {}\n"
+        "gymnasium.register('NatgradTmpIntBox-v0', entry_point=IntBox, max_episode_steps=10)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="float Box action space"):
+        Trainer(TrainConfig(env="natgrad_tmp_int_box:NatgradTmpIntBox-v0"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -219,7 +219,13 @@ class Trainer:
         self.config = config
         seeds = parallel.rank_seeds(_seeds(config.seed), config.seed)
         self.env = make_vec_env(config.env, config.num_envs)
-        try:  # after the env: a typo in --env must not leave an empty run directory behind
+        obs_space = self.env.single_observation_space
+        act_space = self.env.single_action_space
+        init = torch.Generator().manual_seed(seeds["init"])
+        # after the env and the policy: a typo in --env or an unsupported space must not
+        # leave an empty run directory behind
+        try:
+            self.policy, self.critic = build_actor_critic(obs_space, act_space, config.hidden, init)
             if parallel.is_writer:
                 if not resume:
                     refuse_existing_run(self.out_dir)
@@ -227,10 +233,6 @@ class Trainer:
         except ConfigError:
             self.env.close()
             raise
-        obs_space = self.env.single_observation_space
-        act_space = self.env.single_action_space
-        init = torch.Generator().manual_seed(seeds["init"])
-        self.policy, self.critic = build_actor_critic(obs_space, act_space, config.hidden, init)
         obs_shape = tuple(obs_space.shape)
         self.collector = Collector(
             self.env,
