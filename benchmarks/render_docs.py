@@ -89,6 +89,10 @@ RESULTS = {
     "solvers/results/large_batch.json": ("CPU large-batch benchmark", SOLVER_CODE),
     "solvers/results/kaczmarz.json": ("CPU Kaczmarz benchmark", SOLVER_CODE),
     "solvers/results/call_profile.json": ("CPU call profile", SOLVER_CODE),
+    "solvers/results/check_cost.json": (
+        "CPU cost of the refusal checks",
+        [*SOLVER_CODE, "natgrad/_checks.py", "natgrad/_guard.py", "natgrad/distributions.py"],
+    ),
     "solvers/results/expected_fisher_cost.json": (
         "CPU expected-Fisher cost",
         [*SOLVER_CODE, "natgrad/fisher", "natgrad/operators.py"],
@@ -586,6 +590,31 @@ def profile_table() -> str:
             f"{100 * r['fixed_share']:.0f} % | {ms(r['backward_seconds'], 2)} | "
             f"{_goal(r['natgrad_over_backward'], 10, 1)} | {ms(trpo['seconds'])} "
             f"({trpo['iterations']} it.){reached} | {_goal(r['natgrad_over_trpo'], 0.4, 2)} |"
+        )
+    return block("\n".join(rows))
+
+
+def check_cost_rows() -> list[dict]:
+    """Rows of ``benchmarks/solvers/check_cost.py``, in the call profile's order."""
+    rows = load("solvers/results/check_cost.json")["rows"]
+    return sorted(rows, key=lambda r: (PROFILE_ORDER.index(r["problem"]), r["N"]))
+
+
+def check_cost_table() -> str:
+    """One default call with and without each refusal check (CPU)."""
+    rows = [
+        "| problem | N | P | backend | call with both checks | without the value check | "
+        "value check's share | without the differentiability check | "
+        "differentiability check's share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in check_cost_rows():
+        t = r["seconds"]
+        rows.append(
+            f"| `{r['problem']}` | {num(r['N'])} | {num(r['P'])} | {r['backend']} | "
+            f"{ms(t['with_checks'])} | {ms(t['without_value_check'])} | "
+            f"{100 * r['value_check_share']:.0f} % | {ms(t['without_differentiable_check'])} | "
+            f"{100 * r['differentiable_check_share']:.0f} % |"
         )
     return block("\n".join(rows))
 
