@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Iterable
@@ -40,6 +41,20 @@ def consistency_tolerance(dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return 1e-7
     return max(2e-3, 32 * torch.finfo(dtype).eps)
+
+
+def check_keywords(owner: str, given: Iterable[str], valid: Iterable[str], hint: str = "") -> None:
+    """Refuse a keyword of ``given`` that is not in ``valid``, naming the closest valid one."""
+    valid = tuple(valid)
+    for name in given:
+        if name in valid:
+            continue
+        close = difflib.get_close_matches(name, valid, n=1)
+        did_you_mean = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ArgumentTypeError(
+            f"{owner} got an unexpected keyword argument {name!r}{did_you_mean}; "
+            f"{hint or 'it takes ' + ', '.join(valid)}"
+        )
 
 
 def check_nonnegative_int(name: str, value: Any, hint: str = "") -> int:

@@ -10,7 +10,6 @@ damped natural gradient ``(F + lam I)^{-1} g`` for the actor's parameters. Requi
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from math import inf
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from natgrad import distributions
+from natgrad._checks import check_keywords
 from natgrad.errors import ArgumentError, ArgumentTypeError
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
@@ -42,16 +42,13 @@ _OWN_KEYWORDS = ("options", "seed", "advantage_key", "action_key", "out_key", "m
 
 def _check_overrides(overrides: dict[str, Any]) -> None:
     """Refuse a keyword that is neither RATAdvantage's own nor a solver option."""
-    for name in overrides:
-        if name in OPTION_NAMES:
-            continue
-        close = difflib.get_close_matches(name, (*OPTION_NAMES, *_OWN_KEYWORDS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ArgumentTypeError(
-            f"RATAdvantage got an unexpected keyword argument {name!r}{hint}; besides its "
-            f"own keywords ({', '.join(_OWN_KEYWORDS)}) it takes the solver keywords "
-            f"({', '.join(OPTION_NAMES)})"
-        )
+    check_keywords(
+        "RATAdvantage",
+        overrides,
+        (*OPTION_NAMES, *_OWN_KEYWORDS),
+        f"besides its own keywords ({', '.join(_OWN_KEYWORDS)}) it takes the solver keywords "
+        f"({', '.join(OPTION_NAMES)})",
+    )
 
 
 class RATAdvantage(TensorDictModuleBase):

@@ -39,3 +39,13 @@ def test_deprecated_spellings_warn_and_still_work():
     rat = RATNaturalGradient(damping=0.2)
     with pytest.warns(DeprecationWarning, match=r"\.options"):
         assert rat.settings is rat.options
+
+
+def test_replace_refuses_an_unknown_option_and_names_the_closest():
+    from natgrad.errors import ArgumentTypeError
+
+    with pytest.raises(ArgumentTypeError, match=r"'dampng' \(did you mean 'damping'\?\)"):
+        SolverOptions().replace(dampng=0.1)
+    assert SolverOptions().replace(damping=0.1).damping == 0.1
+    with pytest.raises(ValueError, match="damping"):  # values are validated again
+        SolverOptions().replace(damping=-1.0)

@@ -191,3 +191,25 @@ def test_steps_without_resume_is_refused_and_a_bad_resume_budget_is_named(tmp_pa
             Trainer(None, tmp_path / "a", resume=True, steps=steps, tensorboard=False)
     with pytest.raises(ConfigError, match="--steps 128 is below the 256 steps"):
         Trainer(None, tmp_path / "a", resume=True, steps=128, tensorboard=False)
+
+
+def test_a_learning_curve_that_cannot_be_written_warns_and_keeps_the_run(tmp_path, monkeypatch):
+    """A full disk at the end-of-run figure raised a ConfigError blaming ``--out``."""
+    import errno
+
+    pytest.importorskip("matplotlib")
+    from natgrad.rl import plotting
+
+    real_write_output = plotting.write_output
+
+    def disk_full(path, write, flag):
+        def fail(handle):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        real_write_output(path, fail, flag)
+
+    monkeypatch.setattr(plotting, "write_output", disk_full)
+    with pytest.warns(RuntimeWarning, match="the learning curve .* run itself is complete"):
+        train(TrainConfig(env="CartPole-v1", steps=256, **SMALL), tmp_path, tensorboard=False)
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / "learning_curve.png").exists()

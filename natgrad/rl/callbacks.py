@@ -14,11 +14,12 @@ Pass your own to ``Trainer.run(callbacks=[...])``; they run after the built-in o
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from natgrad.rl._errors import TrainingError
+from natgrad.rl._errors import ConfigError, TrainingError
 from natgrad.rl.checkpoint import CHECKPOINT_NAME
 
 if TYPE_CHECKING:
@@ -164,11 +165,21 @@ class LearningCurve(Callback):
     """Plot ``progress.csv`` to ``learning_curve.png`` at the end (nothing without matplotlib)."""
 
     def on_finish(self, trainer: Trainer) -> None:
-        try:
-            from natgrad.rl.plotting import plot_runs
+        from natgrad.rl.plotting import plot_runs
 
+        try:
             plot_runs(
-                [trainer.out_dir], trainer.out_dir / CURVE_NAME, title=f"{trainer.config.env}"
+                [trainer.out_dir],
+                trainer.out_dir / CURVE_NAME,
+                title=f"{trainer.config.env}",
+                flag="the learning curve",
             )
         except ImportError:  # matplotlib missing: the CSV is the record
             pass
+        except ConfigError as error:  # the run is complete; only its figure is missing
+            warnings.warn(
+                f"{error}; the run itself is complete (progress.csv and the checkpoints are "
+                f"written): draw the curve later with `natgrad plot {trainer.out_dir}`",
+                RuntimeWarning,
+                stacklevel=2,
+            )

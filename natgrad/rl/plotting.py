@@ -60,6 +60,7 @@ def plot_runs(
     y: str = "episodic_return_mean",
     title: str | None = None,
     labels: Sequence[str] | None = None,
+    flag: str = "--out",
 ) -> Path:
     """Overlay runs; runs with the same env and algo are one curve with a 95% band.
 
@@ -79,6 +80,8 @@ def plot_runs(
     labels
         One curve label per run directory (runs with the same label are one curve);
         default: ``env / algo`` of each run's ``config.json``, else the folder name.
+    flag
+        How errors name ``out`` (the CLI flag by default).
 
     Returns
     -------
@@ -89,7 +92,7 @@ def plot_runs(
         raise ConfigError("plot needs at least one run directory")
     if labels is not None and len(labels) != len(run_dirs):
         raise ConfigError(f"plot got {len(labels)} labels for {len(run_dirs)} run directories")
-    out = writable_file(out, "--out")
+    out = writable_file(out, flag)
     fmt = out.suffix[1:].lower()
     groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
     for i, run in enumerate(map(Path, run_dirs)):
@@ -99,7 +102,8 @@ def plot_runs(
     fig = _figure()
     if fmt not in fig.canvas.get_supported_filetypes():
         raise ConfigError(
-            f"--out {str(out)!r}: unknown image format {out.suffix!r}; end it in .png, .pdf or .svg"
+            f"{flag} {str(out)!r}: unknown image format {out.suffix!r}; "
+            "end it in .png, .pdf or .svg"
         )
     ax = fig.add_subplot()
     for label, curves in sorted(groups.items()):
@@ -118,5 +122,5 @@ def plot_runs(
     ax.grid(alpha=0.3)
     if groups:
         ax.legend(loc="best", fontsize="small")
-    write_output(out, lambda handle: fig.savefig(handle, format=fmt, dpi=110), "--out")
+    write_output(out, lambda handle: fig.savefig(handle, format=fmt, dpi=110), flag)
     return out

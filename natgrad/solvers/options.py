@@ -15,6 +15,7 @@ from natgrad._checks import (
     check_bool,
     check_choice,
     check_fraction,
+    check_keywords,
     check_nonnegative_int,
     check_positive_float,
     check_positive_int,
@@ -109,6 +110,7 @@ class SolverOptions:
 
     def replace(self, **changes: Any) -> SolverOptions:
         """A copy with ``changes`` applied (validated again)."""
+        check_keywords("SolverOptions.replace", changes, OPTION_NAMES)
         return replace(self, **changes)
 
     def pick(self, values: dict[str, Any]) -> SolverOptions:
