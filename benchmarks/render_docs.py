@@ -1301,6 +1301,41 @@ def protocol_update(name: str, env: str, algo: str, key: str) -> float:
     return _pooled_figure(name, env, algo, "update", key)
 
 
+def _progress_rows(results: str, env: str, algo: str, seed: int, steps: int) -> list[dict]:
+    """The ``progress.csv`` rows of one committed run folder of ``rl/<results>/runs``."""
+    import csv
+
+    folder = BENCH / "rl" / results / "runs" / f"{env}-{algo}-s{seed}-{steps // 1000}k"
+    with open(folder / "progress.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_trajectory_table(
+    results: str, env: str, algos, seeds, steps: int, marks=(100_000, 300_000, 500_000)
+) -> str:
+    """Policy entropy along the runs (median over seeds, at the update nearest each mark
+    and at the end) and the KL each update took (median over every update of every seed),
+    read from the committed run folders."""
+    ends = [*marks, steps]
+    head = " | ".join(f"entropy at {m // 1000}k" for m in ends)
+    lines = [f"| algo | {head} | KL per update | final return per seed |",
+             "|---|" + "---|" * len(ends) + "---|---|"]  # fmt: skip
+    for algo in algos:
+        runs = {seed: _progress_rows(results, env, algo, seed, steps) for seed in seeds}
+        cells = []
+        for mark in ends:
+            at = [min(rows, key=lambda r: abs(int(r["step"]) - mark)) for rows in runs.values()]
+            cells.append(f"{statistics.median(float(r['entropy']) for r in at):.1f}")
+        kl = statistics.median(float(r["kl"]) for rows in runs.values() for r in rows)
+        finals = " / ".join(
+            num(r["final_return"])
+            for r in sorted(rl_runs(env, algo, steps, results), key=lambda r: r["seed"])
+            if r["seed"] in runs
+        )
+        lines.append(f"| `{algo}` | {' | '.join(cells)} | {kl:.3f} | {finals} |")
+    return block("\n".join(lines))
+
+
 def protocol_above(name: str, env: str, algo: str, threshold: float) -> str:
     """How many seeds of a row ended above ``threshold``, as "K of N"."""
     finals = [r["final_return"] for r in protocol_row(name, env, algo)["per_seed"]]
