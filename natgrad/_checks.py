@@ -335,6 +335,32 @@ def require_finite(what: str, value: Tensor, cause: str) -> None:
         )
 
 
+def check_step_terms(g_dot_d: float, d_fisher_d: float, direction: Tensor) -> None:
+    """``g^T d`` and ``d^T F d`` must be finite, and ``d^T F d`` a normal float64.
+
+    They are Python floats (float64): checked as such, not through a float32 tensor, so
+    values beyond float32's range (advantages of 1e20) are not mistaken for overflow. A
+    non-zero ``direction`` whose ``d^T F d`` falls below float64's smallest normal number
+    (advantages near 1e-155) has lost its digits, and :meth:`NaturalGradient.step_size`
+    would return 0 or a wrong step: :class:`UnderflowError`.
+    """
+    if not (math.isfinite(g_dot_d) and math.isfinite(d_fisher_d)):
+        raise NonFiniteError(
+            f"g^T d = {g_dot_d:.3g} and d^T F d = {d_fisher_d:.3g} are not both finite: they "
+            "overflow float64; scale the advantages down (e.g. normalize them to unit "
+            "standard deviation: the direction is linear in them, g^T d and d^T F d "
+            "quadratic), or raise damping"
+        )
+    tiny = torch.finfo(torch.float64).tiny
+    if d_fisher_d < tiny and bool((direction != 0).any()):
+        raise UnderflowError(
+            f"d^T F d = {d_fisher_d:.3g} underflows float64 (smallest normal {tiny:.3g}), so "
+            "it and the step size sqrt(2 max_kl / d^T F d) would lose their digits; scale "
+            "the advantages up (e.g. normalize them to unit standard deviation: d^T F d is "
+            "quadratic in them)"
+        )
+
+
 def representable(what: str, exact: Tensor, dtype: torch.dtype) -> Tensor:
     """``exact`` (float64) cast to ``dtype``, or natgrad's error if the cast loses it.
 

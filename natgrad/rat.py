@@ -19,6 +19,7 @@ from natgrad._checks import (
     check_log_probs_differentiable,
     check_policy,
     check_positive_int,
+    check_step_terms,
     parameter_device_dtype,
     representable,
     require_finite,
@@ -359,7 +360,7 @@ class RATNaturalGradient(OptionsView):
         )
         g_dot_d, d_fisher_d = float(rhs @ jd) / n, float(jd @ jd) / n
         require_finite("J d", jd, "it overflows float64")
-        require_finite("g^T d and d^T F d", torch.tensor([g_dot_d, d_fisher_d]), "overflow")
+        check_step_terms(g_dot_d, d_fisher_d, result.v)
         return NaturalGradient(
             advantages=advantages,
             direction=direction,

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from reference import dense_natural_gradient, dense_scores, reference_log_prob
 from torch import nn
 
-from natgrad import NatgradError, RATNaturalGradient
+from natgrad import NatgradError, NonFiniteError, RATNaturalGradient, UnderflowError
 from natgrad.supervised import SupervisedNaturalGradient
 
 D = torch.float64
@@ -204,6 +204,30 @@ def test_all_zero_scores_give_a_over_damping_converged(solver, backend, dtype):
     assert diag.condition == 1.0 and diag.precision < 1e-6
     if solver != "cholesky":
         assert diag.iterations == 0 and "every score (row of J) is zero" in diag.fallbacks[0]
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "expected"])
+def test_step_terms_scale_with_the_advantages_or_are_refused(fisher):
+    """g^T d and d^T F d are quadratic in A: at |A| ~ 1e20 (~1e40, beyond float32 but well
+    inside float64) they used to be refused as an "overflow" by a float32 check, and at
+    |A| ~ 1e-200 d^T F d underflowed to 0, so step_size() silently returned 0."""
+    torch.manual_seed(0)
+    policy = Gaussian().double()
+    obs, acts, adv = (
+        torch.randn(16, 3, dtype=D),
+        torch.randn(16, 2, dtype=D),
+        torch.randn(16, dtype=D),
+    )
+    rat = lambda: RATNaturalGradient(damping=1e-2, solver="cholesky", fisher=fisher)  # noqa: E731
+    base = rat().natural_gradient(policy, obs, acts, adv)
+    big = rat().natural_gradient(policy, obs, acts, adv * 1e20)
+    assert big.g_dot_d == pytest.approx(base.g_dot_d * 1e40, rel=1e-10)
+    assert big.d_fisher_d == pytest.approx(base.d_fisher_d * 1e40, rel=1e-10)
+    assert big.step_size(0.01) == pytest.approx(base.step_size(0.01) * 1e-20, rel=1e-10)
+    with pytest.raises(NonFiniteError, match=r"overflow float64; scale the advantages down"):
+        rat().natural_gradient(policy, obs, acts, adv * 1e160)
+    with pytest.raises(UnderflowError, match=r"d\^T F d = 0 underflows float64"):
+        rat().natural_gradient(policy, obs, acts, adv * 1e-200)
 
 
 @pytest.mark.parametrize("where", ["obs", "acts", "adv", "parameter", "buffer"])

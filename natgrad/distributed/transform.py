@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from natgrad._checks import representable, require_finite
+from natgrad._checks import check_step_terms, representable
 from natgrad._tree import Tree
 from natgrad.distributed.comm import Communicator, check_process_group
 from natgrad.distributed.dispatch import solve_distributed
@@ -150,7 +150,7 @@ def distributed_natural_gradient(
         representable("the natural-gradient direction", result.v, scores.dtype)
     )
     g_dot_d, d_fisher_d = g_dot_d / total, d_fisher_d / total
-    require_finite("g^T d and d^T F d", torch.tensor([g_dot_d, d_fisher_d]), "overflow")
+    check_step_terms(g_dot_d, d_fisher_d, result.v)
     fallbacks: list[str] = []
     if scores.fallback_reason is not None:
         fallbacks.append(

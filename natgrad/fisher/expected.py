@@ -18,7 +18,12 @@ from torch.distributions import Distribution
 from torch.func import jvp
 
 from natgrad import distributions
-from natgrad._checks import consistency_tolerance, representable, require_finite
+from natgrad._checks import (
+    check_step_terms,
+    consistency_tolerance,
+    representable,
+    require_finite,
+)
 from natgrad._guard import functional_call
 from natgrad._tree import Tree
 from natgrad.errors import FisherError
@@ -214,6 +219,8 @@ def expected_natural_gradient(
         num_params=scores.num_params,
         started=start,
     )
+    g_dot_d, d_fisher_d = float(gradient @ direction), float(fisher_d @ fisher_d) / n
+    check_step_terms(g_dot_d, d_fisher_d, direction)
     return NaturalGradient(
         advantages=None,
         direction=scores.unflatten(
@@ -221,7 +228,7 @@ def expected_natural_gradient(
         ),
         param_names=tuple(scores.param_names),
         jd=jd.to(adv.dtype),
-        g_dot_d=float(gradient @ direction),
-        d_fisher_d=float(fisher_d @ fisher_d) / n,
+        g_dot_d=g_dot_d,
+        d_fisher_d=d_fisher_d,
         diagnostics=diagnostics,
     )
