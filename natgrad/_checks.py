@@ -207,7 +207,11 @@ def check_advantages(adv: Any, device: torch.device) -> Tensor:
             f"adv must be a torch.Tensor of shape (N,), got {type(adv).__name__}"
         )
     if adv.dim() != 1:
-        hint = "; flatten it with adv.reshape(-1)" if adv.numel() == adv.shape[0] else ""
+        hint = ""
+        if adv.dim() == 0:
+            hint = "; pass one advantage per sample, a tensor of shape (N,)"
+        elif adv.numel() == max(adv.shape):
+            hint = "; flatten it with adv.reshape(-1)"
         raise ArgumentError(f"adv must be 1-D of shape (N,), got shape {tuple(adv.shape)}{hint}")
     if adv.shape[0] == 0:
         raise ArgumentError("adv is empty (N = 0): RAT needs at least one sample")

@@ -511,3 +511,11 @@ def test_a_module_reachable_under_two_names_keeps_its_parameter_objects(kind):
     after = dict(model.named_parameters())
     for name, param, requires_grad in before:
         assert after[name] is param and param.requires_grad == requires_grad, name
+
+
+def test_a_scalar_adv_is_natgrads_error_not_an_index_error():
+    policy, obs, acts, adv = gaussian_batch()
+    with pytest.raises(ArgumentError, match=r"got shape \(\); pass one advantage per sample"):
+        RATNaturalGradient()(policy, obs, acts, adv[0])
+    with pytest.raises(ArgumentError, match=r"got shape \(1, 16\); flatten it with"):
+        RATNaturalGradient()(policy, obs, acts, adv[None, :])
