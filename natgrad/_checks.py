@@ -413,11 +413,26 @@ def check_log_probs_differentiable(
         )
 
 
-def check_log_probs(log_probs: Any, num_samples: int) -> Tensor:
-    """The output of ``log_prob_fn`` on the whole batch must be finite and shaped ``(N,)``."""
+def check_log_probs(log_probs: Any, num_samples: int, device: torch.device | None = None) -> Tensor:
+    """The output of ``log_prob_fn`` on the whole batch: finite, real, ``(N,)``, on ``device``.
+
+    ``device`` is the parameters' device (``None``: not checked).
+    """
     if not isinstance(log_probs, Tensor):
         raise ArgumentTypeError(
             f"log_prob_fn must return a tensor of shape (N,), got {type(log_probs).__name__}"
+        )
+    if not log_probs.is_floating_point():
+        raise ArgumentTypeError(
+            f"log_prob_fn must return real floating-point log-probabilities, got dtype "
+            f"{log_probs.dtype}; return policy(obs).log_prob(acts) (no cast to an integer, "
+            "bool or complex dtype)"
+        )
+    if device is not None and log_probs.device != device:
+        raise ArgumentError(
+            f"log_prob_fn returned log-probabilities on {log_probs.device} but the policy "
+            f"parameters are on {device}; compute them on {device} (drop the .to(...), "
+            ".cpu() or .cuda() at the end of log_prob_fn)"
         )
     if tuple(log_probs.shape) != (num_samples,):
         hint = ""

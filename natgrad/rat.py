@@ -478,7 +478,7 @@ class RATNaturalGradient(OptionsView):
         check_batch("obs", obs, n, device, dtype)
         check_batch("acts", acts, n, device, dtype)
         with unchanged_module(policy), torch.no_grad():
-            log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n)
+            log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n, device)
         with unchanged_module(policy), torch.enable_grad():
             check_log_probs_differentiable(self.log_prob_fn, policy, obs, acts, names)
         return PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())

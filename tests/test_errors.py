@@ -519,3 +519,22 @@ def test_a_scalar_adv_is_natgrads_error_not_an_index_error():
         RATNaturalGradient()(policy, obs, acts, adv[0])
     with pytest.raises(ArgumentError, match=r"got shape \(1, 16\); flatten it with"):
         RATNaturalGradient()(policy, obs, acts, adv[None, :])
+
+
+@pytest.mark.parametrize(
+    ("cast", "error", "message"),
+    [
+        (lambda t: t.long(), ArgumentTypeError, r"real floating-point .* got dtype torch.int64"),
+        (
+            lambda t: t.to(torch.complex64),
+            ArgumentTypeError,
+            r"real floating-point .* got dtype torch.complex64",
+        ),
+        (lambda t: t.to("meta"), ArgumentError, r"log-probabilities on meta but the policy"),
+    ],
+)
+def test_log_prob_fn_output_of_a_wrong_dtype_or_device_is_natgrads_error(cast, error, message):
+    policy, obs, acts, adv = gaussian_batch()
+    log_prob_fn = lambda p, o, a: cast(p(o).log_prob(a).sum(-1))  # noqa: E731
+    with pytest.raises(error, match=message):
+        RATNaturalGradient(log_prob_fn)(policy, obs, acts, adv)
