@@ -294,12 +294,15 @@ def parameter_device_dtype(
     """
     named = dict(module.named_parameters())
     selected = [(name, named[name]) for name in names]
+    for name, param in selected:
+        check_materialized(f"{role}.{name}", param, role)
     device, dtype = selected[0][1].device, selected[0][1].dtype
-    if device.type == "meta":
+    elsewhere = next(((n, p) for n, p in selected if p.device != device), None)
+    if elsewhere is not None:
         raise ArgumentError(
-            f"the {role} parameters are on the meta device (shapes without values), so there "
-            f"are no scores to compute; materialize the {role} first, e.g. "
-            f"{role}.to_empty(device='cpu') and load its weights"
+            f"{role} parameters are on several devices ({role}.{selected[0][0]} is on "
+            f"{device}, {role}.{elsewhere[0]} on {elsewhere[1].device}); move the {role} to "
+            f"one device, e.g. {role}.to({str(device)!r})"
         )
     if not dtype.is_floating_point:
         raise ArgumentTypeError(f"{role} parameters must be floating point, got {dtype}")
@@ -315,12 +318,29 @@ def parameter_device_dtype(
     return device, dtype
 
 
+def check_materialized(name: str, tensor: Tensor, role: str = "policy") -> None:
+    """``tensor`` (called ``name``) must hold values: not on ``meta``, not uninitialized."""
+    if isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+        raise ArgumentError(
+            f"{name} is uninitialized (a Lazy module that has not run yet), so there are no "
+            f"values to differentiate; run the {role} once on a batch (e.g. {role}(obs)) "
+            "before natgrad"
+        )
+    if tensor.device.type == "meta":
+        raise ArgumentError(
+            f"{name} is on the meta device (shapes without values), so there are no scores "
+            f"to compute; materialize the {role} first, e.g. {role}.to_empty(device='cpu') "
+            "and load its weights"
+        )
+
+
 def check_finite_parameters(module: nn.Module, role: str = "policy") -> None:
-    """Every parameter and floating buffer of ``module`` is finite."""
+    """Every parameter and floating buffer of ``module`` has values, all finite."""
     named = list(module.named_parameters()) + [
         (n, b) for n, b in module.named_buffers() if b.is_floating_point()
     ]
     for name, tensor in named:
+        check_materialized(f"{role}.{name}", tensor, role)
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(
                 f"{role}.{name} contains NaN or inf, so every log-probability and score is "

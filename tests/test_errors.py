@@ -538,3 +538,22 @@ def test_log_prob_fn_output_of_a_wrong_dtype_or_device_is_natgrads_error(cast, e
     log_prob_fn = lambda p, o, a: cast(p(o).log_prob(a).sum(-1))  # noqa: E731
     with pytest.raises(error, match=message):
         RATNaturalGradient(log_prob_fn)(policy, obs, acts, adv)
+
+
+def test_parameters_on_meta_or_uninitialized_are_natgrads_error():
+    policy, obs, acts, adv = gaussian_batch()
+    policy.mean.to("meta")  # part of the policy left on meta
+    for params in (None, list(policy.body.parameters())):
+        with pytest.raises(ArgumentError, match=r"policy.mean.weight is on the meta device"):
+            RATNaturalGradient()(policy, obs, acts, adv, params=params)
+    lazy = nn.Sequential(nn.LazyLinear(3), _AsCategorical())
+    with pytest.raises(ArgumentError, match=r"policy.0.weight is uninitialized \(a Lazy module"):
+        RATNaturalGradient()(lazy, obs, torch.randint(0, 3, (16,)), adv)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_selected_parameters_on_several_devices_are_natgrads_error():
+    policy, obs, acts, adv = gaussian_batch()
+    policy.mean.cuda()
+    with pytest.raises(ArgumentError, match=r"policy parameters are on several devices"):
+        RATNaturalGradient()(policy, obs, acts, adv)
