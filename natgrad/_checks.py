@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -171,12 +171,20 @@ def select_parameters(
             "params must be an iterable of parameters (e.g. policy.actor.parameters()), "
             "got a single tensor; wrap it in a list"
         )
+    if isinstance(params, (nn.Module, Mapping)):
+        fix = ".parameters()" if isinstance(params, nn.Module) else ".values()"
+        raise ArgumentTypeError(
+            f"params must be an iterable of parameters, got a {type(params).__name__}; pass "
+            f"its {fix} (e.g. {owner}.actor.parameters())"
+        )
     by_id = {id(p): n for n, p in named}
     chosen: dict[str, int] = {}  # name -> index in params
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
+            named_pair = isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor)
+            hint = "; pass .parameters(), not .named_parameters()" if named_pair else ""
             raise ArgumentTypeError(
-                f"params[{i}] must be a parameter tensor, got {type(p).__name__}"
+                f"params[{i}] must be a parameter tensor, got {type(p).__name__}{hint}"
             )
         if id(p) not in by_id:
             raise ArgumentError(

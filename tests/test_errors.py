@@ -551,6 +551,18 @@ def test_parameters_on_meta_or_uninitialized_are_natgrads_error():
         RATNaturalGradient()(lazy, obs, torch.randint(0, 3, (16,)), adv)
 
 
+def test_params_given_as_a_module_a_dict_or_named_pairs_say_what_to_pass():
+    policy, obs, acts, adv = gaussian_batch()
+    cases = [
+        (policy.body, r"got a Sequential; pass its .parameters\(\)"),
+        (dict(policy.named_parameters()), r"got a dict; pass its .values\(\)"),
+        (policy.named_parameters(), r"got tuple; pass .parameters\(\), not .named_parameters"),
+    ]
+    for params, message in cases:
+        with pytest.raises(ArgumentTypeError, match=message):
+            RATNaturalGradient()(policy, obs, acts, adv, params=params)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_selected_parameters_on_several_devices_are_natgrads_error():
     policy, obs, acts, adv = gaussian_batch()
