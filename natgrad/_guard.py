@@ -12,27 +12,32 @@ from torch.func import functional_call as _functional_call
 
 from natgrad.errors import PolicyMutationError
 
+Saved = dict[str, tuple[Tensor, int, Tensor]]
+"""Tensors by name, each with its version counter and a copy of its values."""
+
 
 @contextmanager
 def unchanged_module(module: nn.Module, role: str = "policy") -> Iterator[None]:
-    """Run the block, then restore any buffer the module's forward changed and raise.
+    """Run the block, then restore any buffer or parameter it changed and raise.
 
     Changes are found through tensor version counters (in-place updates such as a running
-    mean's ``+=``) and identity (a buffer reassigned in ``forward``). Parameters are only
-    checked: natgrad never writes them, so a change there comes from the user's code.
+    mean's ``+=``) and identity (a tensor reassigned in ``forward``). natgrad never writes
+    parameters, but it evaluates the policy on aliases of them, so a ``forward`` that
+    updates a parameter in place (``self.w.add_(...)`` under ``torch.no_grad()``) would
+    change the caller's parameter once per evaluation: it is put back too.
 
     Raises
     ------
     PolicyMutationError
-        Naming the changed buffers or parameters, after restoring the buffers.
+        Naming the changed buffers or parameters, after restoring them.
     """
-    buffers = {name: (b, b._version, b.detach().clone()) for name, b in module.named_buffers()}
-    params = {name: (p, p._version) for name, p in module.named_parameters()}
+    buffers = _saved(module.named_buffers())
+    params = _saved(module.named_parameters())
     try:
         yield
     finally:
-        changed = _restore_buffers(module, buffers)
-        changed += [n for n, (p, version) in params.items() if p._version != version]
+        changed = _restore(module, buffers, dict(module.named_buffers()), "_buffers")
+        changed += _restore(module, params, dict(module.named_parameters()), "_parameters")
         if changed:
             names = ", ".join(f"{role}.{n}" for n in changed)
             raise PolicyMutationError(
@@ -43,18 +48,26 @@ def unchanged_module(module: nn.Module, role: str = "policy") -> Iterator[None]:
             )
 
 
-def _restore_buffers(module: nn.Module, saved: dict[str, tuple[Tensor, int, Tensor]]) -> list[str]:
+def _saved(named: Iterator[tuple[str, Tensor]]) -> Saved:
+    """Each tensor with its version counter and a copy of its values."""
+    return {name: (t, t._version, t.detach().clone()) for name, t in named}
+
+
+def _restore(module: nn.Module, saved: Saved, current: dict[str, Tensor], slot: str) -> list[str]:
+    """Put back the values and objects of ``saved`` that changed; returns their names.
+
+    ``slot`` is where the owners register them (``"_buffers"`` or ``"_parameters"``).
+    """
     changed = []
-    current = dict(module.named_buffers())
-    for name, (buffer, version, copy) in saved.items():
-        if current.get(name) is buffer and buffer._version == version:
+    for name, (tensor, version, copy) in saved.items():
+        if current.get(name) is tensor and tensor._version == version:
             continue
         changed.append(name)
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         with torch.no_grad():
-            buffer.copy_(copy)
-        owner._buffers[leaf] = buffer
+            tensor.copy_(copy)
+        getattr(owner, slot)[leaf] = tensor
     return changed
 
 

@@ -16,6 +16,7 @@ from natgrad import (
     NatgradError,
     NotConvergedError,
     NotConvergedWarning,
+    PolicyMutationError,
     RATNaturalGradient,
     SampleCouplingError,
 )
@@ -538,6 +539,38 @@ def test_log_prob_fn_output_of_a_wrong_dtype_or_device_is_natgrads_error(cast, e
     log_prob_fn = lambda p, o, a: cast(p(o).log_prob(a).sum(-1))  # noqa: E731
     with pytest.raises(error, match=message):
         RATNaturalGradient(log_prob_fn)(policy, obs, acts, adv)
+
+
+def test_a_parameter_written_by_forward_is_restored_as_the_message_says():
+    class Drifting(GaussianMLP):
+        def forward(self, obs):
+            with torch.no_grad():
+                self.log_std.add_(1e-3)  # e.g. a misplaced annealing step
+            return super().forward(obs)
+
+    torch.manual_seed(0)
+    policy = Drifting()
+    _, obs, acts, adv = gaussian_batch()
+    before = policy.log_std.detach().clone()
+    with pytest.raises(PolicyMutationError, match=r"changed policy.log_std \(restored\)"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+    assert torch.equal(policy.log_std.detach(), before)
+
+
+def test_a_parameter_reassigned_by_forward_is_put_back():
+    class Reassigning(GaussianMLP):
+        def forward(self, obs):
+            self.log_std = nn.Parameter(self.log_std.detach() + 1.0)
+            return super().forward(obs)
+
+    torch.manual_seed(0)
+    policy = Reassigning()
+    _, obs, acts, adv = gaussian_batch()
+    original = policy.log_std
+    before = original.detach().clone()
+    with pytest.raises(PolicyMutationError, match=r"changed policy.log_std"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+    assert policy.log_std is original and torch.equal(original.detach(), before)
 
 
 def test_parameters_on_meta_or_uninitialized_are_natgrads_error():
