@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call as _functional_call
 
+from natgrad._tree import tree_leaves
 from natgrad.errors import PolicyMutationError
 
 Saved = dict[str, tuple[Tensor, int, Tensor]]
@@ -45,6 +46,38 @@ def unchanged_module(module: nn.Module, role: str = "policy") -> Iterator[None]:
                 "state, e.g. a running normalizer in train mode, so per-sample scores would "
                 f"be taken at moving statistics; call {role}.eval() (or freeze the "
                 "statistics) before natgrad and switch back afterwards"
+            )
+
+
+@contextmanager
+def unchanged_inputs(trees: Mapping[str, Any], what: str) -> Iterator[None]:
+    """Run the block (one evaluation, ``what``); raise if it wrote a tensor of ``trees``.
+
+    ``trees`` maps argument names (``"obs"``, ``"acts"``) to tensors or nested
+    dicts/lists/tuples of them. In-place writes are found through version counters; they
+    are not undone (that would need a copy of every input), so this guards the *first*
+    evaluation: the caller's tensors are changed once, as by a plain call of the policy,
+    and natgrad stops before evaluating again on inputs that change under it.
+
+    Raises
+    ------
+    PolicyMutationError
+        Naming the changed tensor.
+    """
+    leaves = [
+        (path, leaf, leaf._version)
+        for name, tree in trees.items()
+        for path, leaf in tree_leaves(tree, name)
+        if isinstance(leaf, Tensor)
+    ]
+    yield
+    for path, leaf, version in leaves:
+        if leaf._version != version:
+            raise PolicyMutationError(
+                f"{what} wrote {path} in place (e.g. obs /= 255 or obs.clamp_(...) in "
+                f"forward), so {path} is now changed, and every further evaluation would "
+                "see other inputs (per-sample scores would not match the batch); compute "
+                "out of place instead (obs = obs / 255) and pass the original values again"
             )
 
 

@@ -25,7 +25,7 @@ from natgrad._checks import (
     require_finite,
     select_parameters,
 )
-from natgrad._guard import unchanged_module
+from natgrad._guard import unchanged_inputs, unchanged_module
 from natgrad._tree import Tree
 from natgrad.distributed import (
     CommunicationStats,
@@ -477,8 +477,11 @@ class RATNaturalGradient(OptionsView):
         n = adv.shape[0]
         check_batch("obs", obs, n, device, dtype)
         check_batch("acts", acts, n, device, dtype)
+        inputs = {"obs": obs, "acts": acts}
         with unchanged_module(policy), torch.no_grad():
-            log_probs = check_log_probs(self.log_prob_fn(policy, obs, acts), n, device)
+            with unchanged_inputs(inputs, "log_prob_fn(policy, obs, acts)"):
+                values = self.log_prob_fn(policy, obs, acts)
+            log_probs = check_log_probs(values, n, device)
         with unchanged_module(policy), torch.enable_grad():
             check_log_probs_differentiable(self.log_prob_fn, policy, obs, acts, names)
         return PolicyScores(policy, self.log_prob_fn, obs, acts, names, log_probs.detach())

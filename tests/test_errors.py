@@ -596,6 +596,21 @@ def test_params_given_as_a_module_a_dict_or_named_pairs_say_what_to_pass():
             RATNaturalGradient()(policy, obs, acts, adv, params=params)
 
 
+def test_a_forward_that_writes_obs_in_place_is_stopped_after_one_evaluation():
+    class Normalizing(GaussianMLP):
+        def forward(self, obs):
+            obs.mul_(0.5)  # meant obs = obs * 0.5
+            return super().forward(obs)
+
+    torch.manual_seed(0)
+    policy = Normalizing()
+    _, obs, acts, adv = gaussian_batch()
+    original = obs.clone()
+    with pytest.raises(PolicyMutationError, match=r"wrote obs in place .* out of place"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+    assert torch.equal(obs, original * 0.5)  # one evaluation, as policy(obs) would do
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_selected_parameters_on_several_devices_are_natgrads_error():
     policy, obs, acts, adv = gaussian_batch()
