@@ -67,7 +67,9 @@ class IllConditionedError(NatgradError, ValueError):
 class PolicyMutationError(NatgradError, ValueError):
     """Evaluating the policy changed its state (e.g. a running normalizer in train mode).
 
-    natgrad restores the changed buffers before raising, so the policy is left as it was.
+    natgrad restores the changed buffers and parameters before raising, so the policy is
+    left as it was. Also raised when the policy writes ``obs`` or ``acts`` in place (after
+    that first evaluation; natgrad keeps no copy of the inputs to undo it).
     """
 
 
