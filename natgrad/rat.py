@@ -170,7 +170,8 @@ class RATNaturalGradient(OptionsView):
     Attributes
     ----------
     diagnostics
-        :class:`~natgrad.Diagnostics` of the latest call, ``None`` before the first.
+        :class:`~natgrad.Diagnostics` of the latest call, ``None`` before the first and
+        after a call that raised.
     communication
         With a ``process_group``: the collectives of the latest call
         (:class:`~natgrad.distributed.CommunicationStats`), else ``None``.
@@ -317,6 +318,7 @@ class RATNaturalGradient(OptionsView):
         FisherError
             With ``fisher="expected"``: use :meth:`natural_gradient` (no ``A~`` exists).
         """
+        self.diagnostics = None  # a call that raises leaves none, not the previous call's
         if self.fisher == "expected":
             raise FisherError(
                 "fisher='expected' has no transformed advantages: the direction is not in the "
@@ -346,6 +348,7 @@ class RATNaturalGradient(OptionsView):
         ``fisher="expected"``, ``advantages`` is ``None`` and ``d_fisher_d`` uses the
         expected Fisher.
         """
+        self.diagnostics = None  # a call that raises leaves none, not the previous call's
         if self.process_group is not None:
             return distributed_natural_gradient(self, policy, obs, acts, adv, params)
         if self.fisher == "expected":

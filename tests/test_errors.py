@@ -617,3 +617,18 @@ def test_selected_parameters_on_several_devices_are_natgrads_error():
     policy.mean.cuda()
     with pytest.raises(ArgumentError, match=r"policy parameters are on several devices"):
         RATNaturalGradient()(policy, obs, acts, adv)
+
+
+@pytest.mark.parametrize("method", ["__call__", "natural_gradient"])
+def test_a_call_that_raises_leaves_no_stale_diagnostics(method):
+    policy, obs, acts, adv = gaussian_batch(n=32, dtype=torch.float64)
+    rat = RATNaturalGradient(damping=1e-4, solver="kaczmarz", block_size=4, max_epochs=1)
+    getattr(rat, method)(policy, obs, acts, adv)
+    assert rat.diagnostics is not None
+    with pytest.raises(ArgumentError):
+        getattr(rat, method)(policy, obs, acts, adv[:3])
+    assert rat.diagnostics is None  # not the previous call's "converged"
+    rat.options = rat.options.replace(tol=1e-10, on_nonconvergence="raise")
+    with pytest.raises(NotConvergedError):
+        getattr(rat, method)(policy, obs, acts, adv)
+    assert rat.diagnostics is None
