@@ -74,10 +74,11 @@ def unchanged_inputs(trees: Mapping[str, Any], what: str) -> Iterator[None]:
     for path, leaf, version in leaves:
         if leaf._version != version:
             raise PolicyMutationError(
-                f"{what} wrote {path} in place (e.g. obs /= 255 or obs.clamp_(...) in "
-                f"forward), so {path} is now changed, and every further evaluation would "
+                f"{what} wrote {path} in place (e.g. {path} /= 255 or {path}.clamp_(...) "
+                f"in forward), so {path} is now changed, and every further evaluation would "
                 "see other inputs (per-sample scores would not match the batch); compute "
-                "out of place instead (obs = obs / 255) and pass the original values again"
+                f"out of place instead ({path} = {path} / 255) and pass the original values "
+                "again"
             )
 
 

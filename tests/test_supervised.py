@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from natgrad import ArgumentError, NotConvergedError, NotConvergedWarning, PrecisionWarning
+from natgrad import (
+    ArgumentError,
+    NotConvergedError,
+    NotConvergedWarning,
+    PolicyMutationError,
+    PrecisionWarning,
+)
 from natgrad.supervised import SupervisedNaturalGradient, natural_gradient
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -276,6 +282,35 @@ def test_inputs_params_and_grads_untouched():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert torch.equal(model.net[0].weight.grad, torch.ones_like(model.net[0].weight))
     assert model.net[2].weight.grad is None
+
+
+class InPlaceInput(MLP):
+    """Writes its input in place: ``clamp_`` (idempotent) or ``mul_`` (not)."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        if self.op == "clamp_":
+            x["x"].clamp_(-0.5, 0.5)
+        else:
+            x["x"].mul_(0.5)
+        return self.net(x["x"])
+
+
+@pytest.mark.parametrize("op", ["clamp_", "mul_"])
+def test_a_forward_that_writes_its_inputs_in_place_is_stopped_after_one_evaluation(op):
+    """clamp_ used to succeed with the caller's inputs silently clamped; mul_ ended in an
+    error blaming sample coupling (BatchNorm) for what was an in-place write."""
+    torch.manual_seed(0)
+    model = InPlaceInput(op).double()
+    x = torch.randn(N, 4, dtype=torch.float64)
+    original = x.clone()
+    with pytest.raises(PolicyMutationError, match=r"wrote inputs\['x'\] in place .* out of"):
+        natural_gradient(model, {"x": x}, torch.randn(N, 3, dtype=torch.float64))
+    once = original.clamp(-0.5, 0.5) if op == "clamp_" else original * 0.5
+    assert torch.equal(x, once)  # one evaluation, as model(inputs) itself would do
 
 
 # -- solver behaviour --------------------------------------------------------------------

@@ -20,7 +20,7 @@ from natgrad._checks import (
     require_finite,
     select_parameters,
 )
-from natgrad._guard import unchanged_module
+from natgrad._guard import unchanged_inputs, unchanged_module
 from natgrad._tree import Tree, tree_leaves, unflatten
 from natgrad.errors import ArgumentError, ArgumentTypeError, NonFiniteError
 from natgrad.fisher.solve import Form, damped_direction
@@ -234,7 +234,7 @@ class SupervisedNaturalGradient(OptionsView):
         check_finite_parameters(model, "model")
         n = _check_inputs(inputs, device, dtype)
         with unchanged_module(model, "model"):
-            with torch.no_grad():
+            with torch.no_grad(), unchanged_inputs({"inputs": inputs}, "model(inputs)"):
                 raw = model(inputs)
             outputs = _check_outputs(raw, n, self.loss)
             _check_targets(targets, outputs, raw, self.loss)
