@@ -8,6 +8,7 @@ plain ``torch.autograd``, builds ``F`` (P x P) from the definitions of the issue
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -15,12 +16,13 @@ from torch import Tensor, nn
 
 from natgrad import (
     ArgumentError,
+    ArgumentTypeError,
     NotConvergedError,
     NotConvergedWarning,
     PolicyMutationError,
     PrecisionWarning,
 )
-from natgrad.supervised import SupervisedNaturalGradient, natural_gradient
+from natgrad.supervised import SupervisedNaturalGradient, mean_loss, natural_gradient
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 
@@ -484,6 +486,39 @@ def test_mse_sampled_noise_is_standard_normal_over_many_draws():
     torch.testing.assert_close(
         covariance, torch.eye(3, dtype=torch.float64), rtol=0, atol=0.15
     )  # standard error of each entry about 0.04
+
+
+def test_mean_loss_is_the_loss_the_direction_is_taken_of():
+    model, inputs, targets = build("mlp", "mse", outputs=1)
+    outputs = model(inputs)
+    result = SupervisedNaturalGradient("mse", 1e-2, solver="cholesky")(model, inputs, targets)
+    assert float(mean_loss(outputs, targets, "mse")) == pytest.approx(result.loss, rel=1e-12)
+    scalar = outputs.reshape(-1)  # (N,) outputs with (N,) targets, as natural_gradient takes
+    assert float(mean_loss(scalar, targets.reshape(-1), "mse")) == pytest.approx(result.loss)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets", "loss", "error", "pattern"),
+    [
+        # (N, 1) against (N,) used to broadcast to (N, N): a wrong loss, no error
+        ((N, 1), (N,), "mse", ArgumentError, r"same shape.*\(12, 1\).*\(12,\).*reshape"),
+        ((N, 3), (N,), "MSE", ArgumentError, r"loss must be one of"),  # was cross-entropy
+        ((N, 3), (N, 3), "cross_entropy", ArgumentError, r"class indices of shape \(N,\)"),
+        ((N, 3), "int", "mse", ArgumentTypeError, r"floating-point targets"),
+    ],
+)
+def test_mean_loss_refuses_what_it_would_broadcast_or_misread(
+    outputs, targets, loss, error, pattern
+):
+    out = torch.zeros(outputs, dtype=torch.float64)
+    if targets == "int":
+        tgt = torch.zeros(outputs, dtype=torch.long)
+    elif loss == "mse" or len(targets) > 1:
+        tgt = torch.arange(float(math.prod(targets)), dtype=torch.float64).reshape(targets)
+    else:
+        tgt = torch.zeros(targets, dtype=torch.long)
+    with pytest.raises(error, match=pattern):
+        mean_loss(out, tgt, loss)
 
 
 # -- docs: see tests/test_docstrings.py --------------------------------------------------

@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from natgrad._checks import check_choice
+from natgrad.errors import ArgumentError, ArgumentTypeError
 from natgrad.fisher.factors import categorical_rows
 
 LossName = Literal["mse", "cross_entropy"]
@@ -80,12 +82,59 @@ class FisherRows:
 def mean_loss(outputs: Tensor, targets: Tensor, loss: LossName) -> Tensor:
     """Mean over samples of ``0.5 |f - y|^2`` (mse) or ``-log softmax(f)_y`` (cross_entropy).
 
-    ``outputs`` is ``(N, k)``; ``targets`` is ``(N, k)`` for mse, class indices ``(N,)``
-    otherwise. Differentiable, so it also serves as the training loss.
+    ``outputs`` is ``(N, ...)`` with ``targets`` of the same shape for mse (summed over all
+    but the first dimension), logits ``(N, C)`` with class indices ``(N,)`` for
+    cross_entropy: the loss whose natural gradient
+    :func:`~natgrad.supervised.natural_gradient` computes. Differentiable, so it also
+    serves as the training loss.
+
+    Raises
+    ------
+    ArgumentError
+        An unknown ``loss``, or shapes that do not match (they are never broadcast).
+    ArgumentTypeError
+        Targets of the wrong kind (class indices for mse, floats for cross_entropy).
     """
+    check_choice("loss", loss, LOSSES)
+    _check_loss_shapes(outputs, targets, loss)
     if loss == "mse":
-        return 0.5 * (outputs - targets).pow(2).sum(dim=1).mean()
+        residual = (outputs - targets).reshape(outputs.shape[0], -1)
+        return 0.5 * residual.pow(2).sum(dim=1).mean()
     return torch.nn.functional.cross_entropy(outputs, targets)
+
+
+def _check_loss_shapes(outputs: Tensor, targets: Tensor, loss: LossName) -> None:
+    """Refuse what :func:`mean_loss` would broadcast or read as another loss."""
+    for name, value in (("outputs", outputs), ("targets", targets)):
+        if not isinstance(value, Tensor):
+            raise ArgumentTypeError(
+                f"{name} must be a torch.Tensor, got {type(value).__name__}; convert it "
+                "with torch.as_tensor(...)"
+            )
+    if loss == "mse":
+        if outputs.dim() == 0 or targets.shape != outputs.shape:
+            raise ArgumentError(
+                f"loss='mse' needs outputs of shape (N, ...) and targets of the same shape, "
+                f"got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} "
+                "(they are not broadcast); reshape the targets with "
+                "targets.reshape(outputs.shape)"
+            )
+        if not targets.is_floating_point():
+            raise ArgumentTypeError(
+                f"loss='mse' needs floating-point targets, got {targets.dtype}; for class "
+                "labels use loss='cross_entropy'"
+            )
+        return
+    if outputs.dim() != 2 or targets.shape != outputs.shape[:1]:
+        raise ArgumentError(
+            "loss='cross_entropy' needs logits of shape (N, C) and class indices of shape "
+            f"(N,), got outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+        )
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ArgumentTypeError(
+            f"loss='cross_entropy' needs integer class indices, got dtype {targets.dtype}; "
+            "for one-hot targets pass targets.argmax(1)"
+        )
 
 
 def fisher_rows(
