@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -428,6 +429,32 @@ def test_cross_entropy_needs_2d_logits_and_models_must_not_couple_samples():
 
     with pytest.raises(ValueError, match="couples samples"):
         natural_gradient(BatchMean().double(), x, torch.zeros(N, 3, dtype=torch.float64))
+
+
+class BatchStd(nn.Module):
+    """Normalizes with x.std(0): finite on the batch, NaN on one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x / x.std(dim=0))
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_batch_statistics_that_are_nan_on_one_sample_are_called_coupling(loss):
+    """NaN per-sample outputs passed the consistency check (NaN > tol is False) and ended
+    in an IllConditionedError telling a float64 user to use float64 parameters."""
+    model, x, y = BatchStd().double(), *build("mlp", loss)[1:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's own std() warning
+        with pytest.raises(
+            ArgumentError,
+            match=r"sample 0 is not finite when computed alone.*"
+            r"couples samples.*x\.std\(0\)",
+        ):
+            natural_gradient(model, x, y, loss=loss, solver="cholesky")
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])

@@ -125,17 +125,25 @@ def output_jacobians(
 
 
 def _check_consistent(per_sample: Tensor, batched: Tensor) -> None:
+    """Refuse per-sample outputs that differ from the (finite) batched ones.
+
+    A per-sample output that is NaN where the batched one is finite (``x.std(0)`` of one
+    sample) differs too: ``~(gap <= allowed)`` rather than ``gap > allowed``, which NaN passes.
+    """
     scale = consistency_tolerance(batched.dtype)
     gap = (per_sample - batched).abs()
-    allowed = scale * (1.0 + batched.abs())
-    if bool((gap > allowed).any()):
-        worst = int(torch.nonzero(gap > allowed)[0, 0])
+    differs = ~(gap <= scale * (1.0 + batched.abs()))
+    if bool(differs.any()):
+        worst = int(torch.nonzero(differs)[0, 0])
+        how = "differs when computed alone and in the batch"
+        if not bool(torch.isfinite(per_sample[worst]).all()):
+            how = "is not finite when computed alone but finite in the batch"
         raise ArgumentError(
-            f"the model's output for sample {worst} differs when computed alone and in the "
-            "batch, so the model couples samples (BatchNorm in train mode, normalization "
-            "across the batch dimension, state carried between calls); per-sample Jacobians "
-            "are then ill-defined: call model.eval() or make each output depend on its own "
-            "sample only"
+            f"the model's output for sample {worst} {how}, so the model couples samples "
+            "(BatchNorm in train mode, "
+            "normalization across the batch dimension such as x.std(0), state carried "
+            "between calls); per-sample Jacobians are then ill-defined: call model.eval() or "
+            "make each output depend on its own sample only"
         )
 
 
