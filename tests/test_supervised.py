@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from natgrad import (
     ArgumentError,
     ArgumentTypeError,
+    NonFiniteError,
     NotConvergedError,
     NotConvergedWarning,
     PolicyMutationError,
@@ -440,6 +441,36 @@ class BatchStd(nn.Module):
 
     def forward(self, x):
         return self.lin(x / x.std(dim=0))
+
+
+class SqrtOfSquare(nn.Module):
+    """Finite outputs, NaN output Jacobians: sqrt(z^2) at z = 0 (0 / 0 in every row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.head.weight[1] = 0.0
+            self.head.bias[1] = 0.0
+
+    def forward(self, x):
+        z = self.head(x)
+        return torch.sqrt(z * z)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "sampled"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_non_finite_output_jacobians_are_named_not_called_ill_conditioned(loss, fisher):
+    """They reached the solver and were refused as cond ~ inf, 'use float64 parameters'."""
+    model, x, y = SqrtOfSquare().double(), *build("mlp", loss)[1:]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        NonFiniteError,
+        match=r"Jacobian of sample 0 \(output 0\).*model\.head"
+        r"\.weight is NaN or inf.*epsilon",
+    ):
+        natural_gradient(model, x, y, loss=loss, fisher=fisher, solver="cholesky", seed=0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])

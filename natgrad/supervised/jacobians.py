@@ -9,6 +9,7 @@ modified and no ``.grad`` is touched.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from natgrad._checks import consistency_tolerance
 from natgrad._guard import functional_call
 from natgrad._tree import Tree, take, tree_map, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
-from natgrad.errors import ArgumentError
+from natgrad.errors import ArgumentError, NonFiniteError
 
 __all__ = ["ModelJacobians", "output_jacobians", "output_jvp"]
 
@@ -121,7 +122,30 @@ def output_jacobians(
         jacs.append(flatten(jac, len(index), out.shape[1]).detach())
     outputs = torch.cat(outs)
     _check_consistent(outputs, batched_outputs)
-    return ModelJacobians(outputs, torch.cat(jacs), path, reason)
+    jacobians = torch.cat(jacs)
+    _check_finite_jacobians(jacobians, {n: params[n].numel() for n in param_names})
+    return ModelJacobians(outputs, jacobians, path, reason)
+
+
+def _check_finite_jacobians(jacobians: Tensor, sizes: dict[str, int]) -> None:
+    """Refuse NaN/inf in ``J_i`` (finite outputs), naming the sample and the parameter.
+
+    An operation with an infinite derivative at the current point (``sqrt`` of an exact
+    zero) makes ``W`` non-finite, which the solvers would only report as ill-conditioning.
+    """
+    finite = torch.isfinite(jacobians)
+    if bool(finite.all()):
+        return
+    sample, output, column = (int(i) for i in torch.nonzero(~finite)[0])
+    ends = itertools.accumulate(sizes.values())
+    name = next(n for n, end in zip(sizes, ends, strict=True) if column < end)
+    raise NonFiniteError(
+        f"the output Jacobian of sample {sample} (output {output}) with respect to "
+        f"model.{name} is NaN or inf although the output itself is finite: an operation in "
+        "forward has an infinite derivative at these parameters (e.g. sqrt, pow with an "
+        "exponent below 1, or a norm, evaluated at exactly 0); add a small epsilon inside "
+        "it (torch.sqrt(z * z + 1e-12)) or use a smooth alternative"
+    )
 
 
 def _check_consistent(per_sample: Tensor, batched: Tensor) -> None:
