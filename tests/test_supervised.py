@@ -256,6 +256,35 @@ def test_vmap_limitation_falls_back_to_loop():
     assert relative_error(flat(result.direction), expected) <= 1e-8
 
 
+class LegacySquare(torch.autograd.Function):
+    """An autograd.Function without setup_context: torch.func can differentiate it neither
+    batched nor one sample at a time."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return z * z
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return 2 * z * grad
+
+
+class LegacyFunctionModel(MLP):
+    def forward(self, x):
+        return LegacySquare.apply(self.net(x))
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_a_model_torch_func_cannot_differentiate_per_sample_is_natgrads_error(loss):
+    """The loop fallback used to end in torch's raw RuntimeError from inside jacrev."""
+    torch.manual_seed(0)
+    model, x, y = LegacyFunctionModel().double(), *build("mlp", loss)[1:]
+    with pytest.raises(ArgumentError, match=r"one sample at a time.*setup_context.*forward"):
+        natural_gradient(model, x, y, loss=loss, solver="cholesky")
+
+
 def test_float32_model_is_close_to_float64_reference():
     model, inputs, targets = build("mlp", "cross_entropy")
     expected, _, _ = dense_direction(

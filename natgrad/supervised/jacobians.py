@@ -10,6 +10,7 @@ modified and no ``.grad`` is touched.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -112,10 +113,7 @@ def output_jacobians(
                 )
                 path, reason = "loop", f"vmap failed ({type(error).__name__}: {error})"
         if path == "loop":
-            pieces = [
-                jacrev(single, has_aux=True)(params, tree_map(lambda t, i=i: t[i], x_s))
-                for i in range(len(index))
-            ]
+            pieces = [_one_sample(single, params, x_s, i) for i in range(len(index))]
             jac = {n: torch.stack([p[0][n] for p in pieces]) for n in param_names}
             out = torch.stack([p[1] for p in pieces])
         outs.append(out.detach())
@@ -146,6 +144,23 @@ def _check_finite_jacobians(jacobians: Tensor, sizes: dict[str, int]) -> None:
         "exponent below 1, or a norm, evaluated at exactly 0); add a small epsilon inside "
         "it (torch.sqrt(z * z + 1e-12)) or use a smooth alternative"
     )
+
+
+def _one_sample(
+    single: Callable[..., tuple[Tensor, Tensor]], params: dict[str, Tensor], x_s: Tree, i: int
+) -> tuple[dict[str, Tensor], Tensor]:
+    """``jacrev`` of one sample (the loop path); a failure is natgrad's error."""
+    try:
+        return jacrev(single, has_aux=True)(params, tree_map(lambda t: t[i], x_s))
+    except Exception as error:  # noqa: BLE001 - re-raised with the diagnosis
+        raise ArgumentError(
+            "the model cannot be differentiated one sample at a time with torch.func "
+            f"({type(error).__name__}: {str(error)[:200]}) although model(inputs) works on "
+            "the batch: a torch.autograd.Function without setup_context/vmap support (see "
+            "https://pytorch.org/docs/stable/notes/extending.func.html), leaving torch in "
+            "forward (.numpy(), .tolist()), or an operation that fails on a batch of one "
+            "sample; make forward a torch.func-compatible function of each sample"
+        ) from error
 
 
 def _check_consistent(per_sample: Tensor, batched: Tensor) -> None:
