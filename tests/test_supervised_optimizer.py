@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -250,3 +252,68 @@ def test_levenberg_marquardt_refuses_a_start_outside_its_range():
     model = nn.Linear(3, 1)
     with pytest.raises(ArgumentError, match=r"damping=1000000.0 lies outside"):
         NaturalGradientOptimizer(model, damping=1e6, damping_schedule="levenberg_marquardt")
+
+
+def _resumable_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=gen)
+    opt = NaturalGradientOptimizer(
+        model,
+        "cross_entropy",
+        lr=0.5,
+        momentum=0.9,
+        damping=1e-2,
+        damping_schedule="levenberg_marquardt",
+        fisher="sampled",
+        solver="kaczmarz",
+        block_size=8,
+        seed=0,
+    )
+    return model, opt, x, y
+
+
+def test_state_dict_resumes_damping_steps_targets_and_momentum_exactly():
+    """There was no state_dict: a resumed run restarted LM's damping, the step counter of a
+    callable schedule, the sampled targets' generator and (unless saved apart) momentum."""
+    model, opt, x, y = _resumable_run()
+    for _ in range(3):
+        opt.step(x, y)
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    expected = [opt.step(x, y) for _ in range(2)]
+    expected_params = [p.detach().clone() for p in model.parameters()]
+
+    model, opt, x, y = _resumable_run()
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(saved)
+    assert opt.steps == 3 and opt.damping == saved["damping"]
+    got = [opt.step(x, y) for _ in range(2)]
+    assert [i.damping for i in got] == [i.damping for i in expected]
+    assert [i.loss for i in got] == [i.loss for i in expected]
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected_params, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        (lambda s: s.pop("damping"), r"state lacks damping"),
+        (lambda s: s.update(steps=-1), r"state\['steps'\] must be an int >= 0"),
+        (lambda s: s.update(damping=float("nan")), r"state\['damping'\] must be a finite"),
+        (lambda s: s.update(generator=[1, 2]), r"state\['generator'\] must be"),
+    ],
+)
+def test_load_state_dict_refuses_a_crafted_state_before_changing_anything(change, pattern):
+    from natgrad import NatgradError
+
+    model, opt, x, y = _resumable_run()
+    opt.step(x, y)
+    state = copy.deepcopy(opt.state_dict())
+    change(state)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(NatgradError, match=pattern):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert (after["steps"], after["damping"]) == (before["steps"], before["damping"])
+    assert torch.equal(after["generator"], before["generator"])

@@ -6,7 +6,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +120,11 @@ class NaturalGradientOptimizer:
         The :class:`~natgrad.supervised.SupervisedNaturalGradient` computing ``d``.
     base_optimizer
         The optimizer that applies ``d``.
+
+    Notes
+    -----
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore ``steps``, ``damping``,
+    the generator and the base optimizer's state (not the model's).
 
     Examples
     --------
@@ -323,6 +328,55 @@ class NaturalGradientOptimizer:
         return StepInfo(
             result.loss, damping, self.damping, loss_after, predicted, ratio, result.diagnostics
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the model.
+
+        ``steps``, ``damping`` (as Levenberg-Marquardt left it), the state of the generator
+        behind sampled targets and Kaczmarz blocks, and the base optimizer's state.
+        """
+        return {
+            "steps": self.steps,
+            "damping": self.damping,
+            "generator": self.transform.generator.get_state(),
+            "base_optimizer": self.base_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state saved by :meth:`state_dict` (validated before anything changes).
+
+        Raises
+        ------
+        ArgumentError
+            ``state`` lacks a key, or holds a negative ``steps`` or a ``damping`` that is
+            not a finite float > 0.
+        ArgumentTypeError
+            ``state`` is not a dict, or ``generator`` is not a ``torch.ByteTensor``.
+        """
+        if not isinstance(state, dict):
+            raise ArgumentTypeError(
+                f"state must be the dict from NaturalGradientOptimizer.state_dict(), got "
+                f"{type(state).__name__}"
+            )
+        missing = [k for k in ("steps", "damping", "generator", "base_optimizer") if k not in state]
+        if missing:
+            raise ArgumentError(
+                f"state lacks {', '.join(missing)}; pass the dict from "
+                "NaturalGradientOptimizer.state_dict()"
+            )
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ArgumentError(f"state['steps'] must be an int >= 0, got {steps!r}")
+        damping = check_positive_float("state['damping']", state["damping"])
+        generator = state["generator"]
+        if not isinstance(generator, Tensor) or generator.dtype != torch.uint8:
+            raise ArgumentTypeError(
+                "state['generator'] must be the torch.ByteTensor of Generator.get_state(), "
+                f"got {type(generator).__name__}"
+            )
+        self.base_optimizer.load_state_dict(state["base_optimizer"])
+        self.transform.generator.set_state(generator)
+        self.steps, self.damping = steps, damping
 
     def _current_damping(self) -> float:
         if self._schedule is None:
