@@ -375,6 +375,13 @@ def test_nonconvergence_policies():
 
 
 # -- errors ------------------------------------------------------------------------------
+class NoOutputs(MLP):
+    """Zero outputs per sample (a slice gone wrong)."""
+
+    def forward(self, x):
+        return self.net(x)[:, :0]
+
+
 def _call(**overrides):
     model, inputs, targets = build("mlp", overrides.pop("_loss", "mse"))
     kwargs = {"model": model, "inputs": inputs, "targets": targets, **overrides}
@@ -434,6 +441,16 @@ class BatchMean(nn.Module):
             {"_loss": "cross_entropy", "targets": torch.zeros(N - 1, dtype=torch.long)},
             ValueError,
             r"shape \(N,\) = \(12,\)",
+        ),
+        (  # torch's ignore_index: say it is not supported and what to do instead
+            {"_loss": "cross_entropy", "targets": torch.full((N,), -100)},
+            ValueError,
+            r"class index -100 outside \[0, 3\).*ignore_index is not supported: drop those",
+        ),
+        (  # used to be a raw RuntimeError from a reshape deep inside the Jacobians
+            {"model": NoOutputs().double()},
+            ValueError,
+            r"shape \(12, 0\): no outputs per sample",
         ),
     ],
 )

@@ -419,6 +419,11 @@ def _check_outputs(raw: object, n: int, loss: str) -> Tensor:
             f"loss='cross_entropy' needs logits of shape (N, C) with C >= 2 classes, got "
             f"model output shape {tuple(raw.shape)}; for a binary problem output 2 logits"
         )
+    if raw[0].numel() == 0:
+        raise ArgumentError(
+            f"model(inputs) has shape {tuple(raw.shape)}: no outputs per sample, so there is "
+            "no loss to differentiate; check the model's last layer (or a slice in forward)"
+        )
     outputs = raw.reshape(n, -1)
     if not bool(torch.isfinite(outputs).all()):
         bad = int(torch.nonzero(~torch.isfinite(outputs))[0, 0])
@@ -468,6 +473,12 @@ def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> 
         )
     if bool(((targets < 0) | (targets >= k)).any()):
         bad = targets[(targets < 0) | (targets >= k)][0]
+        hint = ""
+        if int(bad) < 0:
+            hint = (
+                "; ignore_index is not supported: drop those samples (targets >= 0) before the step"
+            )
         raise ArgumentError(
-            f"targets contains class index {int(bad)} outside [0, {k}) for logits with {k} classes"
+            f"targets contains class index {int(bad)} outside [0, {k}) for logits with {k} "
+            f"classes{hint}"
         )
