@@ -88,6 +88,26 @@ def test_levenberg_marquardt_increases_damping_when_the_ratio_is_poor():
     assert dampings[-1] <= 1e-5  # clamped at max_damping
 
 
+def test_levenberg_marquardt_increases_damping_when_an_unpredicted_rise_happens():
+    """lr=3 on an exact quadratic: the update predicts a rise (no ratio), and the loss rises.
+
+    The damping was left unchanged, so LM kept taking steps that raised the loss.
+    """
+    model, x, y = linear_problem()
+    opt = NaturalGradientOptimizer(
+        model,
+        lr=3.0,
+        damping=1e-2,
+        damping_schedule="levenberg_marquardt",
+        solver="cholesky",
+        lm_factor=2.0,
+    )
+    info = opt.step(x, y)
+    assert info.predicted_change > 0 and info.reduction_ratio is None
+    assert info.loss_after > info.loss
+    assert info.next_damping == opt.damping == pytest.approx(2e-2)
+
+
 def test_levenberg_marquardt_damping_is_clamped_to_min_damping():
     """An exact quadratic model divides lam by lm_factor (1e-2 -> 5e-3), clamped at 8e-3."""
     model, x, y = linear_problem()

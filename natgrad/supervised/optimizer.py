@@ -84,7 +84,8 @@ class NaturalGradientOptimizer:
         the batch loss with the change predicted by the quadratic model
         ``g^T delta + delta^T F delta / 2`` (exact Fisher, actual update ``delta``) and
         multiply ``lam`` by ``lm_factor`` when the ratio ``rho < 1/4``, divide when
-        ``rho > 3/4`` (Martens 2010); or a callable ``step -> lam`` (``step`` from 0).
+        ``rho > 3/4`` (Martens 2010), and multiply it too when the update was not a
+        predicted decrease and the loss rose; or a callable ``step -> lam`` (``step`` from 0).
         LM costs one extra forward and one Jacobian-vector product per step. It only
         adapts ``lam``: a step whose loss rose is kept, not undone (the next one is more
         damped); the initial ``damping`` must lie in ``[min_damping, max_damping]``. A
@@ -319,7 +320,9 @@ class NaturalGradientOptimizer:
                     next_damping = damping * self.lm_factor
                 elif ratio > 0.75:
                     next_damping = damping / self.lm_factor
-            elif not math.isfinite(loss_after):
+            elif not math.isfinite(loss_after) or loss_after > result.loss:
+                # no decrease was predicted (e.g. momentum or lr > 2 overshooting) and the
+                # loss rose: the quadratic model failed as badly as at a poor ratio
                 next_damping = damping * self.lm_factor
             next_damping = min(max(next_damping, self.min_damping), self.max_damping)
         if self._schedule is not None:
