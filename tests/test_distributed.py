@@ -20,6 +20,8 @@ from torch import nn
 from natgrad import RATNaturalGradient
 from natgrad.distributed.dispatch import DISTRIBUTED_SOLVERS
 from natgrad.errors import (
+    ArgumentError,
+    ArgumentTypeError,
     GramMemoryError,
     NonFiniteError,
     NotConvergedError,
@@ -359,6 +361,27 @@ def test_all_zero_scores_are_solved_exactly_on_every_rank() -> None:
 
 def test_errors_are_raised_on_every_rank_alike() -> None:
     spawn(2, check_errors)
+
+
+def check_adv_that_is_not_a_vector_on_one_rank(rank: int, world: int) -> None:
+    """A list or a 0-d tensor for adv on rank 1: natgrad's errors on every rank, no hang."""
+    policy, obs, acts, adv = make_problem(10)
+    mine = slice(5 * rank, 5 * rank + 5)
+    rat = RATNaturalGradient(damping=0.1, process_group=dist.group.WORLD)
+    for bad, error, message in (
+        (adv[mine].tolist(), ArgumentTypeError, "adv must be a torch.Tensor"),
+        (adv[mine][0], ArgumentError, r"adv must be 1-D of shape \(N,\), got shape \(\)"),
+    ):
+        mine_adv = bad if rank == 1 else adv[mine]
+        expected = error if rank == 1 else ProcessGroupError
+        with pytest.raises(expected, match=message if rank == 1 else "rank 1: " + error.__name__):
+            rat.natural_gradient(policy, obs[mine], acts[mine], mine_adv)
+    # the group still works: a good call succeeds on every rank
+    assert rat(policy, obs[mine], acts[mine], adv[mine]).shape == (5,)
+
+
+def test_adv_that_is_not_a_vector_on_one_rank_stops_every_rank() -> None:
+    spawn(2, check_adv_that_is_not_a_vector_on_one_rank)
 
 
 def test_process_group_needs_an_initialized_torch_distributed() -> None:

@@ -103,13 +103,15 @@ def distributed_natural_gradient(
     prepared = None
     description: dict[str, Any] | None = None
     local_error: BaseException | None = None
+    size = 0
     try:
         prepared = rat._prepare(policy, obs, acts, adv, params)
         description = _describe(rat, prepared[0], adv)
+        size = int(adv.shape[0])  # adv is checked by now (a list or a 0-d tensor is refused)
     except Exception as error:  # noqa: BLE001 - re-raised below, after telling the others
         local_error = error
     summary = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
-    gathered = comm.all_gather_object((description, int(adv.shape[0]), summary))
+    gathered = comm.all_gather_object((description, size, summary))
     if local_error is not None:
         raise local_error
     _check_agreement(gathered)
