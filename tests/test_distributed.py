@@ -384,6 +384,36 @@ def test_adv_that_is_not_a_vector_on_one_rank_stops_every_rank() -> None:
     spawn(2, check_adv_that_is_not_a_vector_on_one_rank)
 
 
+def check_auto_solver_with_other_backends_per_rank(rank: int, world: int) -> None:
+    """solver='auto' resolves alike on every rank when the ranks' backends differ.
+
+    Rank 0 materializes its rows (Cholesky would be cheap), rank 1 streams them (it would
+    pick CG): every rank must run the same solver, else their collectives do not match.
+    """
+    sizes = [4, 12]
+    total = sum(sizes)
+    policy, obs, acts, adv = make_problem(total)
+    mine = local_slice(sizes, rank)
+    exact = RATNaturalGradient(damping=0.1, solver="cholesky").natural_gradient(
+        policy, obs, acts, adv
+    )
+    for backends in (("materialized", "streaming"), ("factored", "materialized")):
+        rat = RATNaturalGradient(
+            damping=0.1, tol=1e-12, max_iters=500, backend=backends[rank],
+            on_nonconvergence="raise", process_group=dist.group.WORLD,
+        )  # fmt: skip
+        result = rat.natural_gradient(policy, obs[mine], acts[mine], adv[mine])
+        expected_solver = "cg" if "streaming" in backends else "cholesky"
+        assert rat.diagnostics.solver == expected_solver, (backends, rat.diagnostics.solver)
+        label = f"{backends} rank {rank}"
+        close(flat(result.direction), flat(exact.direction), flat(exact.direction), label)
+        close(result.advantages, exact.advantages[mine], exact.advantages, label)
+
+
+def test_auto_solver_agrees_across_ranks_with_other_backends() -> None:
+    spawn(2, check_auto_solver_with_other_backends_per_rank)
+
+
 def test_process_group_needs_an_initialized_torch_distributed() -> None:
     assert not dist.is_initialized()
     with pytest.raises(ProcessGroupError, match="init_process_group"):

@@ -48,6 +48,10 @@ def resolve_distributed_solver(
 ) -> str:
     """``"auto"``: the single-process rule (:func:`~natgrad.solvers.dispatch.auto_solver`).
 
+    The rule reads only what every rank shares: the total ``N``, the device type and every
+    rank's backend (a rank whose backend recomputes rows counts for all), so every rank
+    resolves ``"auto"`` to the same solver even when their backends differ.
+
     Raises
     ------
     ProcessGroupError
@@ -55,14 +59,25 @@ def resolve_distributed_solver(
     """
     if solver == "auto":
         return auto_solver(
-            operator.device, operator.backend, operator.num_samples, preconditioner_rank
-        )
+            operator.device, shared_backend(operator.backends), operator.num_samples,
+            preconditioner_rank,
+        )  # fmt: skip
     if solver not in DISTRIBUTED_SOLVERS:
         raise ProcessGroupError(
             f"solver={solver!r} has no distributed form; with a process_group use one of "
             f"{', '.join(repr(s) for s in ('auto', *DISTRIBUTED_SOLVERS))}"
         )
     return solver
+
+
+def shared_backend(backends: list[str]) -> str:
+    """The backend ``"auto"`` is resolved for: the first that is not cheap, else the first.
+
+    ``auto_solver`` picks Cholesky only for backends with a cheap Gram matrix (factored,
+    materialized); one rank streaming its rows makes the exact solve slow for every rank.
+    """
+    cheap = ("factored", "materialized")
+    return next((backend for backend in backends if backend not in cheap), backends[0])
 
 
 def rank_generator(generator: torch.Generator, rank: int) -> torch.Generator:

@@ -35,9 +35,19 @@ class ShardedOperator:
         The communicator of the process group.
     sizes
         Every rank's number of samples ``n_k``, in rank order (the same list on every rank).
+    backends
+        Every rank's score backend, in rank order (the same list on every rank; each rank
+        picks its own, e.g. ``backend="auto"`` by its own ``n_k``). ``None``: every rank
+        uses this rank's.
     """
 
-    def __init__(self, local: ScoreOperator, comm: Communicator, sizes: list[int]) -> None:
+    def __init__(
+        self,
+        local: ScoreOperator,
+        comm: Communicator,
+        sizes: list[int],
+        backends: list[str] | None = None,
+    ) -> None:
         self.local = local
         self.comm = comm
         self.sizes = list(sizes)
@@ -49,6 +59,7 @@ class ShardedOperator:
         self.score_dtype = local.score_dtype
         self.device = local.device
         self.backend = local.backend
+        self.backends = list(backends) if backends is not None else [local.backend] * len(sizes)
 
     def direction(self, x: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``v = J^T x / N`` (replicated) from the local rows ``x``; one all-reduce.

@@ -5,9 +5,10 @@ One call on every rank:
 1. each rank checks its own inputs and builds its own score operator ``J_k`` (no
    communication), catching its own error;
 2. one ``all_gather_object`` of a small description (options, parameter names and shapes,
-   dtype, ``n_k``, and the rank's error if any): every rank checks that they agree and
-   learns every ``n_k``; a disagreement or a failed rank raises the same
-   :class:`~natgrad.errors.ProcessGroupError` on every rank (no rank is left waiting);
+   dtype, ``n_k``, the rank's score backend, and its error if any): every rank checks
+   that they agree and learns every ``n_k`` and backend; a disagreement or a failed rank
+   raises the same :class:`~natgrad.errors.ProcessGroupError` on every rank (no rank is
+   left waiting);
 3. the distributed solve (:func:`~natgrad.distributed.dispatch.solve_distributed`);
 4. one all-reduce of 3 floats for ``g^T d``, ``d^T F d`` and the finiteness of the local
    rows.
@@ -58,9 +59,12 @@ _FIXES = {
 }
 
 
-def _check_agreement(gathered: list[tuple[dict[str, Any] | None, int, str | None]]) -> None:
-    """Raise :class:`ProcessGroupError` (on every rank alike) on a failure or disagreement."""
-    failed = [(rank, error) for rank, (_, _, error) in enumerate(gathered) if error is not None]
+def _check_agreement(gathered: list[tuple[dict[str, Any] | None, int, str | None, str]]) -> None:
+    """Raise :class:`ProcessGroupError` (on every rank alike) on a failure or disagreement.
+
+    ``gathered``: every rank's ``(description, n_k, error, backend)``, in rank order.
+    """
+    failed = [(rank, error) for rank, (_, _, error, _) in enumerate(gathered) if error is not None]
     if failed:
         lines = "; ".join(f"rank {rank}: {error}" for rank, error in failed)
         raise ProcessGroupError(
@@ -69,7 +73,7 @@ def _check_agreement(gathered: list[tuple[dict[str, Any] | None, int, str | None
         )
     first = gathered[0][0]
     assert first is not None
-    for rank, (description, _, _) in enumerate(gathered[1:], start=1):
+    for rank, (description, _, _, _) in enumerate(gathered[1:], start=1):
         assert description is not None
         for key, value in first.items():
             if description[key] != value:
@@ -103,21 +107,27 @@ def distributed_natural_gradient(
     prepared = None
     description: dict[str, Any] | None = None
     local_error: BaseException | None = None
-    size = 0
+    size, backend = 0, ""
     try:
         prepared = rat._prepare(policy, obs, acts, adv, params)
         description = _describe(rat, prepared[0], adv)
-        size = int(adv.shape[0])  # adv is checked by now (a list or a 0-d tensor is refused)
+        size, backend = int(adv.shape[0]), prepared[1].backend  # adv is checked by now
+        # (a list or a 0-d tensor is refused above, on this rank, before the gather)
     except Exception as error:  # noqa: BLE001 - re-raised below, after telling the others
         local_error = error
     summary = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
-    gathered = comm.all_gather_object((description, size, summary))
+    gathered = comm.all_gather_object((description, size, summary, backend))
     if local_error is not None:
         raise local_error
     _check_agreement(gathered)
     assert prepared is not None
     scores, local, backend_note = prepared
-    operator = ShardedOperator(local, comm, [size for _, size, _ in gathered])
+    operator = ShardedOperator(
+        local,
+        comm,
+        [size for _, size, _, _ in gathered],
+        backends=[backend for _, _, _, backend in gathered],
+    )
     rhs = adv.detach().to(device=scores.device, dtype=torch.float64)
     with torch.no_grad():
         result, solver_used, notes = solve_distributed(operator, rhs, rat.options, rat.generator)
