@@ -7,6 +7,7 @@ reference is the single-process result on the concatenated batch, float64, to 1e
 
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 from collections.abc import Callable
@@ -87,7 +88,14 @@ def close(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, wha
 
 def _worker(rank: int, world: int, path: str, check: Callable[..., None], args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    # a rank left waiting in a collective fails the test in a minute instead of hanging it
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{path}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         check(rank, world, *args)
     finally:
@@ -412,6 +420,37 @@ def check_auto_solver_with_other_backends_per_rank(rank: int, world: int) -> Non
 
 def test_auto_solver_agrees_across_ranks_with_other_backends() -> None:
     spawn(2, check_auto_solver_with_other_backends_per_rank)
+
+
+def check_streamed_scores_failing_on_one_rank(rank: int, world: int) -> None:
+    """backend='streaming' computes the score rows inside the solve: one rank's infinite
+    score must stop every rank with natgrad's errors, not leave the others waiting."""
+    policy, obs, acts, adv = make_problem(10)
+    mine = slice(5 * rank, 5 * rank + 5)
+
+    def log_prob(policy, obs, acts):
+        values = policy(obs).log_prob(acts).sum(-1)
+        if rank == 0:
+            return values
+        kink = (policy.log_std[0] - policy.log_std[0].detach()).abs().sqrt()  # 0, gradient inf
+        return values + torch.where(torch.arange(len(values)) == 0, kink, 0.0)
+
+    for solver in DISTRIBUTED_SOLVERS:
+        rat = RATNaturalGradient(
+            log_prob, damping=0.1, solver=solver, backend="streaming",
+            process_group=dist.group.WORLD,
+        )  # fmt: skip
+        expected = ArgumentError if rank == 1 else ProcessGroupError
+        message = "score .* of sample 0 is not finite" if rank == 1 else "1 other rank"
+        with pytest.raises(expected, match=message):
+            rat.natural_gradient(policy, obs[mine], acts[mine], adv[mine])
+    # the group still works: a good call succeeds on every rank
+    rat = RATNaturalGradient(damping=0.1, backend="streaming", process_group=dist.group.WORLD)
+    assert rat(policy, obs[mine], acts[mine], adv[mine]).shape == (5,)
+
+
+def test_streamed_scores_failing_on_one_rank_stop_every_rank() -> None:
+    spawn(2, check_streamed_scores_failing_on_one_rank)
 
 
 def test_process_group_needs_an_initialized_torch_distributed() -> None:

@@ -90,18 +90,49 @@ def rank_generator(generator: torch.Generator, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed + 0x9E3779B97F4A7C15 * rank) % 2**63)
 
 
+def local_squared_norms(operator: ShardedOperator) -> float:
+    """``sum_i |psi_i|^2`` over every rank's samples, raising on every rank if one fails.
+
+    It is the first pass over the score rows: a streaming backend computes them here for
+    the first time, so a rank whose scores are not finite (or whose policy couples its
+    samples) finds out here, alone. Its failure rides in the same all-reduce as the sum,
+    so that rank raises its own error and every other rank a
+    :class:`~natgrad.errors.ProcessGroupError` instead of waiting in its next collective.
+
+    Returns
+    -------
+    float
+        The global sum ``trace(K)``.
+    """
+    failure: BaseException | None = None
+    try:
+        squares = operator.local.squared_norms().to(torch.float64).sum()
+    except Exception as error:  # noqa: BLE001 - re-raised below, after telling the others
+        failure, squares = error, torch.zeros((), dtype=torch.float64)
+    total, failed = operator.comm.sum(squares, 0.0 if failure is None else 1.0)
+    if failure is not None:
+        raise failure
+    if failed > 0:
+        raise ProcessGroupError(
+            f"{int(failed)} other rank(s) of the process group failed computing their score "
+            "rows (gradients of log pi) before the solve; fix the input or the policy on those "
+            "ranks (their own errors say what is wrong)"
+        )
+    return total
+
+
 def distributed_conditioning(operator: ShardedOperator, damping: float, tol: float) -> Conditioning:
     """:func:`~natgrad.solvers.conditioning.estimate_conditioning` for all ranks' samples.
 
-    ``trace(K / N)`` is one all-reduce of a scalar; the power iterations (only when the
+    ``trace(K / N)`` is one all-reduce of 2 floats (the trace and any rank's failure to
+    compute its scores, see :func:`local_squared_norms`); the power iterations (only when the
     trace cannot show ``precision <= tol``) start from the single-process start vector's
     rows and cost one all-reduce of ``P`` floats and one of a scalar each.
     """
     eps_work = torch.finfo(operator.dtype).eps
     eps_score = torch.finfo(operator.score_dtype).eps
     total = operator.num_samples
-    squares = operator.local.squared_norms().to(torch.float64).sum()
-    trace = operator.comm.sum(squares)[0] / total
+    trace = local_squared_norms(operator) / total
     if not math.isfinite(trace):
         return Conditioning(math.inf, math.inf, math.inf, math.inf)
     if trace == 0.0:  # every rank's scores are zero: M = lam I exactly
