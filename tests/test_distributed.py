@@ -453,6 +453,22 @@ def test_streamed_scores_failing_on_one_rank_stop_every_rank() -> None:
     spawn(2, check_streamed_scores_failing_on_one_rank)
 
 
+def check_subgroup_without_this_rank(rank: int, world: int) -> None:
+    group = dist.new_group([0])
+    if rank == 1:
+        with pytest.raises(ProcessGroupError, match="does not contain this rank"):
+            RATNaturalGradient(process_group=group)
+        return
+    policy, obs, acts, adv = make_problem(5)
+    assert RATNaturalGradient(damping=0.1, process_group=group)(policy, obs, acts, adv).shape == (
+        5,
+    )
+
+
+def test_subgroup_without_this_rank_is_refused_with_a_clear_message() -> None:
+    spawn(2, check_subgroup_without_this_rank)
+
+
 def test_process_group_needs_an_initialized_torch_distributed() -> None:
     assert not dist.is_initialized()
     with pytest.raises(ProcessGroupError, match="init_process_group"):

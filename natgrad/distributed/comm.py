@@ -44,6 +44,12 @@ def check_process_group(process_group: Any) -> Any:
             "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
             "the environment for it), or pass process_group=None"
         )
+    if process_group is dist.GroupMember.NON_GROUP_MEMBER:  # new_group(...) on a non-member
+        raise ProcessGroupError(
+            "process_group does not contain this rank (torch.distributed.new_group returns "
+            "GroupMember.NON_GROUP_MEMBER on the ranks it leaves out); construct "
+            "RATNaturalGradient with that group only on its member ranks"
+        )
     if not isinstance(process_group, dist.ProcessGroup):
         raise ProcessGroupError(
             "process_group must be a torch.distributed.ProcessGroup (e.g. "
