@@ -187,9 +187,11 @@ def select_parameters(
                 f"params[{i}] must be a parameter tensor, got {type(p).__name__}{hint}"
             )
         if id(p) not in by_id:
+            buffer = next((n for n, b in policy.named_buffers() if b is p), None)
+            what = f" (it is the buffer {owner}.{buffer}, which is not trained)" if buffer else ""
             raise ArgumentError(
-                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of {owner}; pass "
-                f"parameters obtained from the {owner} itself, e.g. {owner}.parameters()"
+                f"params[{i}] (shape {tuple(p.shape)}) is not a parameter of {owner}{what}; "
+                f"pass parameters obtained from the {owner} itself, e.g. {owner}.parameters()"
             )
         if not p.requires_grad:
             raise ArgumentError(

@@ -169,6 +169,15 @@ def test_params_not_owned_by_policy():
         RATNaturalGradient()(policy, obs, acts, adv, params=[policy.log_std, stranger])
 
 
+def test_a_buffer_in_params_is_named_as_a_buffer():
+    policy, obs, acts, adv = gaussian_batch()
+    policy.register_buffer("scale", torch.ones(3))
+    with pytest.raises(
+        ValueError, match=r"not a parameter of policy \(it is the buffer policy.scale"
+    ):
+        RATNaturalGradient()(policy, obs, acts, adv, params=[policy.log_std, policy.scale])
+
+
 def test_params_single_tensor_and_frozen_and_empty():
     policy, obs, acts, adv = gaussian_batch()
     with pytest.raises(TypeError, match=r"got a single tensor; wrap it in a list"):
