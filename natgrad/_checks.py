@@ -353,8 +353,8 @@ def check_finite_parameters(module: nn.Module, role: str = "policy") -> None:
         check_materialized(f"{role}.{name}", tensor, role)
         if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(
-                f"{role}.{name} contains NaN or inf, so every log-probability and score is "
-                "meaningless; the policy was already broken before this call (a diverged "
+                f"{role}.{name} contains NaN or inf, so every output and per-sample gradient "
+                f"is meaningless; the {role} was already broken before this call (a diverged "
                 "update?): restore it from a checkpoint, and check the step that produced it"
             )
 

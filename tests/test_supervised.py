@@ -626,3 +626,13 @@ def test_mean_loss_refuses_what_it_would_broadcast_or_misread(
 
 
 # -- docs: see tests/test_docstrings.py --------------------------------------------------
+
+
+def test_a_nan_parameter_is_named_as_the_models_not_a_policys():
+    model = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"model.weight contains NaN .* the model was already"):
+        natural_gradient(model, x, y)
+    assert math.isnan(float(model.weight[0, 0]))  # reported, not changed
