@@ -447,6 +447,11 @@ class BatchMean(nn.Module):
             ValueError,
             r"class index -100 outside \[0, 3\).*ignore_index is not supported: drop those",
         ),
+        (  # a list of labels: say how to convert it
+            {"_loss": "cross_entropy", "targets": [0] * N},
+            TypeError,
+            r"class indices \(torch.long\), got list; convert it with torch.as_tensor",
+        ),
         (  # used to be a raw RuntimeError from a reshape deep inside the Jacobians
             {"model": NoOutputs().double()},
             ValueError,

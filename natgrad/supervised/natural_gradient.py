@@ -435,7 +435,11 @@ def _check_outputs(raw: object, n: int, loss: str) -> Tensor:
 
 def _check_targets(targets: object, outputs: Tensor, raw: Tensor, loss: str) -> None:
     if not isinstance(targets, Tensor):
-        raise ArgumentTypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+        kind = "class indices (torch.long)" if loss == "cross_entropy" else "values"
+        raise ArgumentTypeError(
+            f"targets must be a torch.Tensor of {kind}, got {type(targets).__name__}; convert "
+            "it with torch.as_tensor(targets) on the model's device"
+        )
     if targets.device != outputs.device:
         raise ArgumentError(
             f"targets is on {targets.device} but the model outputs are on {outputs.device}; "
