@@ -31,6 +31,9 @@ SOLVES = [
     for damping in (1e-1, 1e-2, 1e-3)
     if solver != "kaczmarz" or damping >= 1e-2
 ]
+# Gaussian policies whose streamed Kaczmarz at damping 1e-2 takes 20-30 s on CI's cores:
+# the same streamed rows are checked at damping 0.1, the same solve on held rows at 1e-2.
+SLOW_STREAMED = frozenset({"normal_fixed_std", "normal_std_head", "shared_trunk"})
 
 
 class CategoricalMLP(nn.Module):
@@ -99,6 +102,13 @@ ARCHITECTURES = {
     "normal_std_head": GaussianStdHead,
     "shared_trunk": SharedTrunk,
 }
+DIRECTION_CASES = [
+    (name, solver, damping, backend)
+    for name in ARCHITECTURES
+    for solver, damping in SOLVES
+    for backend in ("auto", "materialized")
+    if not (solver == "kaczmarz" and damping < 0.1 and backend == "auto" and name in SLOW_STREAMED)
+]
 
 
 def _batch(name: str):
@@ -174,9 +184,7 @@ def test_reference_fisher_is_the_expected_outer_product_not_the_sampled_one(name
     assert _relative_error(scores.T @ scores / N, fisher) > 1e-2
 
 
-@pytest.mark.parametrize("backend", ["auto", "materialized"])
-@pytest.mark.parametrize(("solver", "damping"), SOLVES)
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize(("name", "solver", "damping", "backend"), DIRECTION_CASES)
 def test_direction_matches_the_mean_kl_hessian_solve(name, solver, damping, backend):
     """Matrix-free rows (``auto``: products by forward/backward passes) and held rows."""
     fisher, gradient, scores = _reference(name)
