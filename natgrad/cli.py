@@ -233,20 +233,24 @@ def _launch(args: argparse.Namespace, given: dict[str, Any]) -> int:
     """``--nproc K`` outside a launcher: check what can be checked, then start the ranks."""
     from natgrad.rl._errors import ConfigError
     from natgrad.rl.config import TrainConfig
-    from natgrad.rl.launch import check_data_parallel, launch
-    from natgrad.rl.train import default_out_dir, refuse_existing_run
+    from natgrad.rl.launch import LaunchStopped, check_data_parallel, launch
+    from natgrad.rl.train import default_out_dir, refuse_existing_run, saved_run_note
 
     argv = list(args.argv)
     if args.resume:
         if args.out is None:
             raise ConfigError("--resume needs --out DIR, the directory of the run to continue")
+        out = args.out
     else:
         config = TrainConfig.from_dict(given)
         check_data_parallel(config.algo, config.options, args.nproc)
         out = args.out if args.out is not None else default_out_dir(config)
         refuse_existing_run(out)
         argv += ["--out", str(out)]  # one timestamped directory for every rank
-    return launch(argv, args.nproc)
+    try:
+        return launch(argv, args.nproc)
+    except LaunchStopped as error:  # the ranks have ended: say what their run saved
+        raise _Interrupted(saved_run_note(out, f"--nproc {args.nproc}"), error.signum) from None
 
 
 def _warn_unused_flags(given: dict[str, Any]) -> None:

@@ -11,7 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +194,99 @@ def test_merged_statistics_equal_those_of_the_union():
         np.testing.assert_allclose(tracked.mean, reference.mean, rtol=1e-12)
         np.testing.assert_allclose(tracked.var, reference.var, rtol=1e-12)
     assert np.array_equal(ranks[0].mean, ranks[1].mean)
+
+
+def _start_launcher(out: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "natgrad", "train", "--nproc", "2", "--steps", "10000000",
+            *TINY_FLAGS, "--checkpoint-every", "1", "--out", str(out), "--no-progress",
+            "--no-tensorboard", *extra]  # fmt: skip
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def _ranks_after_a_checkpoint(launcher: subprocess.Popen[str], out: Path) -> list[int]:
+    """The launcher's rank processes, once the run has written a checkpoint."""
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert launcher.poll() is None, launcher.stderr.read()
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.2)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(children) == 2
+    return [int(pid) for pid in children]
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def _wait_until_ended(pids: list[int], seconds: float = 30) -> list[int]:
+    """The ranks still running after ``seconds`` (killed then, so that none outlives the test)."""
+    deadline = time.monotonic() + seconds
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@LINUX
+def test_sigterm_to_the_nproc_launcher_ends_every_rank_and_says_how_to_resume(tmp_path):
+    """A scheduler's stop (SIGTERM to the launcher) left both ranks training, unwatched."""
+    out = tmp_path / "run"
+    launcher = _start_launcher(out)
+    ranks = _ranks_after_a_checkpoint(launcher, out)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 143, err
+    assert _wait_until_ended(ranks) == []
+    step = int(load_checkpoint(out / "checkpoint.pt")["global_step"])
+    note = (f"stopped by SIGTERM; the last checkpoint (step {step}) is intact: continue with "
+            f"--resume --out {out} --nproc 2")  # fmt: skip
+    assert note in err
+    assert "Traceback" not in err
+    # the note's command continues the run
+    resumed = subprocess.run(
+        [sys.executable, "-m", "natgrad", "train", "--resume", "--out", str(out), "--nproc", "2",
+         "--steps", str(step + 256), "--no-progress", "--no-tensorboard"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert int(load_checkpoint(out / "checkpoint.pt")["global_step"]) == step + 256
+
+
+@LINUX
+def test_the_ranks_end_when_the_launcher_is_killed_outright(tmp_path):
+    """SIGKILL runs no handler: the ranks get SIGTERM from the kernel when their parent dies."""
+    out = tmp_path / "run"
+    launcher = _start_launcher(out)
+    ranks = _ranks_after_a_checkpoint(launcher, out)
+    launcher.kill()
+    launcher.communicate(timeout=60)
+    assert _wait_until_ended(ranks) == []
+    load_checkpoint(out / "checkpoint.pt")  # intact
+
+
+def test_a_rank_ended_by_a_signal_gives_the_shells_status(tmp_path):
+    from natgrad.rl.launch import _exit_status
+
+    assert _exit_status(-9) == 137 and _exit_status(-15) == 143
+    assert _exit_status(0) == 0 and _exit_status(2) == 2
+
+
+def test_the_launchers_note_reads_what_the_run_saved(tmp_path):
+    from natgrad.rl.train import NOTHING_SAVED, saved_run_note
+
+    assert saved_run_note(tmp_path, "--nproc 2") == NOTHING_SAVED
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    note = saved_run_note(tmp_path, "--nproc 2")
+    assert note.startswith("the checkpoint cannot be read: ") and "intact" not in note

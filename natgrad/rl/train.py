@@ -20,7 +20,13 @@ import torch
 from natgrad.distributions import entropy
 from natgrad.distributions import kl as kl_divergence
 from natgrad.errors import NatgradError
-from natgrad.rl._errors import ConfigError, EnvOutputError, MissingExtraError, first_line
+from natgrad.rl._errors import (
+    CheckpointError,
+    ConfigError,
+    EnvOutputError,
+    MissingExtraError,
+    first_line,
+)
 from natgrad.rl.algorithms import make_algorithm
 from natgrad.rl.callbacks import (
     CURVE_NAME,
@@ -37,6 +43,7 @@ from natgrad.rl.checkpoint import (
     POLICY_NAME,
     atomic_write_text,
     checkpoint_content,
+    load_checkpoint,
     save_checkpoint,
 )
 from natgrad.rl.config import TrainConfig
@@ -107,6 +114,30 @@ def refuse_existing_run(out_dir: Path) -> None:
             f"--out {str(out_dir)!r} already holds a run; pass --resume (resume=True) to "
             "continue it or choose another directory"
         )
+
+
+def saved_run_note(out_dir: Path, flags: str = "") -> str:
+    """What a stopped run in ``out_dir`` has saved and how to continue it, read from its files.
+
+    For a process that did not train the run itself (the ``--nproc`` launcher): the step
+    of the checkpoint on disk, checked against its recorded digest.
+
+    Parameters
+    ----------
+    out_dir
+        The run directory.
+    flags
+        Further flags the ``--resume`` command needs (``"--nproc 2"``).
+    """
+    path = Path(out_dir) / CHECKPOINT_NAME
+    if not path.exists():
+        return NOTHING_SAVED
+    try:
+        step = int(load_checkpoint(path)["global_step"])
+    except CheckpointError as error:
+        return f"the checkpoint cannot be read: {error}"
+    resume = " ".join(["--resume --out", str(out_dir), flags]).strip()
+    return f"the last checkpoint (step {step}) is intact: continue with {resume}"
 
 
 @dataclass(frozen=True)
