@@ -431,7 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line
         sub.exit(1, f"{sub.prog}: error: {message}\n")
     except KeyboardInterrupt as error:
-        if _is_rank_zero():  # Ctrl-C reaches every rank: one note, not one per rank
+        from natgrad.rl.launch import started_by_launch
+
+        # Ctrl-C reaches every rank: one note, rank 0's, or under --nproc the launcher's
+        if _is_rank_zero() and not started_by_launch():
             print(_interrupted_note(args, error), file=sys.stderr)
         return 128 + getattr(error, "signum", signal.SIGINT)  # 130, or 143 for SIGTERM
     return 0

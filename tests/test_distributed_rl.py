@@ -196,13 +196,22 @@ def test_merged_statistics_equal_those_of_the_union():
     assert np.array_equal(ranks[0].mean, ranks[1].mean)
 
 
+_WITH_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
 def _start_launcher(out: Path, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "natgrad", "train", "--nproc", "2", "--steps", "10000000",
             *TINY_FLAGS, "--checkpoint-every", "1", "--out", str(out), "--no-progress",
             "--no-tensorboard", *extra]  # fmt: skip
+    # in its own process group with SIGINT not ignored, as a terminal's foreground job (a
+    # background job's SIGINT may be ignored, and exec keeps it so)
+    args = [sys.executable, "-c", _WITH_SIGINT, *args[1:]]
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, start_new_session=True)  # fmt: skip
 
 
 def _ranks_after_a_checkpoint(launcher: subprocess.Popen[str], out: Path) -> list[int]:
@@ -240,20 +249,31 @@ LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /
 
 
 @LINUX
-def test_sigterm_to_the_nproc_launcher_ends_every_rank_and_says_how_to_resume(tmp_path):
-    """A scheduler's stop (SIGTERM to the launcher) left both ranks training, unwatched."""
+@pytest.mark.parametrize(
+    ("signum", "stopped"), [(signal.SIGTERM, "stopped by SIGTERM"), (signal.SIGINT, "interrupted")]
+)
+def test_stopping_the_nproc_launcher_ends_every_rank_and_says_how_to_resume(
+    tmp_path, signum, stopped
+):
+    """SIGTERM to the launcher (a scheduler's stop) left both ranks training, unwatched;
+    Ctrl-C (SIGINT to the whole process group) ended them without the one-line note."""
     out = tmp_path / "run"
     launcher = _start_launcher(out)
     ranks = _ranks_after_a_checkpoint(launcher, out)
-    launcher.send_signal(signal.SIGTERM)
+    if signum == signal.SIGINT:
+        os.killpg(launcher.pid, signum)
+    else:
+        launcher.send_signal(signum)
     _, err = launcher.communicate(timeout=60)
-    assert launcher.returncode == 143, err
+    assert launcher.returncode == 128 + signum, err
     assert _wait_until_ended(ranks) == []
     step = int(load_checkpoint(out / "checkpoint.pt")["global_step"])
-    note = (f"stopped by SIGTERM; the last checkpoint (step {step}) is intact: continue with "
+    note = (f"{stopped}; the last checkpoint (step {step}) is intact: continue with "
             f"--resume --out {out} --nproc 2")  # fmt: skip
-    assert note in err
+    assert err.count(note) == 1, err
     assert "Traceback" not in err
+    if signum == signal.SIGINT:
+        return
     # the note's command continues the run
     resumed = subprocess.run(
         [sys.executable, "-m", "natgrad", "train", "--resume", "--out", str(out), "--nproc", "2",

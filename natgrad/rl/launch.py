@@ -27,6 +27,7 @@ __all__ = [
     "join_from_env",
     "launch",
     "launched_world_size",
+    "started_by_launch",
 ]
 
 _POLL_SECONDS = 0.05
@@ -36,14 +37,20 @@ _PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its 
 
 
 class LaunchStopped(KeyboardInterrupt):
-    """A signal (SIGTERM: a scheduler's stop or preemption) stopped ``natgrad train --nproc K``.
+    """Ctrl-C or SIGTERM (a scheduler's stop) stopped ``natgrad train --nproc K``.
 
-    Every rank was ended before this is raised; ``signum`` is the signal.
+    Every rank was ended before this is raised; ``signum`` is the signal. The launcher,
+    not the ranks, says what the run saved (:func:`started_by_launch`).
     """
 
     def __init__(self, signum: int) -> None:
         super().__init__()
         self.signum = signum
+
+
+def started_by_launch(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether :func:`launch` (``--nproc K``, not torchrun) started this process as a rank."""
+    return _LAUNCHER_PID in (os.environ if environ is None else environ)
 
 
 def _stop_launcher(signum: int, frame: object) -> None:
@@ -138,14 +145,13 @@ def launch(argv: Sequence[str], nproc: int) -> int:
 
     Rank 0 inherits stdout and stderr; the other ranks' stdout is discarded (they print
     nothing but errors). When a rank fails, the others are terminated and its status is
-    returned (``128 + N`` for a rank ended by signal ``N``); Ctrl-C terminates every rank
-    (status 130).
+    returned (``128 + N`` for a rank ended by signal ``N``).
 
     Raises
     ------
     LaunchStopped
-        SIGTERM reached the launcher: every rank was ended first. On Linux the ranks also
-        end when the launcher is killed outright.
+        Ctrl-C or SIGTERM reached the launcher: every rank was ended first. On Linux the
+        ranks also end when the launcher is killed outright.
     """
     port = _free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -175,10 +181,8 @@ def launch(argv: Sequence[str], nproc: int) -> int:
                 )
             )
         status = _wait_for_ranks(procs)
-    except LaunchStopped as error:
-        stopped = error
-    except KeyboardInterrupt:
-        status = 130
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM through _stop_launcher
+        stopped = error if isinstance(error, LaunchStopped) else LaunchStopped(signal.SIGINT)
     finally:
         _end_ranks(procs)
         if on_main_thread:
