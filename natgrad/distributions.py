@@ -51,8 +51,10 @@ def _in_support(dist: Distribution, acts: Tensor) -> bool:
     Under ``vmap`` (per-sample scores) the check is data-dependent and cannot run; the
     batched call that comes first has checked the same actions.
     """
+    if not isinstance(acts, Tensor) or acts.is_floating_point():
+        return True  # continuous actions: no support to look up (TorchRL's TanhNormal fails it)
     support = getattr(dist, "support", None)
-    if not isinstance(acts, Tensor) or acts.is_floating_point() or support is None:
+    if support is None:
         return True
     try:
         inside = support.check(acts).all()

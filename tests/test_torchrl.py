@@ -20,7 +20,12 @@ from tensordict import TensorDict  # noqa: E402
 from tensordict.nn import NormalParamExtractor, TensorDictModule  # noqa: E402
 from torchrl.collectors import Collector  # noqa: E402
 from torchrl.envs import GymEnv  # noqa: E402
-from torchrl.modules import IndependentNormal, ProbabilisticActor, ValueOperator  # noqa: E402
+from torchrl.modules import (  # noqa: E402
+    IndependentNormal,
+    ProbabilisticActor,
+    TanhNormal,
+    ValueOperator,
+)
 from torchrl.objectives import A2CLoss, ReinforceLoss  # noqa: E402
 from torchrl.objectives.value import GAE  # noqa: E402
 
@@ -99,6 +104,33 @@ def test_batch_dimensions_are_flattened_and_restored(pipeline):
     shaped = RATAdvantage(actor, damping=DAMPING, solver="cholesky")(batch.clone().reshape(4, 32))
     assert shaped["advantage"].shape == (4, 32, 1)
     assert torch.allclose(shaped["advantage"].reshape(-1), flat["advantage"].reshape(-1))
+
+
+def test_tanh_normal_actor_gets_the_exact_transform(pipeline):
+    """TorchRL's TanhNormal (its PPO/SAC default) raises on ``.support``; float actions must
+    not look it up. A~ matches the dense float64 solve (J J^T / N + lam I)^{-1} A."""
+    _, _, batch = pipeline
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), NormalParamExtractor())
+    actor = ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        distribution_class=TanhNormal,
+        return_log_prob=True,
+    )
+    data = batch.clone()
+    data["action"] = data["action"].clamp(-0.9, 0.9)  # inside TanhNormal's (-1, 1)
+
+    def log_prob_fn(actor, obs, acts):
+        return actor.get_dist(TensorDict({"observation": obs}, [len(obs)])).log_prob(acts)
+
+    params = list(actor.parameters())
+    scores = dense_scores(actor, log_prob_fn, data["observation"], data["action"], params, 128)
+    gram = scores @ scores.T / 128 + DAMPING * torch.eye(128, dtype=torch.float64)
+    expected = torch.linalg.solve(gram, data["advantage"].reshape(-1).double())
+    RATAdvantage(actor, damping=DAMPING, solver="cholesky")(data)
+    got = data["advantage"].reshape(-1).double()
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
 
 
 def test_max_kl_scales_advantages_to_the_trust_region_step(pipeline):
