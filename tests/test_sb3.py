@@ -212,12 +212,22 @@ def test_bad_values_raise_natgrad_errors(kwargs, error, match):
         ({"n_critic_updates": -5}, "n_critic_updates=-5"),
         ({"target_kl": -1}, "target_kl=-1"),
         ({"line_search_max_iter": 0}, "line_search_max_iter=0"),
+        ({"rat_kwargs": "streaming"}, "rat_kwargs='streaming'; pass a dict"),
     ],
 )
 def test_load_overrides_get_the_constructors_checks(tmp_path, override, match):
     RATTRPO("MlpPolicy", "CartPole-v1", **SMALL).save(tmp_path / "m")
     with pytest.raises(InvalidArgumentError, match=match):
         RATTRPO.load(tmp_path / "m", env=gym.make("CartPole-v1"), **override)
+
+
+def test_load_takes_rat_kwargs_none_as_the_constructor_does(tmp_path):
+    """load(rat_kwargs=None) raised a bare TypeError ('NoneType' object is not iterable)."""
+    RATNPG("MlpPolicy", "CartPole-v1", rat_kwargs={"backend": "streaming"}, **SMALL).save(
+        tmp_path / "m"
+    )
+    loaded = RATNPG.load(tmp_path / "m", rat_kwargs=None)
+    assert loaded.rat_kwargs == {} and loaded.rat.backend == "auto"
 
 
 def test_load_for_evaluation_with_a_frozen_critic(tmp_path):

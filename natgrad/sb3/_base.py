@@ -167,12 +167,7 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
         self.max_epochs = max_epochs
         self.max_iters = max_iters
         self.preconditioner_rank = preconditioner_rank
-        if rat_kwargs is not None and not isinstance(rat_kwargs, dict):
-            raise InvalidArgumentError(
-                f"{type(self).__name__} got rat_kwargs={rat_kwargs!r}; pass a dict of "
-                "RATNaturalGradient keywords (e.g. {'backend': 'streaming'}) or None"
-            )
-        self.rat_kwargs = dict(rat_kwargs or {})
+        self.rat_kwargs = rat_kwargs  # checked (None -> {}) and copied by _check_arguments
         self._check_arguments()
         self.rat = self._build_rat()  # validates the solver keywords now
         self._actor_names: tuple[str, ...] | None = None
@@ -202,6 +197,13 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
                 f"{name} got learning_rate={rate!r} (the critic's Adam step size); pass a "
                 "finite float >= 0, e.g. 1e-3, or a schedule"
             )
+        rat_kwargs = {} if self.rat_kwargs is None else self.rat_kwargs  # load(rat_kwargs=None)
+        if not isinstance(rat_kwargs, dict):
+            raise InvalidArgumentError(
+                f"{name} got rat_kwargs={rat_kwargs!r}; pass a dict of RATNaturalGradient "
+                "keywords (e.g. {'backend': 'streaming'}) or None"
+            )
+        self.rat_kwargs = dict(rat_kwargs)
         unknown = sorted(set(self.rat_kwargs) - set(RAT_KWARGS))
         if unknown:
             raise UnsupportedArgumentError(
