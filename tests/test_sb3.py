@@ -196,6 +196,14 @@ def test_trpo_only_keywords_are_refused_with_the_fix(keyword, value, fix):
         ({"learning_rate": -1}, InvalidArgumentError, "learning_rate=-1"),
         ({"batch_size": True}, InvalidArgumentError, "batch_size=True"),
         ({"sub_sampling_factor": 64, "n_steps": 64}, InvalidArgumentError, "sees 1 sample"),
+        # these reached SB3's rollout buffer as bare TypeError/ValueError/UnboundLocalError
+        ({"n_steps": 0, "normalize_advantage": False}, InvalidArgumentError, "n_steps=0"),
+        ({"n_steps": -3, "normalize_advantage": False}, InvalidArgumentError, "n_steps=-3"),
+        ({"n_steps": 1.5}, InvalidArgumentError, "n_steps=1.5"),
+        ({"n_steps": "64"}, InvalidArgumentError, "n_steps='64'"),
+        ({"gamma": "x"}, InvalidArgumentError, r"gamma='x'; pass a float in \[0, 1\]"),
+        ({"gamma": float("nan")}, InvalidArgumentError, "gamma=nan"),
+        ({"gae_lambda": 2.0}, InvalidArgumentError, "gae_lambda=2.0"),
     ],
 )
 def test_bad_values_raise_natgrad_errors(kwargs, error, match):

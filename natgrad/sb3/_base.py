@@ -184,11 +184,24 @@ class RATOnPolicyAlgorithm(OnPolicyAlgorithm):
                 f"{name} got target_kl={self.target_kl!r}; the KL trust region needs a finite "
                 "target_kl > 0, e.g. 0.01"
             )
-        for key, least in (("sub_sampling_factor", 1), ("n_critic_updates", 0), ("batch_size", 1)):
+        integers = (
+            ("n_steps", 1),  # 0 or less reached SB3's rollout as a bare UnboundLocalError
+            ("sub_sampling_factor", 1),
+            ("n_critic_updates", 0),
+            ("batch_size", 1),
+        )
+        for key, least in integers:
             value = getattr(self, key)
             if not is_integer(value) or value < least:
                 raise InvalidArgumentError(
                     f"{name} got {key}={value!r}; pass an integer >= {least}"
+                )
+        for key in ("gamma", "gae_lambda"):  # else a bare numpy error after the first rollout
+            value = getattr(self, key)
+            if not (is_real(value) and 0.0 <= value <= 1.0):
+                raise InvalidArgumentError(
+                    f"{name} got {key}={value!r}; pass a float in [0, 1], e.g. 0.99 for gamma, "
+                    "0.95 for gae_lambda"
                 )
         rate = self.learning_rate
         if not callable(rate) and not (is_real(rate) and math.isfinite(rate) and rate >= 0):
