@@ -59,3 +59,29 @@ def test_minatar_script(tmp_path):
     stdout = run_script("npg_rat_minatar.py", args, tmp_path)
     assert "episodic_return=" in stdout and "SPS:" in stdout
     assert CHARTS <= scalar_tags(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script", ["npg_rat_continuous_action.py", "npg_rat_minatar.py"])
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        # 16 steps in 32 critic minibatches: minibatch size 0, range() crashed after a rollout
+        (["--num-envs", "1", "--num-steps", "16", "--vf-num-minibatches", "32"], "--vf"),
+        (["--vf-num-minibatches", "0"], "--vf-num-minibatches=0"),
+        # less than one rollout: exited 0 having trained nothing
+        (["--total-timesteps", "10"], "--total-timesteps=10"),
+    ],
+)
+def test_flags_that_cannot_train_are_refused_before_anything_runs(tmp_path, script, args, flag):
+    if script == "npg_rat_minatar.py":
+        pytest.importorskip("minatar")
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *TINY, "--env-id", "Pendulum-v1", *args],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and flag in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()

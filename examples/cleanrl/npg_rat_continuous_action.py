@@ -150,6 +150,18 @@ def log_prob_fn(agent, obs, actions):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     args.batch_size = int(args.num_envs * args.num_steps)
+    # flags that would crash after the first rollout, or train nothing without a word
+    if args.batch_size < 1 or not 1 <= args.vf_num_minibatches <= args.batch_size:
+        raise SystemExit(
+            f"--vf-num-minibatches={args.vf_num_minibatches} must be in [1, num_envs * num_steps "
+            f"= {args.batch_size}]: lower --vf-num-minibatches or raise --num-steps"
+        )
+    if args.total_timesteps < args.batch_size:
+        raise SystemExit(
+            f"--total-timesteps={args.total_timesteps} is less than one rollout (num_envs * "
+            f"num_steps = {args.batch_size}), so nothing would train: raise --total-timesteps "
+            "or lower --num-steps"
+        )
     args.minibatch_size = int(args.batch_size // args.vf_num_minibatches)
     args.num_iterations = args.total_timesteps // args.batch_size
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
