@@ -93,25 +93,41 @@ def log_prob(dist: Distribution, acts: Tensor) -> Tensor:
         )
     try:
         values = dist.log_prob(acts)
-    except ValueError as error:  # torch's argument validation: name the argument and fix
-        if "support" not in str(error):
+    except (RuntimeError, ValueError) as error:  # acts that do not broadcast (3 dims for 2)
+        shape = ("must match the size", "not broadcastable")  # unvalidated, validated
+        if not isinstance(acts, Tensor) or not any(text in str(error) for text in shape):
+            if isinstance(error, ValueError) and "support" in str(error):
+                raise ArgumentError(
+                    f"acts holds actions outside the support of the policy's "
+                    f"{type(dist).__name__} (e.g. a discrete action >= the number of actions, "
+                    "or < 0), so they have no log-probability; pass the actions the policy "
+                    f"took (torch says: {str(error).splitlines()[0][:200]})"
+                ) from error
             raise
         raise ArgumentError(
-            f"acts holds actions outside the support of the policy's {type(dist).__name__} "
-            "(e.g. a discrete action >= the number of actions, or < 0), so they have no "
-            "log-probability; pass the actions the policy took (torch says: "
+            f"acts of shape {tuple(acts.shape)} does not match the policy's "
+            f"{type(dist).__name__} (batch shape {tuple(dist.batch_shape)}, event shape "
+            f"{tuple(dist.event_shape)}); pass the actions the policy took, of shape "
+            f"{tuple(dist.batch_shape) + tuple(dist.event_shape)} (torch says: "
             f"{str(error).splitlines()[0][:200]})"
         ) from error
-    batch = tuple(dist.batch_shape)
-    if batch and tuple(values.shape) != batch and isinstance(acts, Tensor):
-        expected = batch + tuple(dist.event_shape)
+    batch, event = tuple(dist.batch_shape), tuple(dist.event_shape)
+    expected = batch + event
+    broadcast = tuple(values.shape) != batch
+    # a wider acts can broadcast silently too: (N, 3) against a 1-d IndependentNormal (an
+    # empty event shape is not checked: TorchRL's OneHotCategorical says () for (N, k) acts)
+    if batch and isinstance(acts, Tensor) and (broadcast or event and expected != acts.shape):
+        how = (
+            f"log_prob broadcast it to shape {tuple(values.shape)}, pairing every action with "
+            "every state"
+            if broadcast
+            else "log_prob broadcast it over the action dimensions and summed them"
+        )
         hint = "acts.squeeze(-1)" if tuple(acts.shape) == (*expected, 1) else "acts.reshape"
         raise ArgumentError(
             f"acts of shape {tuple(acts.shape)} does not match the policy's "
             f"{type(dist).__name__} (batch shape {batch}, event shape "
-            f"{tuple(dist.event_shape)}): log_prob broadcast it to shape "
-            f"{tuple(values.shape)}, pairing every action with every state; pass acts of "
-            f"shape {expected} (e.g. {hint})"
+            f"{tuple(dist.event_shape)}): {how}; pass acts of shape {expected} (e.g. {hint})"
         )
     return sum_action_dims(values)
 

@@ -116,3 +116,17 @@ def test_default_log_prob_is_the_summed_log_prob():
     obs, acts = torch.randn(N, 4, generator=_gen(0)), torch.randn(N, K, generator=_gen(1))
     expected = Normal(policy(obs), torch.ones(K)).log_prob(acts).sum(-1)
     assert torch.equal(default_log_prob(model, obs, acts), expected)
+
+
+@pytest.mark.parametrize(
+    ("act_dim", "width"),
+    [(1, 3), (2, 3)],  # (N, 3) against one action dimension broadcast and summed silently
+)
+@pytest.mark.parametrize("validate", [False, True])
+def test_actions_of_the_wrong_width_are_refused(act_dim, width, validate, monkeypatch):
+    from natgrad.errors import ArgumentError
+
+    monkeypatch.setattr(torch.distributions.Distribution, "_validate_args", validate)
+    dist = Independent(Normal(torch.zeros(4, act_dim), torch.ones(4, act_dim)), 1)
+    with pytest.raises(ArgumentError, match=rf"acts of shape \(4, {width}\) .*\(4, {act_dim}\)"):
+        D.log_prob(dist, torch.zeros(4, width))

@@ -175,6 +175,12 @@ def test_missing_key_and_wide_advantage_are_refused(pipeline):
     without_obs = batch.clone().exclude("observation")
     with pytest.raises(ArgumentError, match=r"'observation' \(an actor input key\).*run the adv"):
         RATAdvantage(actor).natural_gradient(without_obs)
+    wrong_actions = batch.clone()  # 3 action columns for Pendulum's 1: broadcast silently
+    wrong_actions["action"] = torch.zeros(128, 3)
+    with pytest.raises(
+        ArgumentError, match=r"acts of shape \(128, 3\) does not match .*\(128, 1\)"
+    ):
+        RATAdvantage(actor)(wrong_actions)
     wide = batch.clone()
     wide["advantage"] = wide["advantage"].expand(128, 2).clone()
     with pytest.raises(ValueError, match="one value per sample"):
