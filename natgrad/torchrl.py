@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from natgrad import distributions
-from natgrad._checks import check_keywords
+from natgrad._checks import check_keywords, is_real
 from natgrad.errors import ArgumentError, ArgumentTypeError
 from natgrad.rat import RATNaturalGradient
 from natgrad.results import Diagnostics, NaturalGradient
@@ -143,7 +143,7 @@ class RATAdvantage(TensorDictModuleBase):
                 "options must be a natgrad.solvers.SolverOptions (e.g. "
                 f"RL_AGENT.replace(damping=0.05)), got {type(options).__name__}"
             )
-        if max_kl is not None and not (isinstance(max_kl, (int, float)) and 0 < max_kl < inf):
+        if max_kl is not None and not (is_real(max_kl) and 0 < max_kl < inf):  # not a bool
             raise ArgumentError(
                 f"max_kl must be a finite float > 0 or None, got {max_kl!r}; typical values "
                 "are 0.005..0.05"

@@ -151,6 +151,7 @@ def test_max_kl_scales_advantages_to_the_trust_region_step(pipeline):
         (lambda actor: RATAdvantage(nn.Linear(3, 2)), TypeError, "ProbabilisticActor"),
         (lambda actor: RATAdvantage(actor, damping=-1.0), ValueError, "damping"),
         (lambda actor: RATAdvantage(actor, max_kl=0.0), ValueError, "max_kl"),
+        (lambda actor: RATAdvantage(actor, max_kl=True), ValueError, "max_kl"),  # was 1.0
         (lambda actor: RATAdvantage(actor, options={"damping": 0.1}), TypeError, "SolverOptions"),
         # a misspelled keyword: named, with the closest valid one and the valid ones
         (
