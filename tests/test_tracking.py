@@ -94,11 +94,17 @@ def test_mode_follows_the_request_the_environment_then_the_login(monkeypatch, tm
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_mode() == "offline"
     assert wandb_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's alias of offline
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() == "disabled"
     monkeypatch.setenv("WANDB_MODE", "sideways")
     from natgrad.rl._errors import ConfigError
 
-    with pytest.raises(ConfigError, match="--wandb-mode"):
-        wandb_mode()
+    with pytest.raises(ConfigError, match=r"^\$WANDB_MODE must be .*disabled.*'sideways'"):
+        wandb_mode()  # the value came from the environment: the message says so
+    with pytest.raises(ConfigError, match=r"^--wandb-mode must be"):
+        wandb_mode("sideways")
 
 
 def test_real_wandb_offline_run(capsys, monkeypatch, tmp_path):

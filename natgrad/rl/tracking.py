@@ -51,11 +51,16 @@ def wandb_mode(requested: str | None = None) -> str:
     ``online`` when credentials are found, ``offline`` otherwise (so a machine without a
     login or network still trains and keeps the run for a later ``wandb sync``).
     """
+    source = "--wandb-mode" if requested else "$WANDB_MODE"
     mode = requested or os.environ.get("WANDB_MODE") or ("online" if _logged_in() else "offline")
+    mode = {"dryrun": "offline"}.get(mode, mode)  # W&B's own alias
     if mode == "disabled":
         return mode
     if mode not in MODES:
-        raise ConfigError(f"--wandb-mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ConfigError(
+            f"{source} must be one of {', '.join(MODES)} or disabled (W&B's dryrun is "
+            f"offline), got {mode!r}"
+        )
     return mode
 
 
