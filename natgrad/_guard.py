@@ -50,6 +50,23 @@ def unchanged_module(module: nn.Module, role: str = "policy") -> Iterator[None]:
 
 
 @contextmanager
+def differentiable_paths() -> Iterator[None]:
+    """Within the block the policy computes what autograd differentiates: no fast paths.
+
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoder`` switch to a fused inference
+    path when no gradient is needed (the encoder's nested tensors zero the outputs at
+    padded positions), so an evaluation without gradients (the batched log-probabilities,
+    the per-sample consistency check) could compute another function than the scores.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+@contextmanager
 def unchanged_inputs(trees: Mapping[str, Any], what: str) -> Iterator[None]:
     """Run the block (one evaluation, ``what``); raise if it wrote a tensor of ``trees``.
 

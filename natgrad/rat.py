@@ -25,7 +25,7 @@ from natgrad._checks import (
     require_finite,
     select_parameters,
 )
-from natgrad._guard import unchanged_inputs, unchanged_module
+from natgrad._guard import differentiable_paths, unchanged_inputs, unchanged_module
 from natgrad._tree import Tree
 from natgrad.distributed import (
     CommunicationStats,
@@ -352,7 +352,8 @@ class RATNaturalGradient(OptionsView):
         if self.process_group is not None:
             return distributed_natural_gradient(self, policy, obs, acts, adv, params)
         if self.fisher == "expected":
-            return self._expected(policy, obs, acts, adv, params)
+            with differentiable_paths():
+                return self._expected(policy, obs, acts, adv, params)
         advantages, result, scores = self._run(policy, obs, acts, adv, params)
         assert self.diagnostics is not None
         n = scores.num_samples
@@ -458,9 +459,10 @@ class RATNaturalGradient(OptionsView):
         params: Iterable[Tensor] | None,
     ) -> tuple[PolicyScores, ScoreOperator, str]:
         """Check the inputs and build the scores and their operator (no solve)."""
-        scores = self._scores(policy, obs, acts, adv, params)
-        with unchanged_module(policy), torch.enable_grad():  # factored: one backward pass
-            operator, backend_note = self._operator(scores, policy, obs, acts)
+        with differentiable_paths():
+            scores = self._scores(policy, obs, acts, adv, params)
+            with unchanged_module(policy), torch.enable_grad():  # factored: one backward pass
+                operator, backend_note = self._operator(scores, policy, obs, acts)
         return scores, operator, backend_note
 
     def _scores(

@@ -175,3 +175,47 @@ def test_nystrom_preconditioned_cg_matches_dense_reference(case, backend, refere
         expected
     )
     assert rat.diagnostics.solver == "cg"
+
+
+class _PaddedTransformer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(
+            4, 2, dim_feedforward=6, dropout=0.0, batch_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, obs):
+        hidden = self.encoder(obs["x"], src_key_padding_mask=obs["mask"])
+        return torch.distributions.Categorical(logits=self.head(hidden.mean(1)))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("fisher", "backend"),
+    [("sampled", "factored"), ("sampled", "materialized"), ("expected", "materialized")],
+)
+def test_transformer_encoder_with_padding_mask_in_eval_mode(backend, fisher):
+    """Without gradients nn.TransformerEncoder takes its nested-tensor fast path, which
+    zeroes the padded positions: natgrad's no-grad evaluations must not use it (they were
+    refused as coupling samples), the scores are those of the differentiable path."""
+    torch.manual_seed(0)
+    n = 8
+    policy = _PaddedTransformer().double().eval()
+    mask = torch.zeros(n, 4, dtype=torch.bool)
+    mask[:, -1] = True
+    mask[::2, -2] = True
+    obs = {"x": torch.randn(n, 4, 4, dtype=torch.float64), "mask": mask}
+    acts, adv = torch.randint(0, 3, (n,)), torch.randn(n, dtype=torch.float64)
+    rat = RATNaturalGradient(
+        damping=1e-2, solver="cholesky", tol=1e-12, backend=backend, fisher=fisher
+    )
+    result = rat.natural_gradient(policy, obs, acts, adv)
+    assert torch.backends.mha.get_fastpath_enabled()  # the global switch is put back
+    if fisher == "sampled":
+        params = list(policy.parameters())
+        scores = dense_scores(policy, reference_log_prob, obs, acts, params, n)
+        expected = dense_natural_gradient(scores, adv, 1e-2)
+        gap = torch.linalg.vector_norm(flat(result.direction) - expected)
+        assert gap <= 1e-8 * torch.linalg.vector_norm(expected)
