@@ -543,3 +543,33 @@ def test_a_log_prob_fn_within_rounding_of_the_distribution_is_accepted():
         _expected(1e-2, "cholesky", log_prob_fn=shifted(3e-7)).natural_gradient(
             policy, obs, acts, adv
         )
+
+
+class MaskedCategorical(nn.Module):
+    """Action 2 masked out where obs[:, 0] > 0, with the given logit (-inf or a large -x)."""
+
+    def __init__(self, masked_logit: float):
+        super().__init__()
+        self.masked_logit = masked_logit
+        self.net = nn.Sequential(nn.Linear(OBS, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, obs):
+        logits = self.net(obs)
+        masked = (obs[:, :1] > 0) & (torch.arange(3) == 2)
+        return Categorical(logits=logits.masked_fill(masked, self.masked_logit))
+
+
+@pytest.mark.parametrize("backend", ["auto", "materialized"])
+def test_logits_masked_with_minus_infinity_are_not_refused_as_coupling(backend):
+    """Invalid-action masking with -inf logits: equal infinities alone and in the batch
+    agree; the direction is that of a mask whose probability underflows to exactly 0."""
+    gen = torch.Generator().manual_seed(3)
+    obs = torch.randn(N, OBS, generator=gen, dtype=torch.float64)
+    acts, adv = torch.randint(0, 2, (N,), generator=gen), torch.randn(N, generator=gen).double()
+    directions = []
+    for masked_logit in (-torch.inf, -1e4):
+        torch.manual_seed(0)
+        policy = MaskedCategorical(masked_logit).double()
+        ng = _expected(1e-2, "cholesky", backend=backend).natural_gradient(policy, obs, acts, adv)
+        directions.append(_flat(ng.direction))
+    assert _relative_error(directions[0], directions[1]) <= 1e-12
