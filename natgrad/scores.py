@@ -268,8 +268,11 @@ class PolicyScores:
         def batched(params: dict[str, Tensor]) -> Tensor:
             return functional_call(self._module, {**params, **self._constants}, (obs_s, acts_s))
 
-        _, pullback = vjp(batched, self._params)
-        (grads,) = pullback(weights.to(self.dtype))
+        # The solvers call this under no_grad: modules that pick their kernel by the grad
+        # mode (nn.LSTM's float32 CPU kernel keeps no workspace for a backward) need it on.
+        with torch.enable_grad():
+            _, pullback = vjp(batched, self._params)
+            (grads,) = pullback(weights.to(self.dtype))
         return torch.cat([grads[k].reshape(-1) for k in self._params])
 
     def unflatten(self, flat: Tensor) -> tuple[Tensor, ...]:

@@ -193,6 +193,22 @@ def test_unseen_initial_state_fails_the_check_and_falls_back():
     assert relative(direction, expected) <= 1e-8
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_float32_streaming_products_run_with_gradients_enabled(cell):
+    """The solvers run under no_grad; the streaming J^T x is a backward pass through the
+    fused kernel, and nn.LSTM's float32 CPU kernel keeps no workspace without grad mode
+    (a raw RuntimeError from torch before)."""
+    torch.manual_seed(0)
+    policy = SequencePolicy(CELLS[cell])
+    obs, acts, adv = batch(policy, dtype=torch.float32)
+    rat = RATNaturalGradient(damping=0.1, solver="cg", tol=1e-4, backend="streaming")
+    result = rat.natural_gradient(policy, obs, acts, adv)
+    direction = torch.cat([d.reshape(-1) for d in result.direction])
+    double = make(cell, 1, False, True, False)
+    expected = dense_natural_gradient(reference(double, obs.double(), acts), adv.double(), 0.1)
+    assert relative(direction, expected) <= 1e-3
+
+
 class Packed(nn.Module):
     """Variable-length sequences through a PackedSequence."""
 
