@@ -20,7 +20,7 @@ It depends on ``torch`` and :mod:`natgrad.errors` only, so that :mod:`natgrad.sc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,7 @@ __all__ = [
     "PackedSequenceError",
     "Trace",
     "batched_recurrent",
+    "packed_input",
     "packed_sequence_message",
     "parameter_names",
     "unrolled_forward",
@@ -61,6 +62,36 @@ def packed_sequence_message(kind: str) -> str:
         "the lengths in the policy, e.g. gather each sequence's output at its last valid "
         "step (exact for a unidirectional layer)"
     )
+
+
+def packed_input(root: nn.Module, run: Callable[[], object]) -> str | None:
+    """The first recurrent module type of ``root`` that ``run()`` feeds a ``PackedSequence``.
+
+    ``None`` when none does; one evaluation without gradients.
+
+    Under ``torch.func`` packing fails before the module sees its input, with an error that
+    names neither; this tells the per-sample paths what to report.
+    """
+    found: list[str] = []
+
+    def hook(module: nn.Module, inputs: tuple[object, ...]) -> None:
+        if inputs and isinstance(inputs[0], PackedSequence):
+            found.append(type(module).__name__)
+
+    handles = [
+        m.register_forward_pre_hook(hook) for m in root.modules() if isinstance(m, nn.RNNBase)
+    ]
+    if not handles:
+        return None
+    try:
+        with torch.no_grad():
+            run()
+    except Exception:  # noqa: BLE001, S110 - only the hook's finding matters here
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
 
 
 @dataclass

@@ -23,7 +23,12 @@ from torch.func import grad_and_value, vjp, vmap
 from natgrad import distributions
 from natgrad._checks import consistency_tolerance
 from natgrad._guard import functional_call
-from natgrad._rnn import batched_recurrent
+from natgrad._rnn import (
+    PackedSequenceError,
+    batched_recurrent,
+    packed_input,
+    packed_sequence_message,
+)
 from natgrad._tree import Tree, take, unflatten, unsqueeze
 from natgrad._vmap import raise_unless_vmap_limitation
 from natgrad.errors import ArgumentError, ArgumentTypeError, SampleCouplingError
@@ -225,6 +230,9 @@ class PolicyScores:
         try:
             return self._rows_loop(obs_s, acts_s, len(index))
         except Exception as error:  # noqa: BLE001 - re-raised with the diagnosis
+            kind = packed_input(self._module, lambda: self._module(self._obs, self._acts))
+            if kind is not None:
+                raise PackedSequenceError(packed_sequence_message(kind)) from error
             raise SampleCouplingError(
                 "log_prob_fn fails on a single sample although it works on the batch "
                 f"({type(error).__name__}: {str(error)[:200]}), so the policy couples samples "

@@ -224,12 +224,14 @@ class Packed(nn.Module):
         return Categorical(logits=self.head(h_n[-1]))
 
 
-def test_packed_sequences_are_refused_with_natgrads_error():
-    """torch.func cannot differentiate pack_padded_sequence: a clear error, not a guess."""
+@pytest.mark.parametrize("backend", ["auto", "materialized", "streaming"])
+def test_packed_sequences_are_refused_with_natgrads_error(backend):
+    """torch.func cannot differentiate pack_padded_sequence: a clear error, not a guess
+    (the per-sample backends called it coupling of samples before)."""
     torch.manual_seed(0)
     policy = Packed().double()
     obs, acts, adv = batch(policy)
-    rat = RATNaturalGradient(damping=0.1, solver="cholesky")
+    rat = RATNaturalGradient(damping=0.1, solver="cholesky", backend=backend)
     with pytest.raises(PackedSequenceError, match="GRU got a PackedSequence.*padded tensor"):
         rat(policy, obs, acts, adv)
     assert isinstance(PackedSequenceError("x"), NatgradError)
