@@ -41,12 +41,29 @@ def unchanged_module(module: nn.Module, role: str = "policy") -> Iterator[None]:
         changed += _restore(module, params, dict(module.named_parameters()), "_parameters")
         if changed:
             names = ", ".join(f"{role}.{n}" for n in changed)
+            hint = _max_norm_hint(module, changed, role)
             raise PolicyMutationError(
                 f"evaluating the {role} changed {names} (restored): its forward updates "
                 "state, e.g. a running normalizer in train mode, so per-sample scores would "
                 f"be taken at moving statistics; call {role}.eval() (or freeze the "
-                "statistics) before natgrad and switch back afterwards"
+                f"statistics) before natgrad and switch back afterwards{hint}"
             )
+
+
+def _max_norm_hint(module: nn.Module, changed: list[str], role: str) -> str:
+    """The fix for an embedding with ``max_norm`` (it renormalizes its weight in any mode)."""
+    for name in changed:
+        owner_name, _, _ = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and owner.max_norm is not None:
+            where = f"{role}.{owner_name}" if owner_name else role
+            return (
+                f"; {where} is an {type(owner).__name__} with max_norm={owner.max_norm}, which "
+                "renormalizes its weight in place on every call whatever the mode: "
+                "renormalize the weight once yourself and set max_norm=None (eval() does "
+                "not stop it)"
+            )
+    return ""
 
 
 @contextmanager

@@ -641,3 +641,25 @@ def test_a_call_that_raises_leaves_no_stale_diagnostics(method):
     with pytest.raises(NotConvergedError):
         getattr(rat, method)(policy, obs, acts, adv)
     assert rat.diagnostics is None
+
+
+def test_an_embedding_with_max_norm_is_refused_with_its_own_fix():
+    """nn.Embedding(max_norm=...) renormalizes its weight in place in any mode: the message
+    must not stop at 'call policy.eval()', which does not help."""
+
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(6, 3, max_norm=0.5)
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, obs):
+            return torch.distributions.Categorical(logits=self.head(self.embed(obs)))
+
+    torch.manual_seed(0)
+    policy = Embedded().eval()
+    obs, acts, adv = torch.randint(0, 6, (8,)), torch.randint(0, 3, (8,)), torch.randn(8)
+    before = policy.embed.weight.detach().clone()
+    with pytest.raises(PolicyMutationError, match=r"policy.embed is an Embedding with max_norm"):
+        RATNaturalGradient()(policy, obs, acts, adv)
+    assert torch.equal(policy.embed.weight.detach(), before)
