@@ -233,6 +233,18 @@ class PolicyScores:
             kind = packed_input(self._module, lambda: self._module(self._obs, self._acts))
             if kind is not None:
                 raise PackedSequenceError(packed_sequence_message(kind)) from error
+            try:  # the batch itself, through torch.func: fails too unless samples couple
+                self.vjp(index, torch.ones(len(index), device=self.device))
+            except Exception as batch_error:  # noqa: BLE001 - re-raised with the diagnosis
+                raise ArgumentError(
+                    "log_prob_fn cannot be differentiated with torch.func, even on the whole "
+                    f"batch ({type(batch_error).__name__}: {str(batch_error)[:200]}), and "
+                    "per-sample scores need it: torch.utils.checkpoint, a "
+                    "torch.autograd.Function without setup_context (see https://pytorch.org/"
+                    "docs/stable/notes/extending.func.html) or leaving torch (.numpy(), "
+                    ".item()) in the policy's forward cause this; evaluate log_prob_fn "
+                    "without them (e.g. checkpoint only outside log_prob_fn)"
+                ) from error
             raise SampleCouplingError(
                 "log_prob_fn fails on a single sample although it works on the batch "
                 f"({type(error).__name__}: {str(error)[:200]}), so the policy couples samples "

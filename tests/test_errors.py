@@ -663,3 +663,23 @@ def test_an_embedding_with_max_norm_is_refused_with_its_own_fix():
     with pytest.raises(PolicyMutationError, match=r"policy.embed is an Embedding with max_norm"):
         RATNaturalGradient()(policy, obs, acts, adv)
     assert torch.equal(policy.embed.weight.detach(), before)
+
+
+@pytest.mark.parametrize("backend", ["auto", "materialized"])
+def test_a_checkpointed_policy_is_not_called_coupling_of_samples(backend):
+    """torch.func cannot differentiate torch.utils.checkpoint at all: the refusal says so
+    instead of blaming batch statistics (the batch fails under torch.func as well)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, obs):
+            hidden = checkpoint(lambda x: torch.tanh(self.body(x)), obs, use_reentrant=False)
+            return torch.distributions.Categorical(logits=self.head(hidden))
+
+    obs, acts, adv = torch.randn(8, 4), torch.randint(0, 3, (8,)), torch.randn(8)
+    with pytest.raises(ArgumentError, match="cannot be differentiated with torch.func, even on"):
+        RATNaturalGradient(backend=backend)(Checkpointed(), obs, acts, adv)
