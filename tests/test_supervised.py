@@ -641,3 +641,28 @@ def test_a_nan_parameter_is_named_as_the_models_not_a_policys():
     with pytest.raises(NonFiniteError, match=r"model.weight contains NaN .* the model was already"):
         natural_gradient(model, x, y)
     assert math.isnan(float(model.weight[0, 0]))  # reported, not changed
+
+
+class _PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, inputs):
+        return self.head(self.encoder(inputs["x"], src_key_padding_mask=inputs["mask"]).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_transformer_encoder_with_padding_mask_in_eval_mode_is_not_called_coupling():
+    """model(inputs) under no_grad took nn.TransformerEncoder's nested-tensor fast path
+    (zeros at padded positions), which the per-sample Jacobians never see."""
+    torch.manual_seed(0)
+    model = _PaddedEncoder().double().eval()
+    mask = torch.zeros(6, 3, dtype=torch.bool)
+    mask[::2, -1] = True
+    inputs = {"x": torch.randn(6, 3, 4, dtype=torch.float64), "mask": mask}
+    direction = natural_gradient(model, inputs, torch.randn(6, 2, dtype=torch.float64), "mse", 1e-2)
+    assert all(torch.isfinite(d).all() for d in direction)
+    assert torch.backends.mha.get_fastpath_enabled()

@@ -20,7 +20,7 @@ from natgrad._checks import (
     require_finite,
     select_parameters,
 )
-from natgrad._guard import unchanged_inputs, unchanged_module
+from natgrad._guard import differentiable_paths, unchanged_inputs, unchanged_module
 from natgrad._tree import Tree, tree_leaves, unflatten
 from natgrad.errors import ArgumentError, ArgumentTypeError, NonFiniteError
 from natgrad.fisher.solve import Form, damped_direction
@@ -233,7 +233,7 @@ class SupervisedNaturalGradient(OptionsView):
         device, dtype = parameter_device_dtype(model, names, "model")
         check_finite_parameters(model, "model")
         n = _check_inputs(inputs, device, dtype)
-        with unchanged_module(model, "model"):
+        with unchanged_module(model, "model"), differentiable_paths():
             with torch.no_grad(), unchanged_inputs({"inputs": inputs}, "model(inputs)"):
                 raw = model(inputs)
             outputs = _check_outputs(raw, n, self.loss)
