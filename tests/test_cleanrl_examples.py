@@ -61,15 +61,20 @@ def test_minatar_script(tmp_path):
     assert CHARTS <= scalar_tags(tmp_path / "runs")
 
 
-@pytest.mark.parametrize("script", ["npg_rat_continuous_action.py", "npg_rat_minatar.py"])
+CONTINUOUS, MINATAR = "npg_rat_continuous_action.py", "npg_rat_minatar.py"
+# 16 steps in 32 critic minibatches: minibatch size 0, range() crashed after a rollout
+TOO_MANY_MINIBATCHES = ["--num-envs", "1", "--num-steps", "16", "--vf-num-minibatches", "32"]
+
+
+# each case starts a script (~8 s of imports): every check in one script, one in the other
 @pytest.mark.parametrize(
-    ("args", "flag"),
+    ("script", "args", "flag"),
     [
-        # 16 steps in 32 critic minibatches: minibatch size 0, range() crashed after a rollout
-        (["--num-envs", "1", "--num-steps", "16", "--vf-num-minibatches", "32"], "--vf"),
-        (["--vf-num-minibatches", "0"], "--vf-num-minibatches=0"),
+        (CONTINUOUS, TOO_MANY_MINIBATCHES, "--vf"),
+        (CONTINUOUS, ["--vf-num-minibatches", "0"], "--vf-num-minibatches=0"),
         # less than one rollout: exited 0 having trained nothing
-        (["--total-timesteps", "10"], "--total-timesteps=10"),
+        (CONTINUOUS, ["--total-timesteps", "10"], "--total-timesteps=10"),
+        (MINATAR, TOO_MANY_MINIBATCHES, "--vf"),
     ],
 )
 def test_flags_that_cannot_train_are_refused_before_anything_runs(tmp_path, script, args, flag):
