@@ -136,6 +136,13 @@ def saved_run_note(out_dir: Path, flags: str = "") -> str:
         step = int(load_checkpoint(path)["global_step"])
     except CheckpointError as error:
         return f"the checkpoint cannot be read: {error}"
+    return _continue_from(step, out_dir, flags)
+
+
+def _continue_from(step: int | None, out_dir: Path, flags: str = "") -> str:
+    """The resume note for a checkpoint at ``step`` (``None``: nothing saved)."""
+    if step is None:
+        return NOTHING_SAVED
     resume = " ".join(["--resume --out", str(out_dir), flags]).strip()
     return f"the last checkpoint (step {step}) is intact: continue with {resume}"
 
@@ -420,9 +427,7 @@ class Trainer:
 
     def continue_note(self) -> str:
         """Where the last checkpoint stands and how to go on from it, for error messages."""
-        if self.saved_step is None:
-            return NOTHING_SAVED
-        return f"{self.checkpoint_note()}: continue with --resume --out {self.out_dir}"
+        return _continue_from(self.saved_step, self.out_dir)
 
     @contextmanager
     def _writing(self, path: Path) -> Iterator[None]:
